@@ -49,3 +49,11 @@ def tiny_gpt2():
 def tiny_tokens():
     g = torch.Generator().manual_seed(123)
     return torch.randint(0, 256, (8, 32), generator=g)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny Llama + tokenizer saved as a Hugging Face folder (built once per test session)."""
+    from tests.tiny_models import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
