@@ -1,0 +1,278 @@
+"""The evolutionary search over level vectors, with multi-fidelity selection and resumable state.
+
+One generation: the current parent (best vector so far) breeds ``offspring`` distinct children
+by level-switch mutation, sometimes after a budget-preserving crossover with another member
+of the elite pool. The children go through the selection stages of growing fidelity
+(``[(tokens, survivors), ...]``): all are scored on the first stage's tokens, the best
+``survivors`` move on, and so on; in the last stage the parent competes with the survivors
+on the same tokens, and the winner becomes the next parent. Scores are cached per
+(vector, tokens), so a candidate is never scored twice on the same tokens.
+
+The model is seen only through ``fitness(vector, tokens) -> float`` (lower is better). If the
+fitness object has ``set_parent(vector)``, the search calls it whenever the parent changes, so
+it can reuse the parent's intermediate results (pruning/fitness.py does).
+
+All randomness comes from one ``random.Random(seed)``; the whole state (parent, elite pool,
+score cache, generator state, counters, history) serialises to JSON bytes after each
+generation, and a search rebuilt from those bytes continues exactly as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from search.levels import LevelSpace, Vector
+from search.operators import crossover, mutate
+
+Fitness = Callable[[Vector, int], float]
+STATE_VERSION = 1
+
+
+@dataclass
+class SearchConfig:
+    generations: int = 40
+    offspring: int = 16
+    stages: list[tuple[int, int]] = field(default_factory=lambda: [(512, 8), (2048, 2), (8192, 1)])
+    seed: int = 0
+    time_budget_s: float | None = None
+    patience: int | None = None
+    elite: int = 6  # size of the pool that crossover draws its second parent from
+    crossover_rate: float = 0.25
+    init_switches: int = 4  # the initial population perturbs the seed by up to this many switches
+    init_size: int | None = None  # initial population size (default: offspring)
+
+
+@dataclass
+class SearchResult:
+    best: Vector
+    best_score: float
+    history: list[dict[str, Any]]
+    candidates_scored: int
+    tokens_evaluated: int
+    seconds: float
+    generations: int
+    stopped_by: str
+
+
+class EvolutionarySearch:
+    def __init__(
+        self,
+        space: LevelSpace,
+        fitness: Fitness,
+        config: SearchConfig,
+        seed_vector: Sequence[int] | None = None,
+        progress: Callable[[dict[str, Any], bytes], None] | None = None,
+        state: bytes | None = None,
+    ) -> None:
+        if not config.stages:
+            raise ValueError("at least one selection stage is needed")
+        self.space = space
+        self.fitness = fitness
+        self.config = config
+        self.progress = progress
+        self.seed_vector: Vector = tuple(seed_vector) if seed_vector is not None else space.zero()
+        space.check(self.seed_vector)
+        self.rng = random.Random(config.seed)
+        self.generation = -1  # -1: the initial population has not been scored yet
+        self.parent: Vector | None = None
+        self.parent_score = float("inf")
+        self.elite: list[tuple[Vector, float]] = []
+        self.cache: dict[tuple[Vector, int], float] = {}
+        self.history: list[dict[str, Any]] = []
+        self.candidates_scored = 0
+        self.tokens_evaluated = 0
+        self.seconds = 0.0
+        self.since_improved = 0
+        self._parent_told: Vector | None = None
+        if state is not None:
+            self._load(state)
+
+    # ---------------------------------------------------------------- scoring
+    def score(self, vector: Vector, tokens: int) -> float:
+        key = (vector, tokens)
+        if key not in self.cache:
+            self.cache[key] = float(self.fitness(vector, tokens))
+            self.candidates_scored += 1
+            self.tokens_evaluated += tokens
+        return self.cache[key]
+
+    def _tell_parent(self) -> None:
+        setter = getattr(self.fitness, "set_parent", None)
+        if setter is not None and self.parent is not None and self._parent_told != self.parent:
+            setter(self.parent)
+            self._parent_told = self.parent
+
+    def _select(self, candidates: list[Vector], parent: Vector | None) -> list[tuple[Vector, float]]:
+        """Run the stages; return the last stage's (vector, score) sorted best first."""
+        stages = self.config.stages
+        pool = list(candidates)
+        for s, (tokens, survivors) in enumerate(stages):
+            last = s == len(stages) - 1
+            if last and parent is not None and parent not in pool:
+                pool.append(parent)
+            # Sort by score, then by the vector itself, so ties break the same way every run.
+            ranked = sorted(((v, self.score(v, tokens)) for v in pool), key=lambda vs: (vs[1], vs[0]))
+            if last:
+                return ranked
+            pool = [v for v, _ in ranked[:survivors]]
+        raise AssertionError("unreachable")
+
+    # ---------------------------------------------------------------- breeding
+    def _seen(self, v: Vector) -> bool:
+        return (v, self.config.stages[0][0]) in self.cache
+
+    def _initial_population(self) -> list[Vector]:
+        size = self.config.init_size or self.config.offspring
+        pop: list[Vector] = [self.seed_vector]
+        if self.space.zero() not in pop:
+            pop.append(self.space.zero())
+        tries = 0
+        while len(pop) < max(size, len(pop)) and tries < 50 * size:
+            tries += 1
+            k = self.rng.randint(1, self.config.init_switches)
+            v = mutate(self.space, self.seed_vector, self.rng, switches=k)
+            if v not in pop:
+                pop.append(v)
+        return pop
+
+    def _children(self) -> list[Vector]:
+        assert self.parent is not None
+        out: list[Vector] = []
+        seen = {self.parent}
+        tries = 0
+        while len(out) < self.config.offspring and tries < 50 * self.config.offspring:
+            tries += 1
+            others = [v for v, _ in self.elite if v != self.parent]
+            if others and self.rng.random() < self.config.crossover_rate:
+                mate = self.rng.choice(others)
+                child = crossover(self.space, self.parent, mate, self.rng)
+                if child in seen or self._seen(child):
+                    child = mutate(self.space, child, self.rng)
+            else:
+                child = mutate(self.space, self.parent, self.rng)
+            # Duplicates (within the generation, or already scored earlier) are dropped.
+            if child in seen or self._seen(child):
+                continue
+            seen.add(child)
+            out.append(child)
+        return out
+
+    # ---------------------------------------------------------------- loop
+    def step(self) -> dict[str, Any]:
+        """Run one generation (the first call scores the initial population)."""
+        t0 = time.perf_counter()
+        self._tell_parent()
+        if self.generation < 0:
+            candidates = self._initial_population()
+            ranked = self._select(candidates, None)
+        else:
+            candidates = self._children()
+            ranked = self._select(candidates, self.parent)
+        best, best_score = ranked[0]
+        improved = best_score < self.parent_score
+        self.since_improved = 0 if improved else self.since_improved + 1
+        if improved or self.parent is None:
+            self.parent, self.parent_score = best, best_score
+        pool = dict(self.elite)
+        pool.update(ranked)
+        self.elite = sorted(pool.items(), key=lambda vs: (vs[1], vs[0]))[: self.config.elite]
+        self.generation += 1
+        self.seconds += time.perf_counter() - t0
+        scores = [s for _, s in ranked]
+        record = {
+            "generation": self.generation,
+            "best": self.parent_score,
+            "mean": sum(scores) / len(scores),
+            "tokens": self.tokens_evaluated,  # cumulative tokens scored so far
+            "seconds": self.seconds,  # cumulative search time
+            "best_vector": self.space.fractions(self.parent),
+            "best_levels": list(self.parent),
+            "candidates": len(candidates),
+            "candidates_scored": self.candidates_scored,
+        }
+        self.history.append(record)
+        if self.progress is not None:
+            self.progress(record, self.state_bytes())
+        return record
+
+    def stop_reason(self) -> str | None:
+        c = self.config
+        if self.generation >= c.generations:
+            return "generations"
+        if c.time_budget_s is not None and self.seconds >= c.time_budget_s:
+            return "time_budget"
+        if c.patience is not None and self.generation > 0 and self.since_improved >= c.patience:
+            return "patience"
+        return None
+
+    def run(self, should_stop: Callable[[], bool] | None = None) -> SearchResult:
+        """Generations until a stop condition; ``should_stop`` is checked between generations."""
+        while (reason := self.stop_reason()) is None:
+            if should_stop is not None and should_stop():
+                reason = "cancelled"
+                break
+            self.step()
+        return self.result(reason)
+
+    def result(self, stopped_by: str = "") -> SearchResult:
+        assert self.parent is not None, "no generation has run"
+        return SearchResult(
+            best=self.parent,
+            best_score=self.parent_score,
+            history=list(self.history),
+            candidates_scored=self.candidates_scored,
+            tokens_evaluated=self.tokens_evaluated,
+            seconds=self.seconds,
+            generations=self.generation,
+            stopped_by=stopped_by,
+        )
+
+    # ---------------------------------------------------------------- state
+    def state_bytes(self) -> bytes:
+        version, internal, gauss = self.rng.getstate()
+        state = {
+            "version": STATE_VERSION,
+            "space": {"sizes": list(self.space.sizes), "step": self.space.step, "base": list(self.space.base)},
+            "seed_vector": list(self.seed_vector),
+            "generation": self.generation,
+            "parent": list(self.parent) if self.parent is not None else None,
+            "parent_score": self.parent_score,
+            "elite": [[list(v), s] for v, s in self.elite],
+            "cache": [[list(v), t, s] for (v, t), s in self.cache.items()],
+            "history": self.history,
+            "rng": [version, list(internal), gauss],
+            "candidates_scored": self.candidates_scored,
+            "tokens_evaluated": self.tokens_evaluated,
+            "seconds": self.seconds,
+            "since_improved": self.since_improved,
+        }
+        return json.dumps(state, separators=(",", ":")).encode()
+
+    def _load(self, data: bytes) -> None:
+        try:
+            state = json.loads(data.decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"search state is not valid JSON: {exc}") from exc
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"search state version {state.get('version')} is not {STATE_VERSION}")
+        sp = state["space"]
+        if sp["sizes"] != list(self.space.sizes) or sp["step"] != self.space.step or sp["base"] != list(self.space.base):
+            raise ValueError("search state was saved for a different model, target or level step")
+        self.seed_vector = tuple(state["seed_vector"])
+        self.generation = state["generation"]
+        self.parent = tuple(state["parent"]) if state["parent"] is not None else None
+        self.parent_score = state["parent_score"]
+        self.elite = [(tuple(v), s) for v, s in state["elite"]]
+        self.cache = {(tuple(v), t): s for v, t, s in state["cache"]}
+        self.history = state["history"]
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.candidates_scored = state["candidates_scored"]
+        self.tokens_evaluated = state["tokens_evaluated"]
+        self.seconds = state["seconds"]
+        self.since_improved = state["since_improved"]
