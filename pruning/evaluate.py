@@ -1,0 +1,64 @@
+"""Quality measures: perplexity over token windows and KL(dense ‖ pruned) of next-token distributions."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pruning.blockwise import model_device
+
+
+def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=batch.to(model_device(model)), use_cache=False).logits.float()
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 4,
+    progress: Callable[[int, int], None] | None = None,
+) -> float:
+    """exp of the mean next-token negative log-likelihood over every predicted token of ``windows``."""
+    total_nll = 0.0
+    total_tokens = 0
+    n = windows.shape[0]
+    for i in range(0, n, batch_size):
+        batch = windows[i : i + batch_size]
+        logits = _logits(model, batch)[:, :-1]
+        targets = batch[:, 1:].to(logits.device)
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+        total_nll += float(nll)
+        total_tokens += targets.numel()
+        if progress is not None:
+            progress(min(i + batch_size, n), n)
+    mean = total_nll / max(total_tokens, 1)
+    return math.exp(mean) if mean < 700 else float("inf")
+
+
+@torch.no_grad()
+def log_probs(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
+    """Next-token log-probabilities [n, T, vocab] (float32, on CPU) — the dense reference for KL."""
+    outs = [F.log_softmax(_logits(model, windows[i : i + batch_size]), dim=-1).cpu()
+            for i in range(0, windows.shape[0], batch_size)]
+    return torch.cat(outs, dim=0)
+
+
+@torch.no_grad()
+def kl_divergence(
+    model: nn.Module, windows: torch.Tensor, dense_log_probs: torch.Tensor, batch_size: int = 4
+) -> float:
+    """Mean over tokens of KL(p_dense ‖ p_model) of the next-token distributions."""
+    total = 0.0
+    count = 0
+    for i in range(0, windows.shape[0], batch_size):
+        lq = F.log_softmax(_logits(model, windows[i : i + batch_size]), dim=-1)
+        lp = dense_log_probs[i : i + batch_size].to(lq.device)
+        kl = (lp.exp() * (lp - lq)).sum(dim=-1)
+        total += float(kl.sum())
+        count += kl.numel()
+    return total / max(count, 1)

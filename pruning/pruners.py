@@ -1,0 +1,190 @@
+"""The four pruners as plain functions on one weight matrix ([out, in], as ``weight_matrix`` gives it).
+
+Every pruner removes an exact number of weights (``count``) from a layer:
+
+- Score-based pruners (magnitude, Wanda, DaSS) rank scores inside comparison groups. Wanda and
+  magnitude compare within each output row (``dim=1``); DaSS compares gate/up weights across
+  intermediate channels within each input column (``dim=0``). An unstructured count is spread
+  over the groups exactly: each gets ``count // groups``, the first ``count % groups`` one more.
+- With an N:M pattern, ``nm=(N, M)``: in every run of M consecutive weights along ``dim`` the
+  M - N lowest scores are pruned (at most N non-zeros per group); ``count == 0`` keeps the layer dense.
+- SparseGPT reconstructs the remaining weights with the OBS update (see ``sparsegpt_prune``).
+
+Scores are computed in float32 whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pruning.errors import PruningConfigError
+
+PRUNER_NAMES = ("magnitude", "wanda", "sparsegpt", "dass")
+
+
+def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().float().abs()
+
+
+def wanda_scores(weight: torch.Tensor, input_sq_norms: torch.Tensor) -> torch.Tensor:
+    """|W_ij| · ‖X_j‖₂, with ``input_sq_norms[j]`` = Σ over calibration tokens of x_j²."""
+    return weight.detach().float().abs() * input_sq_norms.float().clamp_min(0).sqrt().unsqueeze(0)
+
+
+def dass_scores(weight: torch.Tensor, channel_sq_norms: torch.Tensor) -> torch.Tensor:
+    """DaSS score of a gate/up weight [intermediate, d]: |W_ij| · ‖A_i‖₂^½.
+
+    ``channel_sq_norms[i]`` = Σ over tokens of A_i², A being the down projection's input, so
+    ‖A_i‖^½ = (Σ A_i²)^¼. Compare these scores along dim 0 (across channels in one input column).
+    """
+    return weight.detach().float().abs() * channel_sq_norms.float().clamp_min(0).pow(0.25).unsqueeze(1)
+
+
+def spread_counts(count: int, groups: int) -> torch.Tensor:
+    """``count`` split over ``groups``: ``count // groups`` each, the first ``count % groups`` one more."""
+    base, extra = divmod(count, groups)
+    k = torch.full((groups,), base, dtype=torch.long)
+    k[:extra] += 1
+    return k
+
+
+def _check_nm(size: int, nm: tuple[int, int], what: str) -> None:
+    n, m = nm
+    if not 0 < n < m:
+        raise PruningConfigError(f"N:M pattern needs 0 < N < M, got {n}:{m}")
+    if size % m:
+        raise PruningConfigError(f"N:M pattern {n}:{m} needs {what} divisible by {m}, got {size}")
+
+
+def keep_mask_from_scores(
+    scores: torch.Tensor, count: int, nm: tuple[int, int] | None = None, dim: int = 1
+) -> torch.Tensor:
+    """Boolean keep mask (True = keep) that prunes the lowest scores.
+
+    ``dim`` is the axis scores are compared along: 1 = within each row, 0 = within each column.
+    Unstructured: exactly ``count`` weights pruned, spread evenly over the groups.
+    N:M: the M - N lowest of every M consecutive entries along ``dim`` (``count`` 0 = dense).
+    """
+    if scores.dim() != 2 or dim not in (0, 1):
+        raise ValueError("scores must be 2-D and dim 0 or 1")
+    s = scores if dim == 1 else scores.t()  # rows = comparison groups
+    rows, cols = s.shape
+    if count < 0 or count > s.numel():
+        raise PruningConfigError(f"cannot prune {count} of {s.numel()} weights")
+    keep = torch.ones_like(s, dtype=torch.bool)
+    if count == 0:
+        return keep if dim == 1 else keep.t()
+    if nm is not None:
+        n, m = nm
+        _check_nm(cols, nm, "the compared dimension")
+        grouped = s.reshape(rows, cols // m, m)
+        idx = torch.topk(grouped, m - n, dim=2, largest=False).indices
+        keep = keep.reshape(rows, cols // m, m).scatter(2, idx, False).reshape(rows, cols)
+    else:
+        k = spread_counts(count, rows).to(s.device)
+        order = torch.argsort(s, dim=1, stable=True)
+        prune_sorted = torch.arange(cols, device=s.device).unsqueeze(0) < k.unsqueeze(1)
+        keep = keep.scatter(1, order, ~prune_sorted)
+    return keep if dim == 1 else keep.t()
+
+
+@torch.no_grad()
+def apply_mask(weight: torch.Tensor, keep: torch.Tensor) -> None:
+    """Zero the pruned entries of ``weight`` in place."""
+    weight.mul_(keep.to(weight.dtype))
+
+
+def nm_count(shape: tuple[int, int], nm: tuple[int, int]) -> int:
+    """Number of weights an N:M pattern prunes in a matrix of this shape."""
+    return shape[0] * shape[1] * (nm[1] - nm[0]) // nm[1]
+
+
+def _split_exact(total: int, widths: list[int]) -> list[int]:
+    """``total`` split over parts proportional to ``widths`` (largest remainder, sums exactly)."""
+    size = sum(widths)
+    raw = [total * w / size for w in widths]
+    out = [math.floor(r) for r in raw]
+    order = sorted(range(len(widths)), key=lambda i: raw[i] - out[i], reverse=True)
+    for i in order[: total - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def _inverse_hessian_chol(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of H⁻¹ after dampening; more dampening if H is still not positive definite."""
+    h = hessian.float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0  # inputs that are always zero: any weight works, keep H invertible
+    damp = percdamp * torch.mean(torch.diag(h))
+    eye = torch.eye(h.shape[0], device=h.device, dtype=h.dtype)
+    for attempt in range(6):
+        try:
+            chol = torch.linalg.cholesky(h + damp * (10**attempt) * eye)
+            hinv = torch.cholesky_inverse(chol)
+            return torch.linalg.cholesky(hinv, upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+    raise PruningConfigError("SparseGPT: layer Hessian is not positive definite even after dampening")
+
+
+@torch.no_grad()
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    count: int,
+    nm: tuple[int, int] | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> torch.Tensor:
+    """SparseGPT (Frantar & Alistarh 2023): prune ``count`` weights, updating the rest to reconstruct W·X.
+
+    ``hessian`` is H = 2XXᵀ / N (any positive scale works: dampening is relative to its mean
+    diagonal). Columns are processed in blocks of ``blocksize`` with lazy batch updates. The mask
+    of each block is chosen adaptively from w² / [H⁻¹]ᵢᵢ² over the whole block (all rows together),
+    and the layer's ``count`` is split over the blocks by width, so the layer loses exactly
+    ``count`` weights. With ``nm`` the M - N lowest of each M consecutive columns are pruned per row.
+    Returns a new float32 tensor of the same shape; the input is left unchanged.
+    """
+    w = weight.detach().float().clone()
+    rows, cols = w.shape
+    if count < 0 or count > w.numel():
+        raise PruningConfigError(f"cannot prune {count} of {w.numel()} weights")
+    if count == 0:
+        return w
+    if nm is not None:
+        _check_nm(cols, nm, "in_features")
+        blocksize = max(nm[1], blocksize - blocksize % nm[1])
+    hinv = _inverse_hessian_chol(hessian, percdamp)
+    starts = list(range(0, cols, blocksize))
+    widths = [min(blocksize, cols - s) for s in starts]
+    block_counts = _split_exact(count, [rows * wd for wd in widths])
+    for i1, width, bcount in zip(starts, widths, block_counts, strict=True):
+        i2 = i1 + width
+        w1 = w[:, i1:i2].clone()
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        diag = torch.diag(hinv1)
+        prune1 = torch.zeros_like(w1, dtype=torch.bool)
+        if nm is None and bcount > 0:
+            score = (w1**2 / diag.unsqueeze(0) ** 2).flatten()
+            prune1.view(-1)[torch.topk(score, bcount, largest=False).indices] = True
+        for i in range(width):
+            col = w1[:, i]
+            d = hinv1[i, i]
+            if nm is not None and i % nm[1] == 0:
+                m = nm[1]
+                score = w1[:, i : i + m] ** 2 / diag[i : i + m].unsqueeze(0) ** 2
+                idx = torch.topk(score, m - nm[0], dim=1, largest=False).indices
+                prune1.scatter_(1, i + idx, True)
+            q = col.clone()
+            q[prune1[:, i]] = 0
+            q1[:, i] = q
+            err = (col - q) / d
+            w1[:, i:] -= err.unsqueeze(1).matmul(hinv1[i, i:].unsqueeze(0))
+            err1[:, i] = err
+        w[:, i1:i2] = q1
+        w[:, i2:] -= err1.matmul(hinv[i1:i2, i2:])
+    return w
