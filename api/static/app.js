@@ -1,0 +1,383 @@
+/* evosparse dashboard: a single page over the REST API (/v1), with hash routes
+ *   #/            the team's jobs
+ *   #/jobs/<id>   one job: live fitness chart, per-unit sparsity, perplexity table, artifacts
+ * It polls every 2 s (no reload) and stops polling a job once it is finished. The API key lives
+ * in localStorage and goes out only as an Authorization header to this same origin.
+ * All server-provided strings are inserted with textContent, never as HTML. */
+(function () {
+  "use strict";
+
+  const KEY_STORE = "evosparse.apiKey";
+  const POLL_MS = 2000;
+  const PAGE = 25;
+  const TERMINAL = new Set(["SUCCEEDED", "FAILED", "CANCELLED"]);
+  const $ = id => document.getElementById(id);
+
+  let loop = 0;            // bumps on every route change so a stale poll loop ends itself
+  let listOffset = 0;
+  let listStatus = "";
+
+  // ---------------------------------------------------------------- API access
+
+  class ApiError extends Error {
+    constructor(status, message) { super(message); this.status = status; }
+  }
+
+  function apiKey() { return localStorage.getItem(KEY_STORE) || ""; }
+
+  // Paths are relative ("v1/..."), so the dashboard also works behind a reverse-proxy prefix.
+  function apiUrl(path) { return path.startsWith("/") ? path.slice(1) : path; }
+
+  async function api(path, options) {
+    const opts = Object.assign({ headers: {} }, options || {});
+    opts.headers = Object.assign({ Authorization: "Bearer " + apiKey(), Accept: "application/json" }, opts.headers);
+    let res;
+    try {
+      res = await fetch(apiUrl(path), opts);
+    } catch (err) {
+      throw new ApiError(0, "cannot reach the service (" + err.message + ")");
+    }
+    if (!res.ok) {
+      let detail = res.statusText;
+      try {
+        const body = await res.json();
+        detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail || body);
+      } catch (_) { /* not JSON */ }
+      throw new ApiError(res.status, detail);
+    }
+    return res.json();
+  }
+
+  function setConn(state, text) {
+    const c = $("conn");
+    c.className = "conn " + state;
+    c.textContent = text;
+  }
+
+  // ---------------------------------------------------------------- formatting helpers
+
+  function h(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (k === "class") node.className = v;
+      else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+      else node.setAttribute(k, v);
+    }
+    for (const c of children) {
+      if (c === null || c === undefined) continue;
+      node.appendChild(typeof c === "string" || typeof c === "number" ? document.createTextNode(String(c)) : c);
+    }
+    return node;
+  }
+
+  const pct = v => (v === null || v === undefined || !Number.isFinite(+v)) ? "–" : (100 * v).toFixed(1) + " %";
+  const num = (v, d) => (v === null || v === undefined || !Number.isFinite(+v)) ? "–" : (+v).toFixed(d === undefined ? 3 : d);
+
+  function when(iso) {
+    if (!iso) return "–";
+    const d = new Date(iso);
+    return isNaN(d) ? iso : d.toLocaleString();
+  }
+
+  function duration(seconds) {
+    if (seconds === null || seconds === undefined || !Number.isFinite(+seconds)) return "–";
+    const s = Math.round(seconds);
+    if (s < 60) return s + " s";
+    if (s < 3600) return Math.floor(s / 60) + " min " + (s % 60) + " s";
+    return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min";
+  }
+
+  function bytes(n) {
+    if (!Number.isFinite(+n)) return "–";
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+    return (i ? n.toFixed(1) : n) + " " + units[i];
+  }
+
+  function badge(status) {
+    return h("span", { class: "badge " + String(status || "").toLowerCase() }, status || "?");
+  }
+
+  function progressBar(frac, cls) {
+    const bar = h("div", { class: "progress " + (cls || "") }, h("div", {}));
+    bar.firstChild.style.width = Math.max(0, Math.min(100, 100 * (frac || 0))).toFixed(1) + "%";
+    return bar;
+  }
+
+  // ---------------------------------------------------------------- views
+
+  function show(view) {
+    for (const id of ["key-view", "list-view", "job-view"]) $(id).hidden = id !== view;
+    $("forget-key").hidden = view === "key-view";
+  }
+
+  function needKey(message) {
+    loop++;
+    show("key-view");
+    $("key-error").hidden = !message;
+    $("key-error").textContent = message || "";
+    setConn("bad", message ? "key rejected" : "no key");
+    $("key-input").focus();
+  }
+
+  function poll(fn) {
+    const mine = ++loop;
+    const tick = async () => {
+      if (mine !== loop) return;
+      let again = true;
+      try {
+        again = (await fn()) !== false;
+        setConn("ok", again ? "live" : "finished");
+      } catch (err) {
+        if (mine !== loop) return;
+        if (err.status === 401 || err.status === 403) { needKey("The service rejected this API key (" + err.message + ")."); return; }
+        setConn("bad", err.status ? "error " + err.status : "retrying…");
+        if (err.status === 404) { again = false; }
+        console.warn(err);
+      }
+      if (again && mine === loop) setTimeout(tick, POLL_MS);
+    };
+    tick();
+  }
+
+  // ------------------------------ job list
+
+  async function refreshList() {
+    const q = new URLSearchParams({ limit: PAGE, offset: listOffset });
+    if (listStatus) q.set("status", listStatus);
+    const page = await api("v1/jobs?" + q);
+    const body = $("jobs-table").tBodies[0];
+    body.replaceChildren(...page.items.map(jobRow));
+    $("jobs-empty").hidden = page.items.length > 0;
+    $("jobs-table").hidden = page.items.length === 0;
+    const total = page.total || 0;
+    $("page-info").textContent = total ? `${listOffset + 1}–${listOffset + page.items.length} of ${total}` : "";
+    $("prev-page").disabled = listOffset === 0;
+    $("next-page").disabled = listOffset + PAGE >= total;
+    return true;
+  }
+
+  function jobRow(job) {
+    const spec = job.spec || {};
+    const link = h("a", { href: "#/jobs/" + encodeURIComponent(job.id), class: "mono" }, job.id.slice(0, 8));
+    const prog = h("td", {}, progressBar(job.progress, "small"),
+      h("span", { class: "muted small" }, " " + Math.round(100 * (job.progress || 0)) + " %"));
+    const tr = h("tr", { "data-job-id": job.id, "data-status": job.status },
+      h("td", {}, link), h("td", {}, spec.model || "–"), h("td", {}, pct(spec.sparsity)),
+      h("td", {}, spec.pruner || "–"), h("td", {}, spec.allocation || "–"), h("td", {}, badge(job.status)),
+      prog, h("td", {}, num(job.best_fitness, 4)), h("td", { class: "small" }, when(job.created_at)));
+    tr.addEventListener("click", ev => { if (ev.target.tagName !== "A") location.hash = "#/jobs/" + job.id; });
+    return tr;
+  }
+
+  function showList() {
+    show("list-view");
+    document.title = "evosparse — jobs";
+    poll(refreshList);
+  }
+
+  // ------------------------------ one job
+
+  function fact(dl, label, value) {
+    dl.appendChild(h("dt", {}, label));
+    dl.appendChild(h("dd", {}, value));
+  }
+
+  function renderFacts(job) {
+    const spec = job.spec || {};
+    const report = job.report || {};
+    $("job-title").textContent = "Job " + job.id.slice(0, 8);
+    $("job-title").title = job.id;
+    $("job-status").replaceWith(Object.assign(badge(job.status), { id: "job-status" }));
+    $("job-progress-bar").style.width = (100 * (job.progress || 0)).toFixed(1) + "%";
+    const dl = $("job-facts");
+    dl.replaceChildren();
+    fact(dl, "model", spec.model || "–");
+    fact(dl, "target sparsity", pct(spec.sparsity) + (report.global_sparsity !== undefined
+      ? "  (measured " + pct(report.global_sparsity) + ")" : ""));
+    fact(dl, "pruner / allocation", (spec.pruner || "–") + " / " + (spec.allocation || "–"));
+    fact(dl, "pattern", spec.pattern || "unstructured");
+    fact(dl, "stage", (job.stage || "–") + "  " + Math.round(100 * (job.progress || 0)) + " %");
+    if (job.generations_total || job.generation !== null && job.generation !== undefined) {
+      fact(dl, "generation", (job.generation ?? "–") + " / " + (job.generations_total ?? "–"));
+    }
+    fact(dl, "best fitness", num(job.best_fitness, 5));
+    if (!TERMINAL.has(job.status)) fact(dl, "time left", job.eta_seconds ? "≈ " + duration(job.eta_seconds) : "–");
+    fact(dl, "created", when(job.created_at));
+    fact(dl, "started", when(job.started_at));
+    fact(dl, "finished", when(job.finished_at));
+    fact(dl, "attempts / worker", (job.attempts ?? "–") + " / " + (job.worker || "–"));
+    const err = $("job-error");
+    err.hidden = !job.error;
+    err.textContent = job.error ? "Error: " + job.error : "";
+    $("cancel-job").hidden = TERMINAL.has(job.status);
+    $("job-spec").textContent = JSON.stringify(spec, null, 2);
+  }
+
+  function renderFitness(job, generations) {
+    const fitness = ((job.spec || {}).search || {}).fitness || "kl";
+    const label = fitness === "ppl" ? "perplexity" : "KL divergence from dense";
+    $("fitness-note").textContent = label + " of candidate sparsity vectors (lower is better)";
+    const evolutionary = (job.spec || {}).allocation === "evolutionary";
+    EvoCharts.line($("fitness-chart"), {
+      xLabel: "generation",
+      yLabel: fitness === "ppl" ? "perplexity" : "KL",
+      emptyText: evolutionary ? "waiting for the first generation…" : "no search: allocation is " + (job.spec || {}).allocation,
+      series: [
+        { name: "best", cls: "s-best", points: generations.map(g => [g.generation, g.best]) },
+        { name: "mean", cls: "s-mean", points: generations.map(g => [g.generation, g.mean]) },
+      ],
+    });
+  }
+
+  // Per-unit sparsity: the finished search's best vector (with unit names) beside the uniform one,
+  // or, while running, the latest generation's best vector beside the target; for jobs without a
+  // search, the allocation the report measured per linear layer.
+  function renderSparsity(job, generations) {
+    const spec = job.spec || {};
+    const search = (job.report || {}).search;
+    let labels = [], best = [], uniform = [], note = "", bestName = "searched";
+    if (search && Array.isArray(search.best_vector) && search.best_vector.length) {
+      best = search.best_vector;
+      labels = Array.isArray(search.units) && search.units.length === best.length ? search.units : best.map((_, i) => "unit " + i);
+      uniform = Array.isArray(search.uniform_vector) && search.uniform_vector.length === best.length
+        ? search.uniform_vector : best.map(() => spec.sparsity);
+      note = `best vector found by the search (${best.length} units) vs uniform ${pct(spec.sparsity)}`;
+    } else if (generations.length && Array.isArray(generations[generations.length - 1].best_vector)) {
+      const last = generations[generations.length - 1];
+      best = last.best_vector;
+      labels = best.map((_, i) => "unit " + i);
+      uniform = best.map(() => spec.sparsity);
+      bestName = "best so far";
+      note = `best vector of generation ${last.generation} vs uniform ${pct(spec.sparsity)} (updates live)`;
+    } else if (job.report && job.report.layer_sparsity) {
+      labels = Object.keys(job.report.layer_sparsity);
+      best = labels.map(k => job.report.layer_sparsity[k]);
+      uniform = labels.map(() => spec.sparsity);
+      bestName = spec.allocation || "allocated";
+      note = `measured sparsity per linear layer (${spec.allocation}) vs the target`;
+    }
+    $("sparsity-note").textContent = note;
+    const short = labels.map((l, i) => {
+      const m = /layers?\.(\d+)/.exec(l) || /h\.(\d+)/.exec(l);
+      return m ? m[1] : String(i);
+    });
+    EvoCharts.bars($("sparsity-chart"), {
+      labels: labels,
+      shortLabels: short,
+      xLabel: "block",
+      yLabel: "sparsity",
+      yFormat: v => Math.round(100 * v) + "%",
+      emptyText: TERMINAL.has(job.status) ? "no per-unit data in this job" : "waiting for the search…",
+      series: [
+        { name: bestName, cls: "s-best", values: best },
+        { name: "uniform", cls: "s-uniform", values: uniform },
+      ],
+    });
+  }
+
+  function renderReport(job) {
+    const report = job.report;
+    const card = $("ppl-card");
+    if (!report || !report.perplexity) { card.hidden = true; return; }
+    card.hidden = false;
+    const ppl = report.perplexity;
+    const dense = ppl.dense;
+    const rows = [["dense", dense]];
+    if (ppl.uniform !== undefined && ppl.uniform !== null) rows.push(["uniform " + pct(report.sparsity_target ?? (job.spec || {}).sparsity), ppl.uniform]);
+    const alloc = report.allocation || (job.spec || {}).allocation;
+    rows.push([(alloc === "evolutionary" ? "searched" : alloc || "pruned") + " " + pct(report.global_sparsity), ppl.pruned]);
+    $("ppl-table").tBodies[0].replaceChildren(...rows.map(([name, v]) => h("tr", { "data-row": name.split(" ")[0] },
+      h("td", {}, name), h("td", { class: "num" }, num(v, 2)),
+      h("td", { class: "num" }, name === "dense" || !dense ? "" : "×" + num(v / dense, 2)))));
+    const timings = Object.entries(report.timings || {});
+    if (report.search && report.search.seconds !== undefined && !(report.timings || {}).search) timings.push(["search", report.search.seconds]);
+    $("timing-table").hidden = timings.length === 0;
+    $("timing-table").tBodies[0].replaceChildren(...timings.map(([k, v]) =>
+      h("tr", {}, h("td", {}, k), h("td", { class: "num" }, num(v, 1)))));
+  }
+
+  async function download(item) {
+    // A plain link cannot send the Authorization header, so fetch the bytes and save them.
+    const res = await fetch(apiUrl(item.url), { headers: { Authorization: "Bearer " + apiKey() } });
+    if (!res.ok) { alert(`download of ${item.name} failed: HTTP ${res.status}`); return; }
+    const blob = await res.blob();
+    const a = h("a", { href: URL.createObjectURL(blob), download: item.name.split("/").pop() });
+    document.body.appendChild(a);
+    a.click();
+    setTimeout(() => { URL.revokeObjectURL(a.href); a.remove(); }, 1000);
+  }
+
+  function renderArtifacts(job, items) {
+    $("artifacts-card").hidden = !items.length;
+    $("artifacts-table").tBodies[0].replaceChildren(...items.map(item => {
+      item.url = item.url || `v1/jobs/${encodeURIComponent(job.id)}/artifacts/${encodeURIComponent(item.name)}`;
+      const link = h("a", { href: apiUrl(item.url), class: "artifact", "data-name": item.name }, item.name);
+      link.addEventListener("click", ev => { ev.preventDefault(); download(item); });
+      return h("tr", {}, h("td", {}, link), h("td", { class: "num" }, bytes(item.size)),
+        h("td", { class: "mono small", title: item.sha256 || "" }, (item.sha256 || "").slice(0, 12)));
+    }));
+    const origin = location.origin + location.pathname.replace(/[^/]*$/, "");
+    $("curl-hint").textContent = `curl -OJ -H "Authorization: Bearer $EVOSPARSE_API_KEY" ${origin}v1/jobs/${job.id}/artifacts/report.json`;
+  }
+
+  function showJob(id) {
+    show("job-view");
+    document.title = "evosparse — job " + id.slice(0, 8);
+    for (const card of ["ppl-card", "artifacts-card"]) $(card).hidden = true;
+    $("job-error").hidden = true;
+    $("job-facts").replaceChildren();
+    $("job-title").textContent = "Job " + id.slice(0, 8);
+    let artifactsShown = false;
+    $("cancel-job").onclick = async () => {
+      if (!confirm("Cancel this job? The search stops within one generation.")) return;
+      try { await api(`v1/jobs/${encodeURIComponent(id)}/cancel`, { method: "POST" }); } catch (err) { alert(err.message); }
+    };
+    poll(async () => {
+      let job;
+      try {
+        job = await api("v1/jobs/" + encodeURIComponent(id));
+      } catch (err) {
+        if (err.status === 404) { $("job-title").textContent = "Job not found"; $("job-error").hidden = false;
+          $("job-error").textContent = "No job " + id + " for this API key's team."; }
+        throw err;
+      }
+      const gens = (await api(`v1/jobs/${encodeURIComponent(id)}/generations`)).items || [];
+      gens.sort((a, b) => a.generation - b.generation);
+      renderFacts(job);
+      renderFitness(job, gens);
+      renderSparsity(job, gens);
+      renderReport(job);
+      if (job.status === "SUCCEEDED" && !artifactsShown) {
+        renderArtifacts(job, (await api(`v1/jobs/${encodeURIComponent(id)}/artifacts`)).items || []);
+        artifactsShown = true;
+      }
+      return !TERMINAL.has(job.status);  // a finished job stops polling
+    });
+  }
+
+  // ---------------------------------------------------------------- routing and wiring
+
+  function route() {
+    if (!apiKey()) { needKey(""); return; }
+    const m = /^#\/jobs\/([^/?#]+)/.exec(location.hash);
+    if (m) showJob(decodeURIComponent(m[1]));
+    else showList();
+  }
+
+  $("key-form").addEventListener("submit", ev => {
+    ev.preventDefault();
+    const key = $("key-input").value.trim();
+    if (!key) return;
+    localStorage.setItem(KEY_STORE, key);
+    $("key-input").value = "";
+    route();
+  });
+  $("forget-key").addEventListener("click", () => { localStorage.removeItem(KEY_STORE); needKey(""); });
+  $("status-filter").addEventListener("change", ev => { listStatus = ev.target.value; listOffset = 0; showList(); });
+  $("prev-page").addEventListener("click", () => { listOffset = Math.max(0, listOffset - PAGE); showList(); });
+  $("next-page").addEventListener("click", () => { listOffset += PAGE; showList(); });
+  window.addEventListener("hashchange", route);
+  route();
+})();
