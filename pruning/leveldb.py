@@ -1,0 +1,244 @@
+"""The layer database: every linear's pruned weights at any level, without pruning from scratch.
+
+Built once from the DENSE model's layer inputs (one block-wise pass over the calibration
+tokens, dense block outputs feeding the next block), so a layer's pruned weights at a given
+count do not depend on what the other layers chose: the search can mix levels freely.
+
+- magnitude / Wanda / DaSS: the masks of all counts are nested, so one stable ascending
+  ranking per comparison group (row, or column for DaSS gate/up) serves every level. Applying
+  a count zeroes the lowest-ranked entries from the dense weights, the count spread over the
+  groups exactly as ``pruning.pruners.keep_mask_from_scores`` does (same result, bit for bit).
+  Memory: one int16/int32 rank matrix per linear, whatever the number of levels.
+- SparseGPT: the reconstructed weights depend on the count, so each (linear, count) is computed
+  once on first use from the layer Hessian and kept (in memory, or under ``cache_dir``).
+
+``apply(counts)`` only rewrites the linears whose count differs from the model's current state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pruning.blockwise import capture_block_inputs, run_block
+from pruning.errors import PruningConfigError
+from pruning.layers import find_blocks, weight_matrix
+
+
+@dataclass
+class Unit:
+    """One searchable unit: a block (all its linears) or a single linear."""
+
+    name: str
+    block: int
+    linears: list[str]
+    sizes: list[int]
+
+    @property
+    def size(self) -> int:
+        return sum(self.sizes)
+
+
+def split_exact(total: int, widths: list[int]) -> list[int]:
+    """``total`` split over parts proportional to ``widths`` (largest remainder; sums exactly)."""
+    size = sum(widths)
+    raw = [total * w / size for w in widths]
+    out = [math.floor(r) for r in raw]
+    order = sorted(range(len(widths)), key=lambda i: (raw[i] - out[i], -i), reverse=True)
+    for i in order[: total - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def _spread(count: int, groups: int, device: torch.device) -> torch.Tensor:
+    base, extra = divmod(count, groups)
+    k = torch.full((groups,), base, dtype=torch.long, device=device)
+    k[:extra] += 1
+    return k
+
+
+@torch.no_grad()
+def collect_dense_stats(
+    model: nn.Module, tokens: torch.Tensor, want_hessian: bool, batch_size: int = 4
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Per linear: ``sq`` = Σ_tokens x_j² of its input; ``h`` = 2XXᵀ/N when ``want_hessian``.
+
+    Runs the dense blocks one at a time; each block's dense output feeds the next.
+    """
+    blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, tokens)
+    hidden = inputs.hidden
+    stats: dict[str, dict[str, torch.Tensor]] = {}
+    counts: dict[str, int] = {}
+    for info in blocks:
+        handles = []
+        for name, mod in info.linears.items():
+
+            def hook(_m, args, _out, name=name):
+                x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+                st = stats.setdefault(name, {})
+                st["sq"] = st.get("sq", 0) + (x * x).sum(0)
+                if want_hessian:
+                    st["h"] = st.get("h", 0) + 2 * x.t() @ x
+                counts[name] = counts.get(name, 0) + x.shape[0]
+
+            handles.append(mod.register_forward_hook(hook))
+        try:
+            hidden = run_block(info.module, hidden, inputs.kwargs, batch_size)
+        finally:
+            for h in handles:
+                h.remove()
+        if want_hessian:
+            for name in info.linears:
+                stats[name]["h"] /= counts[name]
+    return stats
+
+
+class LevelDB:
+    """Dense weights + per-linear rankings (or lazily computed SparseGPT levels) for one model."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pruner: str,
+        stats: dict[str, dict[str, torch.Tensor]],
+        cache_dir: str | Path | None = None,
+        memory_limit_bytes: int = 2 << 30,
+    ) -> None:
+        if pruner not in ("magnitude", "wanda", "sparsegpt", "dass"):
+            raise PruningConfigError(f"unknown pruner {pruner!r}")
+        self.model = model
+        self.pruner = pruner
+        self.blocks = find_blocks(model)
+        self.modules: dict[str, nn.Module] = {}
+        self.block_of: dict[str, int] = {}
+        for info in self.blocks:
+            for name, mod in info.linears.items():
+                self.modules[name] = mod
+                self.block_of[name] = info.index
+        self.dense = {n: weight_matrix(m).detach().clone() for n, m in self.modules.items()}
+        self.current = {n: 0 for n in self.modules}  # pruned count each linear holds right now
+        self.order: dict[str, torch.Tensor] = {}  # ascending score order per comparison group
+        self.dim: dict[str, int] = {}
+        self.hessian: dict[str, torch.Tensor] = {}
+        self.levels: dict[tuple[str, int], torch.Tensor] = {}  # SparseGPT weights per (linear, count)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.memory_limit = memory_limit_bytes
+        self._level_bytes = 0
+        self._build(stats)
+
+    @classmethod
+    def build(
+        cls, model: nn.Module, calib_tokens: torch.Tensor, pruner: str, cache_dir: str | Path | None = None,
+        batch_size: int = 4,
+    ) -> LevelDB:
+        stats = collect_dense_stats(model, calib_tokens, want_hessian=pruner == "sparsegpt", batch_size=batch_size)
+        return cls(model, pruner, stats, cache_dir=cache_dir)
+
+    # ------------------------------------------------------------------ build
+    def _scores(self, name: str, stats: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, int]:
+        from pruning import pruners
+
+        w = self.dense[name]
+        if self.pruner == "magnitude":
+            return pruners.magnitude_scores(w), 1
+        if self.pruner == "dass":
+            info = self.blocks[self.block_of[name]]
+            if info.glu is not None and name in info.glu[:2]:
+                return pruners.dass_scores(w, stats[info.glu[2]]["sq"]), 0
+        return pruners.wanda_scores(w, stats[name]["sq"]), 1
+
+    def _build(self, stats: dict[str, dict[str, torch.Tensor]]) -> None:
+        for name in self.modules:
+            if self.pruner == "sparsegpt":
+                self.hessian[name] = stats[name]["h"]
+                continue
+            scores, dim = self._scores(name, stats)
+            s = scores if dim == 1 else scores.t()
+            idx_dtype = torch.int16 if s.shape[1] < 2**15 else torch.int32
+            self.order[name] = torch.argsort(s, dim=1, stable=True).to(idx_dtype)
+            self.dim[name] = dim
+
+    # ------------------------------------------------------------------ units
+    def units(self, granularity: str) -> list[Unit]:
+        if granularity == "layer":
+            return [
+                Unit(info.name, info.index, list(info.linears), [self.dense[n].numel() for n in info.linears])
+                for info in self.blocks
+            ]
+        if granularity == "module":
+            return [Unit(n, self.block_of[n], [n], [self.dense[n].numel()]) for n in self.modules]
+        raise ValueError(f"granularity must be 'layer' or 'module', got {granularity!r}")
+
+    @staticmethod
+    def linear_counts(units: list[Unit], unit_counts: list[int]) -> dict[str, int]:
+        """Per-linear prune counts: each unit's count split over its linears by size (exact)."""
+        out: dict[str, int] = {}
+        for u, c in zip(units, unit_counts, strict=True):
+            for n, k in zip(u.linears, split_exact(c, u.sizes), strict=True):
+                out[n] = k
+        return out
+
+    # ------------------------------------------------------------------ levels
+    def pruned_weight(self, name: str, count: int) -> torch.Tensor:
+        """The linear's weights ([out, in], model dtype) with ``count`` weights pruned."""
+        dense = self.dense[name]
+        if count == 0:
+            return dense.clone()
+        if self.pruner == "sparsegpt":
+            return self._sparsegpt_level(name, count).to(dense.dtype)
+        order = self.order[name].long()
+        dim = self.dim[name]
+        rows, cols = order.shape
+        k = _spread(count, rows, order.device)
+        prune_sorted = torch.arange(cols, device=order.device).unsqueeze(0) < k.unsqueeze(1)
+        keep = torch.ones((rows, cols), dtype=torch.bool, device=order.device).scatter(1, order, ~prune_sorted)
+        if dim == 0:
+            keep = keep.t()
+        return dense * keep.to(dense.dtype)
+
+    def _sparsegpt_level(self, name: str, count: int) -> torch.Tensor:
+        key = (name, count)
+        if key in self.levels:
+            return self.levels[key]
+        path = None
+        if self.cache_dir is not None:
+            digest = hashlib.sha1(f"{name}:{count}".encode()).hexdigest()[:16]
+            path = self.cache_dir / f"{digest}.pt"
+            if path.exists():
+                return torch.load(path)
+        from pruning.pruners import sparsegpt_prune
+
+        w = sparsegpt_prune(self.dense[name], self.hessian[name], count)
+        nbytes = w.numel() * w.element_size()
+        if self._level_bytes + nbytes <= self.memory_limit or path is None:
+            self.levels[key] = w
+            self._level_bytes += nbytes
+        else:  # spill to disk once memory is full
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(w, path)
+        return w
+
+    @torch.no_grad()
+    def apply(self, counts: dict[str, int]) -> list[str]:
+        """Put the model in the state ``counts`` (per linear); returns the linears rewritten."""
+        changed = [n for n, c in counts.items() if self.current[n] != c]
+        for n in changed:
+            weight_matrix(self.modules[n]).copy_(self.pruned_weight(n, counts[n]))
+            self.current[n] = counts[n]
+        return changed
+
+    def restore(self) -> None:
+        """Back to the dense weights."""
+        self.apply({n: 0 for n in self.modules})
+
+    def nbytes(self) -> int:
+        """Memory held by the database (dense copies, rankings, Hessians, cached levels)."""
+        tensors = list(self.dense.values()) + list(self.order.values()) + list(self.hessian.values())
+        return sum(t.numel() * t.element_size() for t in tensors) + self._level_bytes
+

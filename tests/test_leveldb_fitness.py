@@ -1,0 +1,131 @@
+"""pruning/leveldb.py and pruning/fitness.py on tiny models: levels equal pruning from scratch, prefix reuse is exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pruning import pruners
+from pruning.fitness import ProxyFitness
+from pruning.layers import find_blocks, weight_matrix
+from pruning.leveldb import LevelDB, collect_dense_stats
+from pruning.sensitivity import dense_input_stats
+from search.levels import LevelSpace
+
+
+def test_dense_stats_match_the_pruning_core(tiny_llama, tiny_tokens):
+    mine = collect_dense_stats(tiny_llama, tiny_tokens, want_hessian=False)
+    theirs = dense_input_stats(tiny_llama, tiny_tokens)
+    assert set(mine) == set(theirs)
+    for n in mine:
+        torch.testing.assert_close(mine[n]["sq"], theirs[n].sq_norms, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("pruner", ["magnitude", "wanda", "dass"])
+def test_level_equals_pruning_the_layer_from_scratch(tiny_llama, tiny_tokens, pruner):
+    db = LevelDB.build(tiny_llama, tiny_tokens, pruner)
+    stats = collect_dense_stats(tiny_llama, tiny_tokens, want_hessian=False)
+    blocks = find_blocks(tiny_llama)
+    checked = 0
+    for name, mod in list(db.modules.items())[:9]:
+        w = weight_matrix(mod).detach().clone()
+        info = blocks[db.block_of[name]]
+        dim = 1
+        if pruner == "magnitude":
+            scores = pruners.magnitude_scores(w)
+        elif pruner == "dass" and name in info.glu[:2]:
+            scores, dim = pruners.dass_scores(w, stats[info.glu[2]]["sq"]), 0
+        else:
+            scores = pruners.wanda_scores(w, stats[name]["sq"])
+        for frac in (0.0, 0.13, 0.5, 0.77, 1.0):
+            count = round(frac * w.numel())
+            keep = pruners.keep_mask_from_scores(scores, count, dim=dim)
+            expected = w * keep
+            got = db.pruned_weight(name, count)
+            assert torch.equal(got, expected), (name, count)
+            assert int((got == 0).sum()) >= count
+            checked += 1
+    assert checked == 45
+
+
+def test_apply_rewrites_only_changed_linears_and_restores(tiny_llama, tiny_tokens):
+    db = LevelDB.build(tiny_llama, tiny_tokens, "wanda")
+    names = list(db.modules)
+    dense = {n: weight_matrix(m).clone() for n, m in db.modules.items()}
+    counts = {n: weight_matrix(db.modules[n]).numel() // 2 for n in names}
+    assert sorted(db.apply(counts)) == sorted(names)
+    counts2 = dict(counts)
+    counts2[names[3]] += 17
+    assert db.apply(counts2) == [names[3]]
+    assert int((weight_matrix(db.modules[names[3]]) == 0).sum()) == counts2[names[3]]
+    db.restore()
+    for n, m in db.modules.items():
+        assert torch.equal(weight_matrix(m), dense[n])
+
+
+def test_sparsegpt_level_computed_once_and_equals_the_pruner(tiny_llama, tiny_tokens):
+    db = LevelDB.build(tiny_llama, tiny_tokens, "sparsegpt")
+    name = next(iter(db.modules))
+    w = db.dense[name]
+    count = w.numel() // 2
+    got = db.pruned_weight(name, count)
+    expected = pruners.sparsegpt_prune(w, db.hessian[name], count)
+    assert torch.equal(got, expected)
+    assert db.pruned_weight(name, count) is not None and (name, count) in db.levels
+    assert int((got == 0).sum()) >= count
+
+
+def make_fitness(model, tokens, granularity="layer", reuse=True, kind="kl", **kw):
+    db = LevelDB.build(model, tokens, "wanda")
+    units = db.units(granularity)
+    space = LevelSpace.build([u.size for u in units], 0.6, step_fraction=0.05, max_level_delta=0.3)
+    return ProxyFitness(model, tokens, db, units, space, kind=kind, reuse_prefix=reuse, **kw), space
+
+
+@pytest.mark.parametrize("granularity", ["layer", "module"])
+def test_prefix_reuse_equals_full_recomputation(tiny_llama, tiny_tokens, granularity):
+    import random
+
+    from search.operators import mutate
+
+    fit, space = make_fitness(tiny_llama, tiny_tokens, granularity, reuse=True)
+    rng = random.Random(0)
+    parent = mutate(space, space.zero(), rng, switches=3)
+    children = [mutate(space, parent, rng) for _ in range(6)] + [parent]
+    fit.set_parent(parent)
+    reused = [fit(c, 96) for c in children]
+    blocks_with_reuse = fit.blocks_run
+    fit.db.restore()  # the second database must see the dense weights
+    fresh_fit, _ = make_fitness(tiny_llama, tiny_tokens, granularity, reuse=False)
+    fresh = [fresh_fit(c, 96) for c in children]
+    assert reused == fresh  # windows run one at a time: bit-identical
+    assert blocks_with_reuse <= fresh_fit.blocks_run  # the parent trace is paid back by reuse
+    # A child that differs only in the last two units runs only the blocks from there on.
+    late = list(parent)
+    late[-2] -= 1
+    late[-1] += 1
+    late = tuple(late)
+    fit.db.apply(fit.db.linear_counts(fit.units, space.counts(parent)))
+    before = fit.blocks_run
+    fit(late, 96)
+    n_blocks = len(find_blocks(tiny_llama))
+    first = fit.unit_blocks[-2]
+    assert fit.blocks_run - before == 3 * (n_blocks - first)
+    before = fit.blocks_run
+    fit(parent, 96)
+    assert fit.blocks_run == before  # the parent itself: all from its trace
+    assert all(r > 0 for r in reused[:-1])
+
+
+def test_topk_kl_is_close_to_full_and_ppl_works(tiny_llama, tiny_tokens):
+    full, space = make_fitness(tiny_llama, tiny_tokens)
+    full.db.restore()
+    approx, _ = make_fitness(tiny_llama, tiny_tokens, topk=200, dense_memory_bytes=0)
+    assert full.full and not approx.full
+    v = space.zero()
+    kl_full, kl_top = full(v, 256), approx(v, 256)
+    assert 0 < kl_top <= kl_full * 1.0001  # the coarse-grained KL is a lower bound
+    assert kl_top > 0.5 * kl_full
+    approx.db.restore()
+    ppl, _ = make_fitness(tiny_llama, tiny_tokens, kind="ppl")
+    assert ppl(v, 256) > 1.0

@@ -1,0 +1,156 @@
+"""The evolutionary-allocation stage of a job: glue between pruning/ (model, level database,
+proxy fitness, sensitivity) and search/ (the torch-free evolutionary loop).
+
+``run_search`` builds the level database from the dense model, seeds the population from the
+chosen sensitivity allocation, runs the search, forwards every generation's record and
+serialised state to ``hooks.generation``, stops with ``CancelledError`` when
+``hooks.should_cancel()`` turns true between generations, and resumes from ``resume_state``.
+The model is left dense on return: the job prunes it afterwards with ``prune_model``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from jobs.spec import JobSpec, parse_selection
+from pruning.errors import CancelledError, PruningConfigError
+from pruning.fitness import ProxyFitness
+from pruning.leveldb import LevelDB, Unit
+from search import allocation as alloc
+from search.evolution import EvolutionarySearch, SearchConfig
+from search.levels import LevelSpace
+
+
+@dataclass
+class SearchOutcome:
+    counts: dict[str, int]  # weights to prune per linear (full names); sums exactly to the budget
+    history: list[dict]
+    units: list[str]
+    best_vector: list[float]  # sparsity per unit
+    candidates_scored: int
+    seconds: float
+    uniform_vector: list[float] = field(default_factory=list)
+    seed_vector: list[float] = field(default_factory=list)
+    best_levels: list[int] = field(default_factory=list)
+    stopped_by: str = ""
+    best_fitness: float = float("nan")
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def search_config(spec: JobSpec, max_tokens: int) -> SearchConfig:
+    """SearchConfig from the job's settings; stage token counts are capped at the calibration size."""
+    s = spec.search
+    stages = [(min(t, max_tokens), k) for t, k in parse_selection(s.selection)]
+    return SearchConfig(
+        generations=s.generations,
+        offspring=s.offspring,
+        stages=stages,
+        seed=spec.seed,
+        time_budget_s=s.time_budget_min * 60 if s.time_budget_min is not None else None,
+        patience=s.patience,
+    )
+
+
+def unit_scores(units: list[Unit], per_linear: dict[str, float]) -> list[float]:
+    """Size-weighted mean of a per-parameter score over each unit's linears."""
+    return [sum(per_linear[n] * s for n, s in zip(u.linears, u.sizes, strict=True)) / u.size for u in units]
+
+
+def seed_counts(
+    model: nn.Module,
+    calib_tokens: torch.Tensor,
+    spec: JobSpec,
+    units: list[Unit],
+    sensitivity: dict[str, Any] | None = None,
+) -> list[int]:
+    """Per-unit prune counts of the seed allocation (fisher / hessian / owl / uniform)."""
+    from pruning import sensitivity as sens
+
+    source = spec.search.seed_from
+    sizes = [u.size for u in units]
+    sensitivity = sensitivity or {}
+    if source == "uniform":
+        return alloc.uniform(sizes, spec.sparsity)
+    if source == "fisher":
+        scores = sensitivity.get("fisher") or sens.fisher_traces(model, calib_tokens)
+        return alloc.sensitivity_proportional(sizes, spec.sparsity, unit_scores(units, scores), spec.sensitivity_spread)
+    if source == "hessian":
+        scores = sensitivity.get("hessian") or sens.hessian_traces(model, sens.dense_input_stats(model, calib_tokens))
+        return alloc.sensitivity_proportional(sizes, spec.sparsity, unit_scores(units, scores), spec.sensitivity_spread)
+    if source == "owl":
+        ratios = sensitivity.get("owl") or sens.owl_ratios(model, sens.dense_input_stats(model, calib_tokens), spec.owl_m)
+        per_unit = [ratios[u.block] for u in units]  # OWL ratios are per block
+        return alloc.owl(sizes, spec.sparsity, per_unit, spec.owl_lambda)
+    raise PruningConfigError(f"unknown seed source {source!r}")
+
+
+def run_search(
+    model: nn.Module,
+    calib_tokens: torch.Tensor,
+    spec: JobSpec,
+    hooks: Any,
+    resume_state: bytes | None = None,
+    *,
+    sensitivity: dict[str, Any] | None = None,
+    db: LevelDB | None = None,
+    fitness_tokens: torch.Tensor | None = None,
+) -> SearchOutcome:
+    """Search the per-unit sparsity for ``spec``; see the module docstring.
+
+    ``sensitivity`` may carry precomputed {"fisher"|"hessian": per-linear traces, "owl": per-block
+    ratios}; ``db`` a prebuilt level database for this model and pruner; ``fitness_tokens`` other
+    windows for the fitness than the calibration ones (default: the calibration windows).
+    """
+    if spec.nm is not None:
+        raise PruningConfigError("the evolutionary search supports unstructured sparsity only")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if db is None:
+        db = LevelDB.build(model, calib_tokens, spec.pruner)
+    timings["leveldb"] = time.perf_counter() - t0
+    units = db.units(spec.search.granularity)
+    space = LevelSpace.build(
+        [u.size for u in units], spec.sparsity, spec.search.step_fraction, spec.search.max_level_delta
+    )
+    t1 = time.perf_counter()
+    seed = space.from_counts(seed_counts(model, calib_tokens, spec, units, sensitivity))
+    timings["seed"] = time.perf_counter() - t1
+    ftokens = calib_tokens if fitness_tokens is None else fitness_tokens
+    t2 = time.perf_counter()
+    fitness = ProxyFitness(model, ftokens, db, units, space, kind=spec.search.fitness)
+    timings["dense_reference"] = time.perf_counter() - t2
+    cfg = search_config(spec, ftokens.numel())
+
+    def progress(record: dict, state: bytes) -> None:
+        if hooks is not None:
+            hooks.generation(record, state)
+
+    search = EvolutionarySearch(space, fitness, cfg, seed_vector=seed, progress=progress, state=resume_state)
+    cancelled = hooks.should_cancel if hooks is not None else None
+    try:
+        result = search.run(should_stop=cancelled)
+    finally:
+        db.restore()  # the job prunes the dense model afterwards
+    if result.stopped_by == "cancelled":
+        raise CancelledError("job cancelled during the evolutionary search")
+    timings["search"] = result.seconds
+    counts = db.linear_counts(units, space.counts(result.best))
+    return SearchOutcome(
+        counts=counts,
+        history=result.history,
+        units=[u.name for u in units],
+        best_vector=space.fractions(result.best),
+        candidates_scored=result.candidates_scored,
+        seconds=result.seconds,
+        uniform_vector=space.fractions(space.zero()),
+        seed_vector=space.fractions(seed),
+        best_levels=list(result.best),
+        stopped_by=result.stopped_by,
+        best_fitness=result.best_score,
+        timings=timings,
+    )
