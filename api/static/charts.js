@@ -21,9 +21,9 @@
   }
 
   // "Nice" tick values (1, 2, 5 x 10^k steps) covering [lo, hi].
-  function ticks(lo, hi, count) {
+  function ticks(lo, hi, count, minStep) {
     if (!(hi > lo)) { hi = lo + 1; }
-    const raw = (hi - lo) / Math.max(1, count);
+    const raw = Math.max((hi - lo) / Math.max(1, count), minStep || 0);
     const mag = Math.pow(10, Math.floor(Math.log10(raw)));
     const step = [1, 2, 5, 10].map(m => m * mag).find(s => s >= raw) || 10 * mag;
     const out = [];
@@ -57,7 +57,7 @@
       el("line", { x1: M.left, x2: W - M.right, y1: sy(t), y2: sy(t), class: "grid" }, g);
       text(g, M.left - 6, sy(t) + 4, (opts.yFormat || fmt)(t), { "text-anchor": "end", class: "tick" });
     }
-    for (const t of xTicks || ticks(x0, x1, 8)) {
+    for (const t of xTicks || ticks(x0, x1, 8, opts.xInteger ? 1 : 0)) {
       if (t < x0 || t > x1) continue;
       text(g, sx(t), H - M.bottom + 16, fmt(t), { "text-anchor": "middle", class: "tick" });
     }

@@ -1,0 +1,219 @@
+"""The dashboard in a real headless browser (Debian's chromium driven by Playwright).
+
+The service runs for real on loopback (uvicorn in a thread, SQLite, local object store) and its
+jobs are produced by the real worker code: one job is run to completion by ``worker.tasks.execute``
+on the tiny Llama with the evolutionary search (so its report, generations and artifacts are
+genuine), another is left running in a background thread with a long search, which the test
+watches grow live and then cancels from the page. A screenshot is saved to tests/artifacts/.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+TEAM = "browser-team"
+
+if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
+    pytest.skip("Debian's chromium is not installed (apt-get install -y chromium; scripts/install.sh does it)",
+                allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
+
+
+def _spec(model_dir: Path, generations: int, seed: int) -> dict:
+    from jobs.spec import JobSpec
+
+    return JobSpec(
+        model=str(model_dir), sparsity=0.6, pruner="wanda", allocation="evolutionary",
+        calib_windows=4, eval_windows=4, seq_len=64, seed=seed,
+        search={"generations": generations, "offspring": 4, "selection": "64:2,128:1", "seed_from": "fisher"},
+    ).model_dump(mode="json")
+
+
+class _Server:
+    """uvicorn serving the real app on an ephemeral loopback port, in a daemon thread."""
+
+    def __init__(self, app) -> None:  # noqa: ANN001
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True, name="dashboard-uvicorn")
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.05)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, tiny_llama_dir):
+    """Settings + app + an API key + one SUCCEEDED job and one RUNNING job (real worker code)."""
+    from api.main import create_app
+    from jobs import repo
+    from jobs.db import session_scope
+    from jobs.models import Job
+    from jobs.settings import Settings
+    from worker.tasks import execute
+
+    data = tmp_path_factory.mktemp("dash-service")
+    settings = Settings(data_dir=data, allowed_model_roots=[Path(tiny_llama_dir).parent],
+                        max_generations=100_000, heartbeat_s=1.0)
+    app = create_app(settings)  # runs the migrations
+    url = settings.resolved_database_url
+    with session_scope(url) as db:
+        token, key = repo.create_api_key(db, TEAM)
+        team_id = key.team_id
+
+    def claimed(spec: dict) -> repo.Claim:
+        with session_scope(url) as db:
+            job, _ = repo.create_job(db, team_id, spec)
+            claim = repo.claim_job(db, job.id, "browser-test-worker", settings.stale_after_s, settings.max_attempts)
+        assert isinstance(claim, repo.Claim), claim
+        return claim
+
+    finished = claimed(_spec(tiny_llama_dir, generations=4, seed=1))
+    assert execute(finished, settings) == "SUCCEEDED"
+
+    # A long search in the background: the page must show it grow, then cancel it.
+    running = claimed(_spec(tiny_llama_dir, generations=100_000, seed=2))
+    outcome: dict[str, str] = {}
+    runner = threading.Thread(target=lambda: outcome.setdefault("status", execute(running, settings)),
+                              daemon=True, name="dash-running-job")
+    runner.start()
+    try:
+        yield {"app": app, "token": token, "finished": finished.job_id, "running": running.job_id,
+               "settings": settings, "outcome": outcome, "runner": runner}
+    finally:
+        with session_scope(url) as db:  # whatever the test did, stop the background job
+            job = db.get(Job, running.job_id)
+            if job is not None and job.status == "RUNNING":
+                repo.request_cancel(db, job)
+        runner.join(timeout=120)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
+                              args=CHROMIUM_FLAGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def _generation_count(service: dict, job_id: str) -> int:
+    from jobs import repo
+    from jobs.db import session_scope
+
+    with session_scope(service["settings"].resolved_database_url) as db:
+        return len(repo.generations_of(db, job_id))
+
+
+def _report(service: dict, job_id: str) -> dict:
+    from jobs.db import session_scope
+    from jobs.models import Job
+
+    with session_scope(service["settings"].resolved_database_url) as db:
+        return db.get(Job, job_id).report
+
+
+def test_dashboard_in_a_real_browser(service, browser) -> None:
+    expect = sync_api.expect
+    page_errors: list[str] = []
+    foreign: list[str] = []
+    with _Server(service["app"]) as base:
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.on("pageerror", lambda e: page_errors.append(str(e)))
+        # The page must load nothing from other hosts (the machine may be offline).
+        page.on("request", lambda r: None if r.url.startswith((base, "data:", "blob:")) else foreign.append(r.url))
+
+        # 1. First visit: no key yet -> the key form; a wrong key is refused with a message.
+        page.goto(base + "/")
+        expect(page.locator("#key-view")).to_be_visible()
+        page.fill("#key-input", "evs_not-a-real-key")
+        page.click("#key-form button")
+        expect(page.locator("#key-error")).to_contain_text("rejected")
+
+        # 2. The right key -> the job list with both jobs and their statuses.
+        page.fill("#key-input", service["token"])
+        page.click("#key-form button")
+        rows = page.locator("#jobs-table tbody tr")
+        expect(rows).to_have_count(2)
+        expect(page.locator(f'tr[data-job-id="{service["finished"]}"] .badge')).to_have_text("SUCCEEDED")
+        expect(page.locator(f'tr[data-job-id="{service["running"]}"] .badge')).to_have_text("RUNNING")
+        assert page.evaluate("localStorage.getItem('evosparse.apiKey')") == service["token"]
+
+        # 3. The finished job: fitness chart, sparsity bars, perplexity table, artifact links.
+        page.click(f'tr[data-job-id="{service["finished"]}"] a')
+        expect(page.locator("#job-status")).to_have_text("SUCCEEDED")
+        expect(page.locator('#fitness-chart path[data-series="best"]')).to_have_count(1)
+        expect(page.locator('#fitness-chart path[data-series="mean"]')).to_have_count(1)
+        # one dot per generation per series, straight from the generation history
+        n_gen = _generation_count(service, service["finished"])
+        assert n_gen >= 2
+        expect(page.locator("#fitness-chart circle.s-best")).to_have_count(n_gen)
+        report = _report(service, service["finished"])
+        units = report["search"]["units"]
+        expect(page.locator("#sparsity-chart rect.bar.s-best")).to_have_count(len(units))
+        expect(page.locator("#sparsity-chart rect.bar.s-uniform")).to_have_count(len(units))
+        ppl = page.locator("#ppl-table tbody tr")
+        expect(ppl).to_have_count(3)
+        expect(page.locator('#ppl-table tr[data-row="dense"] td.num').first).to_have_text(
+            f"{report['perplexity']['dense']:.2f}")
+        expect(page.locator('#ppl-table tr[data-row="searched"] td.num').first).to_have_text(
+            f"{report['perplexity']['pruned']:.2f}")
+        expect(page.locator('#ppl-table tr[data-row="uniform"] td.num').first).to_have_text(
+            f"{report['perplexity']['uniform']:.2f}")
+        expect(page.locator('a.artifact[data-name="report.json"]')).to_be_visible()
+        assert page.locator("a.artifact").count() >= 3  # config, weights, report at least
+        expect(page.locator("#conn")).to_have_text("finished")  # a finished job stops polling
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+
+        # The artifact link downloads through the API with the key (a plain <a> cannot send it).
+        with page.expect_download() as dl:
+            page.click('a.artifact[data-name="report.json"]')
+        saved = dl.value.path()
+        assert b'"global_sparsity"' in Path(saved).read_bytes()
+
+        # 4. The running job: the chart grows without a reload, then the Cancel button stops the job.
+        page.goto(base + "/#/jobs/" + service["running"])
+        expect(page.locator("#job-status")).to_have_text("RUNNING")
+        dots = page.locator("#fitness-chart circle.s-best")
+        expect(dots.first).to_be_attached(timeout=60_000)
+        seen = dots.count()
+        page.evaluate("window.__sameDocument = true")  # survives only if the page is never reloaded
+        expect(dots.nth(seen)).to_be_attached(timeout=60_000)  # a new generation appeared
+        expect(page.locator("#sparsity-chart rect.bar.s-best").first).to_be_attached()
+        expect(page.locator("#sparsity-note")).to_contain_text("updates live")
+        page.screenshot(path=str(ARTIFACTS / "dashboard-running.png"), full_page=True)
+        page.once("dialog", lambda d: d.accept())
+        page.click("#cancel-job")
+        expect(page.locator("#job-status")).to_have_text("CANCELLED", timeout=60_000)
+        assert page.evaluate("window.__sameDocument === true")
+        expect(page.locator("#cancel-job")).to_be_hidden()
+
+    service["runner"].join(timeout=60)
+    assert service["outcome"].get("status") == "CANCELLED"
+    assert not page_errors, page_errors
+    assert not foreign, f"the page requested other hosts: {foreign}"
