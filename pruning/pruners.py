@@ -147,7 +147,7 @@ def sparsegpt_prune(
     ``count`` weights. With ``nm`` the M - N lowest of each M consecutive columns are pruned per row.
     Returns a new float32 tensor of the same shape; the input is left unchanged.
     """
-    w = weight.detach().float().clone()
+    w = weight.detach().float().clone(memory_format=torch.contiguous_format)  # Conv1D views are transposed
     rows, cols = w.shape
     if count < 0 or count > w.numel():
         raise PruningConfigError(f"cannot prune {count} of {w.numel()} weights")
@@ -167,7 +167,7 @@ def sparsegpt_prune(
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         diag = torch.diag(hinv1)
-        prune1 = torch.zeros_like(w1, dtype=torch.bool)
+        prune1 = torch.zeros(w1.shape, dtype=torch.bool, device=w1.device)
         if nm is None and bcount > 0:
             score = (w1**2 / diag.unsqueeze(0) ** 2).flatten()
             prune1.view(-1)[torch.topk(score, bcount, largest=False).indices] = True
