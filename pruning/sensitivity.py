@@ -49,8 +49,9 @@ def fisher_traces(
     try:
         for i, row in enumerate(windows):
             ids = row.unsqueeze(0).to(dev)
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            grads = torch.autograd.grad(loss, list(weights.values()))
+            with torch.enable_grad():  # callers may sit inside no_grad
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                grads = torch.autograd.grad(loss, list(weights.values()))
             for n, g in zip(weights, grads, strict=True):
                 sums[n] += g.double().pow(2).sum().cpu()
             if progress is not None:

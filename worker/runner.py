@@ -63,10 +63,13 @@ class _Progress:
             self.start[s] = acc / total
             acc += _STAGE_WEIGHTS[s]
         self.width = {s: _STAGE_WEIGHTS[s] / total for s in stages}
+        self.last = 0.0
 
     def __call__(self, stage: str, within: float, message: str = "") -> None:
         within = min(max(within, 0.0), 1.0)
-        self.hooks.stage(stage, self.start[stage] + self.width[stage] * within, message)
+        # never step back (float sums of stage widths can differ in the last bit)
+        self.last = min(1.0, max(self.last, self.start[stage] + self.width[stage] * within))
+        self.hooks.stage(stage, self.last, message)
 
     def check_cancel(self) -> None:
         if self.hooks.should_cancel():
@@ -173,29 +176,28 @@ def run_job(
         dense_ppl = perplexity(model, evalw, progress=block_progress("dense_eval", "batch"))
 
     report: dict[str, Any] = {}
-    with torch.no_grad():
-        if needs_sensitivity:
-            with timed("sensitivity"):
-                kwargs: dict[str, Any] = {}
-                if spec.allocation == "fisher":
-                    kwargs["fisher"] = fisher_traces(model, calib, progress=block_progress("sensitivity", "window"))
+    if needs_sensitivity:
+        with timed("sensitivity"):
+            kwargs: dict[str, Any] = {}
+            if spec.allocation == "fisher":
+                kwargs["fisher"] = fisher_traces(model, calib, progress=block_progress("sensitivity", "window"))
+            else:
+                stats = dense_input_stats(model, calib, progress=block_progress("sensitivity"))
+                if spec.allocation == "owl":
+                    kwargs["owl"] = owl_ratios(model, stats, spec.owl_m)
                 else:
-                    stats = dense_input_stats(model, calib, progress=block_progress("sensitivity"))
-                    if spec.allocation == "owl":
-                        kwargs["owl"] = owl_ratios(model, stats, spec.owl_m)
-                    else:
-                        kwargs["hessian"] = hessian_traces(model, stats)
-                    del stats
-                # Per-block figures for the report (OWL ratios already are per block).
-                report["sensitivity"] = {
-                    k: (v if k == "owl" else block_scores(find_blocks(model), v)) for k, v in kwargs.items()
-                }
-                counts = allocation_counts(model, spec.allocation, spec.sparsity, owl_lambda=spec.owl_lambda,
-                                           spread=spec.sensitivity_spread, **kwargs)
-        elif nm is not None:
-            counts = nm_counts(model, nm)
-        elif not evolutionary:
-            counts = allocation_counts(model, "uniform", spec.sparsity)
+                    kwargs["hessian"] = hessian_traces(model, stats)
+                del stats
+            # Per-block figures for the report (OWL ratios already are per block).
+            report["sensitivity"] = {
+                k: (v if k == "owl" else block_scores(find_blocks(model), v)) for k, v in kwargs.items()
+            }
+            counts = allocation_counts(model, spec.allocation, spec.sparsity, owl_lambda=spec.owl_lambda,
+                                       spread=spec.sensitivity_spread, **kwargs)
+    elif nm is not None:
+        counts = nm_counts(model, nm)
+    elif not evolutionary:
+        counts = allocation_counts(model, "uniform", spec.sparsity)
 
     perplexities: dict[str, float] = {"dense": dense_ppl}
     if evolutionary:

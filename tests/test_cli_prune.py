@@ -1,0 +1,128 @@
+import json
+
+import pytest
+
+from cli.main import main
+from jobs.spec import JobSpec
+from pruning.errors import CancelledError, DataSourceError
+from worker.runner import RunHooks, run_job
+
+SMALL = ["--calib-windows", "4", "--eval-windows", "2", "--seq-len", "32"]
+
+
+def _spec(model_dir, **kw) -> JobSpec:
+    base = dict(model=str(model_dir), sparsity=0.5, calib_windows=4, eval_windows=2, seq_len=32)
+    base.update(kw)
+    return JobSpec(**base)
+
+
+class Recorder(RunHooks):
+    def __init__(self, cancel_after: int | None = None):
+        self.stages: list[tuple[str, float]] = []
+        self.cancel_after = cancel_after
+        self.checks = 0
+
+    def stage(self, name, fraction, message=""):
+        self.stages.append((name, fraction))
+
+    def should_cancel(self):
+        self.checks += 1
+        return self.cancel_after is not None and self.checks > self.cancel_after
+
+
+def _siblings(path):
+    return sorted(p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.tmp"))
+
+
+def test_cli_prune_writes_checkpoint_and_report(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["prune", str(tiny_llama_dir), "--sparsity", "0.6", "--pruner", "sparsegpt", *SMALL, "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["pruner"] == "sparsegpt" and report["allocation"] == "uniform"
+    assert report["pattern"] == "unstructured" and report["sparsity_target"] == 0.6
+    assert abs(report["global_sparsity"] - 0.6) < 1e-5  # exact budget = round(0.6 * total)
+    assert set(report["perplexity"]) == {"dense", "pruned"}
+    assert {"load", "prune", "eval", "export", "total"} <= set(report["timings"])
+    assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
+    assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
+    printed = capsys.readouterr().out
+    assert "perplexity dense" in printed and str(out) in printed
+    # evosparse eval on the result reproduces the pruned perplexity of the report
+    assert main(["eval", str(out), "--data", "pydoc", "--windows", "2", "--seq-len", "32"]) == 0
+    line = capsys.readouterr().out
+    assert f"perplexity {report['perplexity']['pruned']:.3f}" in line
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sparsity", "1.5"], "sparsity"),
+        (["--sparsity", "0.5", "--pattern", "3:2"], "N:M"),
+        (["--sparsity", "0.6", "--pattern", "2:4"], "2:4"),
+        (["--sparsity", "0.5", "--calib", "/nonexistent/text.txt"], "not found"),
+        (["--sparsity", "0.5", "--eval-windows", "4000"], "too short"),
+    ],
+)
+def test_cli_errors_are_one_line_and_leave_nothing(tiny_llama_dir, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    rc = main(["prune", str(tiny_llama_dir), *SMALL[:4], *args, "--out", str(out)])
+    assert rc == 2
+    err_lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err_lines) == 1 and message in err_lines[0]
+    assert not out.exists() and _siblings(out) == []
+
+
+def test_cli_bad_model_and_existing_out_dir(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["prune", str(tmp_path / "no-such-model"), "--sparsity", "0.5", "--out", str(out)]) == 2
+    assert "not found" in capsys.readouterr().err and not out.exists()
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["prune", str(tiny_llama_dir), "--sparsity", "0.5", *SMALL, "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+    assert main(["prune", str(tiny_llama_dir), "--sparsity", "0.5", *SMALL, "--out", str(out), "--overwrite"]) == 0
+    assert (out / "report.json").is_file() and not (out / "keep.txt").exists()
+
+
+@pytest.mark.parametrize(
+    "pruner, allocation, pattern, sparsity",
+    [("dass", "owl", "unstructured", 0.7), ("wanda", "fisher", "unstructured", 0.55),
+     ("magnitude", "hessian", "unstructured", 0.5), ("dass", "uniform", "4:8", 0.5)],
+)
+def test_run_job_meets_the_target_exactly(tiny_llama_dir, tmp_path, pruner, allocation, pattern, sparsity):
+    hooks = Recorder()
+    spec = _spec(tiny_llama_dir, pruner=pruner, allocation=allocation, pattern=pattern, sparsity=sparsity)
+    report = run_job(spec, tmp_path / "o", hooks)
+    layers = report["layer_sparsity"]
+    assert abs(report["global_sparsity"] - sparsity) < 1e-5
+    if allocation in ("owl", "fisher"):  # a non-uniform allocation really varies per block
+        assert max(layers.values()) - min(layers.values()) > 0.01
+        assert allocation in report["sensitivity"] or "owl" in report["sensitivity"]
+    fractions = [f for _, f in hooks.stages]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["spec"]["pruner"] == pruner
+
+
+def test_run_job_cancel_and_failure_leave_no_folder(tiny_llama_dir, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    with pytest.raises(CancelledError):
+        run_job(_spec(tiny_llama_dir), out, Recorder(cancel_after=5))
+    assert not out.exists() and _siblings(out) == []
+
+    import pruning.export
+
+    def boom(*a, **k):
+        (a[2] / "partial.bin").write_text("x")  # something written before the failure
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pruning.export, "export_checkpoint", boom)
+    with pytest.raises(OSError):
+        run_job(_spec(tiny_llama_dir), out)
+    assert not out.exists() and _siblings(out) == []
+
+
+def test_run_job_rejects_bad_data_before_writing(tiny_llama_dir, tmp_path):
+    with pytest.raises(DataSourceError):
+        run_job(_spec(tiny_llama_dir, eval=str(tmp_path / "missing.txt")), tmp_path / "o")
+    assert not (tmp_path / "o").exists()

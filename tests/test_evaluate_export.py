@@ -1,0 +1,66 @@
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pruning.evaluate import kl_divergence, log_probs, perplexity
+from pruning.export import export_checkpoint, measured_sparsity
+from pruning.layers import prunable_linears, weight_matrix
+from pruning.prune import prune_model
+from pruning.sensitivity import allocation_counts
+from tests.conftest import make_tiny_gpt2, make_tiny_llama
+
+
+def test_perplexity_is_exp_of_mean_token_nll_and_batch_independent(tiny_llama, tiny_tokens):
+    with torch.no_grad():
+        loss = tiny_llama(input_ids=tiny_tokens, labels=tiny_tokens).loss  # mean over all predicted tokens
+    ppl1 = perplexity(tiny_llama, tiny_tokens, batch_size=1)
+    ppl3 = perplexity(tiny_llama, tiny_tokens, batch_size=3)
+    assert ppl1 == pytest.approx(math.exp(float(loss)), rel=1e-5)
+    assert ppl3 == pytest.approx(ppl1, rel=1e-6)
+
+
+def test_kl_is_zero_for_the_dense_model_and_matches_torch_for_a_pruned_one(tiny_tokens):
+    model = make_tiny_llama()
+    dense = log_probs(model, tiny_tokens)
+    assert kl_divergence(model, tiny_tokens, dense) == pytest.approx(0.0, abs=1e-6)
+    prune_model(model, tiny_tokens, "magnitude", allocation_counts(model, "uniform", 0.6))
+    kl = kl_divergence(model, tiny_tokens, dense, batch_size=3)
+    with torch.no_grad():
+        lq = F.log_softmax(model(input_ids=tiny_tokens).logits, dim=-1)
+    ref = F.kl_div(lq, dense, log_target=True, reduction="none").sum(-1).mean()
+    assert kl > 1e-4
+    assert kl == pytest.approx(float(ref), rel=1e-4)
+
+
+@pytest.mark.parametrize("make", [make_tiny_llama, make_tiny_gpt2])
+def test_exported_checkpoint_reloads_with_identical_logits(make, tiny_tokens, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = make()
+    counts = allocation_counts(model, "uniform", 0.55)
+    prune_model(model, tiny_tokens, "wanda", counts)
+    report = export_checkpoint(model, None, tmp_path, {"pruner": "wanda"})
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        a = model(input_ids=tiny_tokens).logits
+        b = reloaded(input_ids=tiny_tokens).logits
+    assert torch.equal(a, b)
+    # sparsity in the report is what the saved weights hold
+    total = sum(weight_matrix(m).numel() for m in prunable_linears(model).values())
+    assert report["global_sparsity"] == sum(counts.values()) / total
+    assert report["layer_sparsity"] == {n: counts[n] / weight_matrix(m).numel()
+                                        for n, m in prunable_linears(model).items()}
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["global_sparsity"] == report["global_sparsity"] and on_disk["pruner"] == "wanda"
+
+
+def test_measured_sparsity_reads_the_files_not_the_model(tiny_llama, tmp_path):
+    export_checkpoint(tiny_llama, None, tmp_path)
+    names = list(prunable_linears(tiny_llama))
+    with torch.no_grad():  # changing the live model afterwards must not change the measurement
+        weight_matrix(prunable_linears(tiny_llama)[names[0]]).zero_()
+    g, layer = measured_sparsity(tmp_path, names)
+    assert g == 0.0 and layer[names[0]] == 0.0
