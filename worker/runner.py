@@ -76,6 +76,24 @@ class _Progress:
             raise CancelledError("job cancelled")
 
 
+class _SearchHooks(RunHooks):
+    """Forwards to the job's hooks and turns generation records into overall progress."""
+
+    def __init__(self, inner: RunHooks, progress: _Progress, generations: int):
+        self.inner, self.progress, self.generations = inner, progress, max(generations, 1)
+
+    def stage(self, name: str, fraction: float, message: str = "") -> None:
+        self.inner.stage(name, fraction, message)
+
+    def generation(self, record: dict, state: bytes) -> None:
+        self.inner.generation(record, state)
+        gen = int(record.get("generation", 0))
+        self.progress("search", gen / self.generations, f"generation {gen}/{self.generations}")
+
+    def should_cancel(self) -> bool:
+        return self.inner.should_cancel()
+
+
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists():
         if not out_dir.is_dir():
@@ -207,7 +225,8 @@ def run_job(
             raise PruningConfigError("allocation 'evolutionary' is not available in this build yet") from exc
         dense = _snapshot(model)
         with timed("search"):
-            outcome = run_search(model, calib, spec, hooks, resume_state)
+            search_hooks = _SearchHooks(hooks, progress, spec.search.generations)
+            outcome = run_search(model, calib, spec, search_hooks, resume_state)
         _restore(model, dense)
         counts = dict(outcome.counts)
         with timed("uniform_baseline"):
