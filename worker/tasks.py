@@ -60,8 +60,10 @@ class ServiceHooks(RunHooks):  # type: ignore[misc,valid-type]
         self.min_interval_s = min_interval_s
         self.lost = False  # another attempt took the job over: stop without touching it
         self._last_stage: tuple[str, float] = ("", 0.0)
+        self.current_stage = "start"
 
     def stage(self, name: str, fraction: float, message: str = "") -> None:
+        self.current_stage = name
         now = time.monotonic()
         if name == self._last_stage[0] and now - self._last_stage[1] < self.min_interval_s and fraction < 1.0:
             return  # throttle chatty progress to a few writes per second
@@ -123,9 +125,13 @@ def _json_safe(obj: object) -> object:
     return clean(json.loads(json.dumps(obj, default=str)))
 
 
-def _failure_message(exc: BaseException, settings: Settings) -> str:
+def _failure_message(exc: BaseException, settings: Settings, stage: str = "", model: str = "") -> str:
     if isinstance(exc, SpecRejected | EvosparseError):
         return str(exc)
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:500]
+    if stage in ("start", "load") and not isinstance(exc, MemoryError | SoftTimeLimitExceeded):
+        # Anything that breaks while reading the checkpoint is, for the user, an unloadable model.
+        return f"could not load model {model!r}: {type(exc).__name__}: {first_line}"
     if isinstance(exc, SoftTimeLimitExceeded):
         return (f"the job exceeded this server's time limit of {settings.task_time_limit_s} s; "
                 f"lower search.generations or set search.time_budget_min")
@@ -193,7 +199,8 @@ def execute(claim: repo.Claim, settings: Settings) -> str:
         if not isinstance(exc, Exception | SoftTimeLimitExceeded):
             raise  # SystemExit/KeyboardInterrupt: the worker is going down, the reaper will requeue
         log.exception("job %s failed", claim.job_id)
-        status, error = "FAILED", _failure_message(exc, settings)
+        status, error = "FAILED", _failure_message(exc, settings, hooks.current_stage,
+                                                   str(claim.spec.get("model", "")))
     finally:
         beat.stop()
         os.chdir(old_cwd)

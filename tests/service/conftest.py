@@ -13,6 +13,7 @@ The `stack` fixture is parametrised: "sqlite-local" (the one-machine default) an
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def weed(tmp_path_factory):
 def model_root(tmp_path_factory, tiny_llama_dir):
     """The allowed model root: the tiny model plus a broken model folder, and a secret outside it."""
     root = tmp_path_factory.mktemp("models")
-    os.symlink(tiny_llama_dir, root / "tiny")
+    shutil.copytree(tiny_llama_dir, root / "tiny")  # a copy: a symlink out of the root would be refused
     broken = root / "broken"
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "llama", "hidden_size": "not a number"}')
