@@ -156,3 +156,37 @@ def test_prune_linear_rejects_unknown_pruner():
     lin = next(iter(prunable_linears(model).values()))
     with pytest.raises(PruningConfigError):
         prune_linear(lin, "random", 10, None)
+
+
+def test_dass_falls_back_to_wanda_without_a_glu_mlp(tiny_tokens):
+    a, b = make_tiny_gpt2(), make_tiny_gpt2()
+    counts = allocation_counts(a, "uniform", 0.5)
+    prune_model(a, tiny_tokens, "dass", counts)
+    prune_model(b, tiny_tokens, "wanda", counts)
+    for (n, ma), mb in zip(prunable_linears(a).items(), prunable_linears(b).values(), strict=True):
+        assert torch.equal(weight_matrix(ma), weight_matrix(mb)), n
+
+
+def test_each_block_is_calibrated_on_the_pruned_outputs_before_it(tiny_tokens):
+    from pruning.blockwise import run_block
+
+    model = make_tiny_llama()
+    reference = make_tiny_llama()  # same seed: same dense weights
+    counts = allocation_counts(model, "uniform", 0.6)
+    prune_model(model, tiny_tokens, "wanda", counts)
+    # by hand: prune block 0, run it, then derive block 1's masks from those (pruned) outputs
+    blocks = find_blocks(reference)
+    inputs = capture_block_inputs(reference, tiny_tokens)
+    dense_hidden1 = run_block(blocks[0].module, inputs.hidden, inputs.kwargs)
+    for n, m in blocks[0].linears.items():
+        weight_matrix(m).copy_(weight_matrix(prunable_linears(model)[n]))
+    pruned_hidden1 = run_block(blocks[0].module, inputs.hidden, inputs.kwargs)
+    name = "model.layers.1.self_attn.q_proj"
+    w1 = weight_matrix(blocks[1].linears[name])
+    masks = {}
+    for label, hidden in {"pruned": pruned_hidden1, "dense": dense_hidden1}.items():
+        stats, _ = collect_block_stats(blocks[1].module, {name: blocks[1].linears[name]}, hidden, inputs.kwargs)
+        masks[label] = keep_mask_from_scores(wanda_scores(w1, stats[name].sq_norms), counts[name])
+    got = weight_matrix(prunable_linears(model)[name]) != 0
+    assert torch.equal(got, masks["pruned"])
+    assert not torch.equal(masks["pruned"], masks["dense"])  # the test can tell the two apart
