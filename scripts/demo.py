@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib-windows", type=int, default=16, help="calibration windows of --seq-len tokens")
     p.add_argument("--eval-windows", type=int, default=16, help="held-out evaluation windows")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--time-budget", type=float, default=5.0,
+    p.add_argument("--time-budget", type=float, default=4.0,
                    help="minutes the search may take at most (it stops early, keeping its best)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", type=Path, default=ROOT / "var" / "quickstart",
@@ -65,9 +65,8 @@ def free_port() -> int:
 
 
 def evosparse_cmd() -> list[str]:
-    # The console script if installed, else the module: both run cli.main.
-    exe = shutil.which("evosparse")
-    return [exe] if exe else [sys.executable, "-m", "cli.main"]
+    # The same interpreter as this script, run from the checkout: what quickstart.sh installed.
+    return [sys.executable, "-m", "cli.main"]
 
 
 class Service:
@@ -247,9 +246,9 @@ def print_results(report: dict, job: dict, out: Path, wall_s: float) -> None:
           f"second half; calibration on the first half):")
     print(table(rows, ("model", "sparsity", "perplexity", "x dense")))
     print()
-    gain = (ppl["uniform"] - ppl["pruned"]) / ppl["uniform"] * 100
-    print(f"searched vs uniform at the same sparsity: {gain:+.1f} % perplexity "
-          f"({'better' if gain > 0 else 'worse'})")
+    change = (ppl["pruned"] - ppl["uniform"]) / ppl["uniform"] * 100
+    print(f"at the same sparsity the searched allocation's perplexity is {abs(change):.1f} % "
+          f"{'lower' if change < 0 else 'higher'} than uniform's ({ppl['pruned']:.2f} vs {ppl['uniform']:.2f})")
     print(f"search time: {search.get('seconds', timings.get('search', float('nan'))):.0f} s "
           f"({len(search.get('history', []))} generations, {search.get('candidates_scored', '?')} candidates scored)"
           f"; whole job {timings.get('total', float('nan')):.0f} s; demo wall time {wall_s:.0f} s")
