@@ -55,13 +55,15 @@ class SearchSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    generations: int = Field(40, ge=1, le=100_000)
-    offspring: int = Field(16, ge=1, le=4096)
-    selection: str = "512:8,2048:2,8192:1"
+    # Defaults sized for SmolLM2-135M on a 2-core CPU (bench/bench_search.py): many cheap
+    # generations on few tokens beat few expensive ones; the time budget caps the run.
+    generations: int = Field(60, ge=1, le=100_000)
+    offspring: int = Field(8, ge=1, le=4096)
+    selection: str = "256:2,1024:1"
     seed_from: Literal["fisher", "hessian", "owl", "uniform"] = "fisher"
     granularity: Literal["layer", "module"] = "layer"
     fitness: Literal["kl", "ppl"] = "kl"
-    time_budget_min: float | None = Field(None, gt=0)
+    time_budget_min: float | None = Field(15.0, gt=0)
     patience: int | None = Field(None, ge=1)
     # One level step moves this fraction of the smallest unit's weights (same count in every unit).
     step_fraction: float = Field(0.02, gt=0, lt=0.5)

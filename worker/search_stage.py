@@ -121,10 +121,13 @@ def run_search(
     seed = space.from_counts(seed_counts(model, calib_tokens, spec, units, sensitivity))
     timings["seed"] = time.perf_counter() - t1
     ftokens = calib_tokens if fitness_tokens is None else fitness_tokens
+    cfg = search_config(spec, ftokens.numel())
+    # The fitness only ever reads the windows the largest stage needs: skip the rest.
+    need = -(-max(t for t, _ in cfg.stages) // ftokens.shape[1])
+    ftokens = ftokens[:need]
     t2 = time.perf_counter()
     fitness = ProxyFitness(model, ftokens, db, units, space, kind=spec.search.fitness)
     timings["dense_reference"] = time.perf_counter() - t2
-    cfg = search_config(spec, ftokens.numel())
 
     def progress(record: dict, state: bytes) -> None:
         if hooks is not None:
