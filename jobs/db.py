@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -44,13 +45,27 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
 
+        _ENGINES.append(engine)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    _ENGINES.append(engine)
+    return engine
 
 
 @lru_cache(maxsize=8)
 def engine_for(url: str) -> Engine:
     return make_engine(url)
+
+
+def _after_fork_in_child() -> None:
+    # A forked process (Celery prefork pool) must not reuse the parent's pooled connections: two
+    # processes talking over one PostgreSQL socket corrupt each other's protocol state.
+    for engine in list(_ENGINES):
+        engine.dispose(close=False)
+
+
+_ENGINES: list[Engine] = []
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @lru_cache(maxsize=8)
