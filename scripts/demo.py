@@ -37,9 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--sparsity", type=float, default=0.6)
     p.add_argument("--pruner", default="wanda")
-    p.add_argument("--generations", type=int, default=12)
+    p.add_argument("--generations", type=int, default=40)
     p.add_argument("--offspring", type=int, default=8)
-    p.add_argument("--selection", default="512:2,2048:1",
+    p.add_argument("--selection", default="256:2,1024:1",
                    help="multi-fidelity stages tokens:survivors (see the README)")
     p.add_argument("--calib-windows", type=int, default=16, help="calibration windows of --seq-len tokens")
     p.add_argument("--eval-windows", type=int, default=16, help="held-out evaluation windows")
