@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 from fastapi import Request
@@ -16,7 +17,14 @@ def get_settings_dep(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_db(request: Request) -> Iterator[Session]:
+@contextlib.contextmanager
+def db_session(request: Request) -> Iterator[Session]:
+    """A session opened and closed inside the handler.
+
+    Deliberately not a FastAPI generator dependency: their teardown needs a free threadpool
+    thread, and under load every thread can be waiting for a pooled connection that only such a
+    teardown would release (a deadlock until the pool timeout).
+    """
     session = sessionmaker_for(request.app.state.settings.resolved_database_url)()
     try:
         yield session
