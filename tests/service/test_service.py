@@ -298,3 +298,31 @@ def test_redelivered_task_for_a_finished_job_does_nothing(stack, done_job):
     wait_until(lambda: f"job {job['id']} not run: terminal" in stack.logs(), 60, "the worker to skip the job")
     after = client.get(job["id"])
     assert (after["status"], after["attempts"], after["finished_at"]) == ("SUCCEEDED", 1, job["finished_at"])
+
+
+def test_cli_keys_submit_wait_download_and_exit_codes(stack, tmp_path):
+    import subprocess
+    import sys
+
+    def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cli.main", *args], env=stack.env, capture_output=True,
+                              text=True, timeout=timeout, cwd=tmp_path)
+
+    made = cli("keys", "create", "--team", "cli-team")
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.strip()
+    assert key.startswith("evs_") and "shown only once" in made.stderr
+    common = ["--calib-windows", "4", "--eval-windows", "2", "--seq-len", "32", "--server", stack.url,
+              "--key", key, "--quiet"]
+    ok = cli("submit", str(stack.model_root / "tiny"), "--sparsity", "0.5", "--out", str(tmp_path / "ckpt"), *common)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert json.loads((tmp_path / "ckpt" / "report.json").read_text())["pruner"] == "wanda"
+    failed = cli("submit", str(stack.model_root / "broken"), "--sparsity", "0.5", "--wait", *common)
+    assert failed.returncode == 1 and "job failed: could not load model" in failed.stderr
+    refused = cli("submit", "/etc", "--sparsity", "0.5", "--wait", *common)
+    assert refused.returncode == 2 and "outside the allowed model folders" in refused.stderr
+    slow = cli("submit", str(stack.model_root / "tiny"), "--sparsity", "0.5", "--wait", "--timeout", "0.5",
+               "--seed", "99", *common)
+    assert slow.returncode == 4 and "still" in slow.stderr
+    job_id = slow.stdout.strip() or slow.stderr.split()[1]
+    stack.client("cli-team").http.post(f"/v1/jobs/{job_id}/cancel", headers={"Authorization": f"Bearer {key}"})
