@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -174,6 +175,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         redis_server, broker = start_embedded_redis(settings.data_dir / "redis.db")
     print(f"evosparse: broker   {broker}", file=sys.stderr)
     env = dict(os.environ, EVOSPARSE_BROKER_URL=broker, EVOSPARSE_DATA_DIR=str(settings.data_dir))
+    if args.api_workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in env:
+        # Several API processes: aggregate their request metrics through files (emptied at start).
+        prom = settings.data_dir / "prometheus"
+        shutil.rmtree(prom, ignore_errors=True)
+        prom.mkdir(parents=True)
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
 
     def _interrupt(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
