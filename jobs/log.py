@@ -1,0 +1,104 @@
+"""Structured logs for the service: one JSON object per line, carrying the job id.
+
+    from jobs.log import configure_logging, job_context
+    configure_logging()                       # once per process (API, worker, CLI)
+    with job_context(job_id):                 # everything logged inside carries job_id
+        log.info("pruning started")
+
+Format and level come from the environment: ``EVOSPARSE_LOG_FORMAT`` = ``json`` (default for
+services; what log collectors want) or ``text`` (for a terminal), ``EVOSPARSE_LOG_LEVEL``
+(default ``INFO``). A record's ``extra={...}`` fields become JSON keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import datetime as dt
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+
+_job_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("evosparse_job_id", default=None)
+
+# Attributes every LogRecord has; anything else on a record came from `extra=` and is logged too.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "job_id"}
+_HANDLER_NAME = "evosparse"
+
+
+@contextlib.contextmanager
+def job_context(job_id: str | None) -> Iterator[None]:
+    """Tag every record logged in this block (this thread / task) with ``job_id``."""
+    token = _job_id.set(job_id)
+    try:
+        yield
+    finally:
+        _job_id.reset(token)
+
+
+def current_job_id() -> str | None:
+    return _job_id.get()
+
+
+class JobIdFilter(logging.Filter):
+    """Puts the current job id on each record (an explicit ``extra={"job_id": ...}`` wins)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "job_id", None) is None:
+            record.job_id = _job_id.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, message, job_id, extras, exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, object] = {
+            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "job_id": getattr(record, "job_id", None),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """Human-readable line with the job id in brackets when there is one."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s%(job)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        job = getattr(record, "job_id", None)
+        record.job = f" [job {job}]" if job else ""
+        return super().format(record)
+
+
+def configure_logging(fmt: str | None = None, level: str | int | None = None, stream=None) -> logging.Handler:  # noqa: ANN001
+    """Install (or replace) evosparse's handler on the root logger; safe to call more than once."""
+    fmt = (fmt or os.environ.get("EVOSPARSE_LOG_FORMAT") or "json").lower()
+    if fmt not in ("json", "text"):
+        raise ValueError(f"EVOSPARSE_LOG_FORMAT must be 'json' or 'text', got {fmt!r}")
+    level = level or os.environ.get("EVOSPARSE_LOG_LEVEL") or "INFO"
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if h.get_name() == _HANDLER_NAME:
+            root.removeHandler(h)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.set_name(_HANDLER_NAME)
+    handler.addFilter(JobIdFilter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root.addHandler(handler)
+    root.setLevel(level if isinstance(level, int) else str(level).upper())
+    return handler
