@@ -59,6 +59,12 @@ class Settings(BaseSettings):
         "taken over (resumed from its last checkpoint) by a redelivered task."))
     max_attempts: int = Field(3, ge=1, description=(
         "A job whose worker died this many times is marked FAILED instead of retried again."))
+    worker_nice: int = Field(10, ge=0, le=19, description=(
+        "Niceness added to the process running a job, so that on a machine shared with the API the "
+        "batch work yields the CPU to request handling."))
+    torch_threads: int = Field(0, ge=0, description=(
+        "CPU threads torch may use in a job (0 = torch's default, all cores). On a CPU-only machine that "
+        "also serves the API, leave a core free."))
     work_dir: Path | None = Field(None, description=(
         "Scratch folder for job outputs before upload. Default: <data_dir>/work"))
 

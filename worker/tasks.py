@@ -169,6 +169,7 @@ def execute(claim: repo.Claim, settings: Settings) -> str:
     from worker.runner import run_job  # heavy (torch): imported in the process that runs the job
 
     sessions = sessionmaker_for(settings.resolved_database_url)
+    _lower_priority(settings)
     hooks = ServiceHooks(claim, settings)
     beat = Heartbeat(hooks, settings.heartbeat_s)
     beat.start()
@@ -210,6 +211,22 @@ def execute(claim: repo.Claim, settings: Settings) -> str:
                                artifact_prefix=prefix):
             return "lost"
     return status
+
+
+def _lower_priority(settings: Settings) -> None:
+    """Batch work yields to the API on a shared machine (the pool process is fresh for each job)."""
+    try:
+        if settings.worker_nice and os.getpid() != _MAIN_PID:
+            os.nice(settings.worker_nice)
+    except OSError:
+        pass
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+
+
+_MAIN_PID = os.getpid()
 
 
 def _fire_webhook(job_id: str, settings: Settings) -> None:
