@@ -174,6 +174,8 @@ def main() -> int:
     ap.add_argument("--submitters", type=int, default=20)
     ap.add_argument("--submit-seconds", type=float, default=10.0)
     ap.add_argument("--port", type=int, default=18765)
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="torch threads of the running job (EVOSPARSE_TORCH_THREADS); 1 leaves a core to the API")
     args = ap.parse_args()
 
     from cli.service_cmd import celery_worker_cmd, start_embedded_redis, stop_processes
@@ -190,6 +192,7 @@ def main() -> int:
     redis, broker = start_embedded_redis(data / "redis.db")
     env = dict(os.environ, EVOSPARSE_DATA_DIR=str(data), EVOSPARSE_DATABASE_URL=db_url, EVOSPARSE_BROKER_URL=broker,
                EVOSPARSE_ALLOWED_MODEL_ROOTS=str(models), EVOSPARSE_MAX_GENERATIONS="100000",
+               EVOSPARSE_TORCH_THREADS=str(args.torch_threads),
                PYTHONPATH=str(ROOT))
     log = open(tmp / "service.log", "w")
     worker = subprocess.Popen(celery_worker_cmd("evosparse", "bench@%h"), env=env, stdout=log, stderr=log,
@@ -213,7 +216,7 @@ def main() -> int:
             if time.monotonic() > deadline:
                 raise TimeoutError("the background job did not reach its search stage")
             time.sleep(0.5)
-        print(f"# API workers: {args.api_workers}; background job {job_id} is in its search "
+        print(f"# API workers: {args.api_workers}; job torch threads: {args.torch_threads}; background job {job_id} is in its search "
               f"(generation {httpx.get(f'{url}/v1/jobs/{job_id}', headers=h).json()['generation']})")
         results = []
         for interval in args.interval:
