@@ -55,6 +55,23 @@ def _table(results: dict, header: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _read_table(path: Path) -> dict:
+    """Cells of an earlier run's table: {(pruner, allocation, sparsity): (ppl, seconds)}."""
+    import re
+
+    cell = re.compile(r"^([0-9.]+) \(([0-9]+) s\)$")
+    results: dict = {}
+    for line in path.read_text().splitlines():
+        parts = [p.strip() for p in line.strip().strip("|").split("|")]
+        if len(parts) != 5 or parts[0] not in PRUNERS:
+            continue
+        for s, c in zip(SPARSITIES, parts[2:], strict=True):
+            m = cell.match(c)
+            if m:
+                results[(parts[0], parts[1], s)] = (float(m.group(1)), float(m.group(2)))
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
@@ -62,11 +79,15 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--pruners", default=",".join(PRUNERS))
+    ap.add_argument("--allocations", default=",".join(ALLOCATIONS))
+    ap.add_argument("--resume", action="store_true", help="keep the cells already in --out; run only the missing ones")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "pruners.md"))
     args = ap.parse_args()
     pruners = args.pruners.split(",")
+    allocations = args.allocations.split(",")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    results: dict = _read_table(out) if args.resume and out.is_file() else {}
 
     model, tok = load_model(args.model, device="cpu")
     calib = get_windows("pydoc", tok, args.calib_windows, args.seq_len, "calib", seed=0)
@@ -77,7 +98,9 @@ def main() -> None:
     dense_ppl = perplexity(model, evalw)
     t_dense = time.perf_counter() - t0
     t0 = time.perf_counter()
-    fisher = fisher_traces(model, calib)
+    need_fisher = "fisher" in allocations and any(
+        (p, "fisher", s) not in results for p in pruners for s in SPARSITIES)
+    fisher = fisher_traces(model, calib) if need_fisher else None
     t_fisher = time.perf_counter() - t0
     t0 = time.perf_counter()
     owl = owl_ratios(model, dense_input_stats(model, calib), m=5.0)
@@ -91,16 +114,20 @@ def main() -> None:
         f"Calibration: pydoc first half, {args.calib_windows} windows x {args.seq_len} tokens (seed 0). "
         f"Evaluation: pydoc second half, first {args.eval_windows} consecutive windows x {args.seq_len} tokens "
         f"({evalw.numel()} tokens).",
-        f"Dense perplexity: **{dense_ppl:.2f}** ({t_dense:.0f} s). Fisher traces computed once in {t_fisher:.0f} s, "
+        f"Dense perplexity: **{dense_ppl:.2f}** ({t_dense:.0f} s). Fisher traces computed once"
+        + (f" in {t_fisher:.0f} s" if need_fisher else " (in an earlier, resumed run)") + ", "
         f"OWL ratios (M=5, λ=0.08) once in {t_owl:.0f} s; Fisher allocation: log-trace per block, z-scored, "
         "target ± 0.1; every allocation meets the global target exactly in parameters.",
     ]
     print("\n".join(header), flush=True)
-    results: dict = {}
-    for alloc in ALLOCATIONS:
+    for alloc in allocations:
         for s in SPARSITIES:
+            if all((p, alloc, s) in results for p in pruners):
+                continue
             counts = allocation_counts(model, alloc, s, owl=owl, fisher=fisher, owl_lambda=0.08, spread=0.1)
             for pruner in pruners:
+                if (pruner, alloc, s) in results:
+                    continue
                 _restore(model, dense)
                 t0 = time.perf_counter()
                 prune_model(model, calib, pruner, counts)
