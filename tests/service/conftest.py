@@ -38,8 +38,12 @@ def _pg_admin():
 
 
 @pytest.fixture(scope="session")
-def pg_url():
-    """A fresh PostgreSQL database for this test session (dropped afterwards)."""
+def pg_factory():
+    """Creates fresh PostgreSQL databases for this test session; all are dropped afterwards.
+
+    The DB-level suite and each service stack get their own database: a stack's reaper must never
+    see the half-finished jobs that the DB-level tests leave behind on purpose.
+    """
     from sqlalchemy import text
     from sqlalchemy.engine import make_url
 
@@ -49,17 +53,30 @@ def pg_url():
             c.execute(text("SELECT 1"))
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {exc}")
-    name = f"evs_test_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    yield url
-    from jobs.db import engine_for
+    names: list[str] = []
+
+    def create() -> str:
+        name = f"evs_test_{uuid.uuid4().hex[:10]}"
+        with admin.connect() as c:
+            c.execute(text(f'CREATE DATABASE "{name}"'))
+        names.append(name)
+        return make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+
+    yield create
+    from jobs.db import engine_for, sessionmaker_for
 
     engine_for.cache_clear()
+    sessionmaker_for.cache_clear()
     with admin.connect() as c:
-        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        for name in names:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_factory):
+    """A fresh PostgreSQL database for the DB-level suite."""
+    return pg_factory()
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -190,7 +207,7 @@ def stack(request, tmp_path_factory, broker, model_root):
         bucket = f"evs-{uuid.uuid4().hex[:8]}"
         w.create_bucket(bucket)
         env.update({
-            "EVOSPARSE_DATABASE_URL": request.getfixturevalue("pg_url"),
+            "EVOSPARSE_DATABASE_URL": request.getfixturevalue("pg_factory")(),
             "EVOSPARSE_STORE_URL": f"s3://{bucket}/artifacts",
             "EVOSPARSE_S3_ENDPOINT_URL": w.endpoint,
             "EVOSPARSE_S3_ACCESS_KEY_ID": S3_ACCESS_KEY,
