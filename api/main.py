@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.metrics import MetricsMiddleware
 from api.routes import health, jobs
+from jobs.log import configure_logging
 from jobs.settings import Settings, get_settings
 
 log = logging.getLogger("evosparse.api")
@@ -76,6 +77,7 @@ async def _empty_receive() -> Message:
 
 def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAPI:
     settings = settings or get_settings()
+    configure_logging()  # JSON lines by default (EVOSPARSE_LOG_FORMAT=text for a terminal)
     if migrate:
         from jobs.db import migrate as run_migrations
 

@@ -30,11 +30,12 @@ import time
 import uuid
 
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_init, worker_ready, worker_shutting_down
+from celery.signals import setup_logging, worker_init, worker_ready, worker_shutting_down
 from sqlalchemy import select, update
 
 from jobs import repo
 from jobs.db import sessionmaker_for
+from jobs.log import configure_logging, job_context
 from jobs.models import TERMINAL, Job, utcnow
 from jobs.settings import Settings, get_settings
 from jobs.spec import JobSpec
@@ -149,19 +150,20 @@ def _worker_name(task) -> str:  # noqa: ANN001
 
 @app.task(name="evosparse.run_job", bind=True)
 def run_job_task(self, job_id: str) -> str:  # noqa: ANN001
-    settings = get_settings()
-    sessions = sessionmaker_for(settings.resolved_database_url)
-    with sessions() as db:
-        claim = repo.claim_job(db, job_id, _worker_name(self), settings.stale_after_s, settings.max_attempts)
-    if isinstance(claim, str):
-        log.info("job %s not run: %s", job_id, claim)
-        if claim == "exhausted":
+    with job_context(job_id):  # every log line of this task carries the job id
+        settings = get_settings()
+        sessions = sessionmaker_for(settings.resolved_database_url)
+        with sessions() as db:
+            claim = repo.claim_job(db, job_id, _worker_name(self), settings.stale_after_s, settings.max_attempts)
+        if isinstance(claim, str):
+            log.info("job %s not run: %s", job_id, claim)
+            if claim == "exhausted":
+                _fire_webhook(job_id, settings)
+            return claim
+        outcome = execute(claim, settings)
+        if outcome != "lost":
             _fire_webhook(job_id, settings)
-        return claim
-    outcome = execute(claim, settings)
-    if outcome != "lost":
-        _fire_webhook(job_id, settings)
-    return outcome
+        return outcome
 
 
 def execute(claim: repo.Claim, settings: Settings) -> str:
@@ -293,6 +295,12 @@ def _reaper_loop(settings: Settings) -> None:
             reap_once(settings)
         except Exception:
             log.warning("reaper pass failed", exc_info=True)
+
+
+@setup_logging.connect
+def _configure_logging(**_kwargs: object) -> None:
+    """Structured (JSON by default) logs instead of Celery's own format; see jobs/log.py."""
+    configure_logging()
 
 
 @worker_init.connect
