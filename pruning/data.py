@@ -13,7 +13,6 @@ overlap.
 
 from __future__ import annotations
 
-import os
 import random
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Literal
 import torch
 
 from pruning.errors import DataSourceError
+from pruning.hub import hub_offline
 
 Split = Literal["calib", "eval"]
 
@@ -57,11 +57,7 @@ def _local_text(path: Path) -> str:
 def _hf_text(name: str) -> str:
     """Text of a Hugging Face dataset; fails fast with a clear message when it cannot be reached."""
     path, config, split, column = HF_ALIASES.get(name, (name, None, "train", "text"))
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get(
-        "HF_DATASETS_OFFLINE", ""
-    ) not in ("", "0")
-    if not offline and not _hub_reachable():
-        offline = True
+    offline = hub_offline()
     try:
         import datasets
 
@@ -94,17 +90,6 @@ def _hf_text(name: str) -> str:
     if not text.strip():
         raise DataSourceError(f"data source {name!r}: dataset {path!r} has no text in column {column!r}")
     return text
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP check so an offline machine fails in seconds instead of hanging in retries."""
-    import socket
-
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def source_text(source: str) -> str:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pruning.errors import ModelLoadError
+from pruning.hub import hub_offline
 
 BUILTIN_MODELS = {
     # alias -> (python package shipping the file, GGUF file name)
@@ -121,9 +122,11 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> tuple[nn
     target = resolve_model_dir(spec)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    # A hub id on an offline machine is read from the local cache only: fail at once, not after retries.
+    local_only = not Path(target).is_dir() and hub_offline()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(target)
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype, local_files_only=local_only)
     except OSError as exc:
         where = "folder" if Path(target).is_dir() else "Hugging Face hub id"
         raise ModelLoadError(
