@@ -10,11 +10,7 @@ from pathlib import Path
 
 import torch
 
-
-def pydoc_text() -> str:
-    import pydoc_data.topics as topics
-
-    return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+from pruning.data import pydoc_text
 
 
 def make_tokenizer(vocab_size: int = 320):
