@@ -12,7 +12,8 @@ count do not depend on what the other layers chose: the search can mix levels fr
 - SparseGPT: the reconstructed weights depend on the count, so each (linear, count) is computed
   once on first use from the layer Hessian and kept (in memory, or under ``cache_dir``).
 
-``apply(counts)`` only rewrites the linears whose count differs from the model's current state.
+``apply(counts)`` only touches the linears whose count differs from the model's current state,
+and for the ranking pruners only the entries whose state flips between the two counts.
 """
 
 from __future__ import annotations
@@ -229,9 +230,40 @@ class LevelDB:
         """Put the model in the state ``counts`` (per linear); returns the linears rewritten."""
         changed = [n for n, c in counts.items() if self.current[n] != c]
         for n in changed:
-            weight_matrix(self.modules[n]).copy_(self.pruned_weight(n, counts[n]))
+            if self.pruner == "sparsegpt":
+                weight_matrix(self.modules[n]).copy_(self.pruned_weight(n, counts[n]))
+            else:
+                self._move(n, self.current[n], counts[n])
             self.current[n] = counts[n]
         return changed
+
+    def _move(self, name: str, count_from: int, count_to: int) -> None:
+        """Nested masks: going from one count to another only flips the entries ranked in between.
+
+        Per comparison group the pruned entries are the first k of its ranking, so moving from
+        k_from to k_to zeroes (or restores from the dense copy) ranks [min, max) of each group:
+        a narrow band of the ranking instead of a whole new mask. Same weights as
+        ``pruned_weight(name, count_to)``.
+        """
+        weight = weight_matrix(self.modules[name])
+        order = self.order[name]
+        groups = order.shape[0]
+        k_from = _spread(count_from, groups, order.device)
+        k_to = _spread(count_to, groups, order.device)
+        a, b = torch.minimum(k_from, k_to), torch.maximum(k_from, k_to)
+        lo, hi = int(a.min()), int(b.max())
+        if hi <= lo:
+            return
+        band = order[:, lo:hi].long()
+        pos = torch.arange(lo, hi, device=order.device)
+        flip = (pos >= a.unsqueeze(1)) & (pos < b.unsqueeze(1))
+        group = torch.arange(groups, device=order.device).unsqueeze(1).expand_as(band)[flip]
+        other = band[flip]
+        rows, cols = (group, other) if self.dim[name] == 1 else (other, group)
+        if count_to > count_from:
+            weight[rows, cols] = 0
+        else:
+            weight[rows, cols] = self.dense[name][rows, cols]
 
     def restore(self) -> None:
         """Back to the dense weights."""

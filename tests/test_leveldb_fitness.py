@@ -63,6 +63,22 @@ def test_apply_rewrites_only_changed_linears_and_restores(tiny_llama, tiny_token
         assert torch.equal(weight_matrix(m), dense[n])
 
 
+@pytest.mark.parametrize("pruner", ["magnitude", "wanda", "dass"])
+def test_incremental_apply_equals_the_level_computed_whole(tiny_llama, tiny_tokens, pruner):
+    import random
+
+    db = LevelDB.build(tiny_llama, tiny_tokens, pruner)
+    rng = random.Random(7)
+    for _ in range(12):  # up and down, big and small moves, through 0 and the full count
+        counts = {n: rng.choice([0, w.numel(), rng.randrange(w.numel() + 1)]) for n, w in db.dense.items()}
+        db.apply(counts)
+        for n, mod in db.modules.items():
+            assert torch.equal(weight_matrix(mod), db.pruned_weight(n, counts[n])), (pruner, n, counts[n])
+    db.restore()
+    for n, mod in db.modules.items():
+        assert torch.equal(weight_matrix(mod), db.dense[n])
+
+
 def test_sparsegpt_level_computed_once_and_equals_the_pruner(tiny_llama, tiny_tokens):
     db = LevelDB.build(tiny_llama, tiny_tokens, "sparsegpt")
     name = next(iter(db.modules))
@@ -88,33 +104,65 @@ def test_prefix_reuse_equals_full_recomputation(tiny_llama, tiny_tokens, granula
 
     from search.operators import mutate
 
-    fit, space = make_fitness(tiny_llama, tiny_tokens, granularity, reuse=True)
+    fit, space = make_fitness(tiny_llama, tiny_tokens, granularity, reuse=True, batch_windows=2)
     rng = random.Random(0)
     parent = mutate(space, space.zero(), rng, switches=3)
     children = [mutate(space, parent, rng) for _ in range(6)] + [parent]
     fit.set_parent(parent)
-    reused = [fit(c, 96) for c in children]
+    # Staged like the search: one window first, then the same vectors on three windows.
+    reused = [(fit(c, 32), fit(c, 96)) for c in children]
     blocks_with_reuse = fit.blocks_run
     fit.db.restore()  # the second database must see the dense weights
-    fresh_fit, _ = make_fitness(tiny_llama, tiny_tokens, granularity, reuse=False)
-    fresh = [fresh_fit(c, 96) for c in children]
-    assert reused == fresh  # windows run one at a time: bit-identical
-    assert blocks_with_reuse <= fresh_fit.blocks_run  # the parent trace is paid back by reuse
+    fresh_fit, _ = make_fitness(tiny_llama, tiny_tokens, granularity, reuse=False, batch_windows=2)
+    fresh = [(fresh_fit(c, 32), fresh_fit(c, 96)) for c in children]
+    assert reused == fresh  # same window ranges, same batches: bit-identical
+    assert blocks_with_reuse < fresh_fit.blocks_run  # the parent trace is paid back by reuse
     # A child that differs only in the last two units runs only the blocks from there on.
     late = list(parent)
     late[-2] -= 1
     late[-1] += 1
     late = tuple(late)
+    fit.window_scores.pop(late, None)  # forget it if a child above happened to be this vector
     fit.db.apply(fit.db.linear_counts(fit.units, space.counts(parent)))
     before = fit.blocks_run
-    fit(late, 96)
+    fit(late, 32)
+    fit(late, 96)  # the same window ranges as the parent's trace: nothing to rebuild
     n_blocks = len(find_blocks(tiny_llama))
     first = fit.unit_blocks[-2]
     assert fit.blocks_run - before == 3 * (n_blocks - first)
     before = fit.blocks_run
     fit(parent, 96)
-    assert fit.blocks_run == before  # the parent itself: all from its trace
-    assert all(r > 0 for r in reused[:-1])
+    fit(late, 64)
+    assert fit.blocks_run == before  # known windows are never run again
+    assert all(r > 0 for r, _ in reused[:-1])
+
+
+def test_more_tokens_runs_only_the_new_windows_and_a_scored_child_becomes_parent_for_free(tiny_llama, tiny_tokens):
+    import random
+
+    from search.operators import mutate
+
+    fit, space = make_fitness(tiny_llama, tiny_tokens)
+    n_blocks = len(find_blocks(tiny_llama))
+    rng = random.Random(3)
+    a = mutate(space, space.zero(), rng, switches=2)
+    fit(a, 64)
+    assert fit.blocks_run == 2 * n_blocks
+    fit(a, 160)
+    assert fit.blocks_run == 5 * n_blocks  # windows 2..4 only
+    # ``a`` was scored with no parent, so its whole trace is kept: as the parent it costs nothing.
+    fit.set_parent(a)
+    child = mutate(space, a, rng)
+    before = fit.blocks_run
+    fit(child, 160)
+    first = min(fit.unit_blocks[i] for i in range(len(a)) if a[i] != child[i])
+    assert fit.blocks_run - before == 5 * (n_blocks - first)  # no rebuild of a's trace
+    # The child is adopted as the next parent with the states it computed: its grandchild reuses them.
+    fit.set_parent(child)
+    assert set(fit.parent_trace) == {(0, 5)}  # the one range it was scored on
+    before = fit.blocks_run
+    fit(child, 160)
+    assert fit.blocks_run == before
 
 
 def test_topk_kl_is_close_to_full_and_ppl_works(tiny_llama, tiny_tokens):
