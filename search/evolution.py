@@ -1,11 +1,13 @@
 """The evolutionary search over level vectors, with multi-fidelity selection and resumable state.
 
 One generation: the current parent (best vector so far) breeds ``offspring`` distinct children
-by level-switch mutation, sometimes after a budget-preserving crossover with another member
-of the elite pool. The children go through the selection stages of growing fidelity
+by level-switch mutation (each switch moves 1 level, now and then up to ``max_jump``),
+sometimes after a budget-preserving crossover with another member of the elite pool. The children go through the selection stages of growing fidelity
 (``[(tokens, survivors), ...]``): all are scored on the first stage's tokens, the best
 ``survivors`` move on, and so on; in the last stage the parent competes with the survivors
-on the same tokens, and the winner becomes the next parent. Scores are cached per
+on the same tokens, and the winner becomes the next parent. The first generation scores the
+seed, any extra seeds (e.g. the same sensitivity at other spreads), the uniform vector and
+perturbations of the seed. Scores are cached per
 (vector, tokens), so a candidate is never scored twice on the same tokens.
 
 The model is seen only through ``fitness(vector, tokens) -> float`` (lower is better). If the
@@ -45,6 +47,7 @@ class SearchConfig:
     crossover_rate: float = 0.25
     init_switches: int = 4  # the initial population perturbs the seed by up to this many switches
     init_size: int | None = None  # initial population size (default: offspring)
+    max_jump: int = 4  # a switch moves 1..max_jump levels, geometrically biased toward 1 (1: single steps only)
 
 
 @dataclass
@@ -66,6 +69,7 @@ class EvolutionarySearch:
         fitness: Fitness,
         config: SearchConfig,
         seed_vector: Sequence[int] | None = None,
+        extra_seeds: Sequence[Sequence[int]] = (),
         progress: Callable[[dict[str, Any], bytes], None] | None = None,
         state: bytes | None = None,
     ) -> None:
@@ -77,6 +81,10 @@ class EvolutionarySearch:
         self.progress = progress
         self.seed_vector: Vector = tuple(seed_vector) if seed_vector is not None else space.zero()
         space.check(self.seed_vector)
+        # Other starting points (e.g. the same sensitivity at other spreads) compete in the first generation.
+        self.extra_seeds: list[Vector] = [tuple(v) for v in extra_seeds]
+        for v in self.extra_seeds:
+            space.check(v)
         self.rng = random.Random(config.seed)
         self.generation = -1  # -1: the initial population has not been scored yet
         self.parent: Vector | None = None
@@ -129,13 +137,14 @@ class EvolutionarySearch:
     def _initial_population(self) -> list[Vector]:
         size = self.config.init_size or self.config.offspring
         pop: list[Vector] = [self.seed_vector]
-        if self.space.zero() not in pop:
-            pop.append(self.space.zero())
+        for v in [*self.extra_seeds, self.space.zero()]:
+            if v not in pop:
+                pop.append(v)
         tries = 0
         while len(pop) < max(size, len(pop)) and tries < 50 * size:
             tries += 1
             k = self.rng.randint(1, self.config.init_switches)
-            v = mutate(self.space, self.seed_vector, self.rng, switches=k)
+            v = mutate(self.space, self.seed_vector, self.rng, switches=k, max_jump=self.config.max_jump)
             if v not in pop:
                 pop.append(v)
         return pop
@@ -152,9 +161,9 @@ class EvolutionarySearch:
                 mate = self.rng.choice(others)
                 child = crossover(self.space, self.parent, mate, self.rng)
                 if child in seen or self._seen(child):
-                    child = mutate(self.space, child, self.rng)
+                    child = mutate(self.space, child, self.rng, max_jump=self.config.max_jump)
             else:
-                child = mutate(self.space, self.parent, self.rng)
+                child = mutate(self.space, self.parent, self.rng, max_jump=self.config.max_jump)
             # Duplicates (within the generation, or already scored earlier) are dropped.
             if child in seen or self._seen(child):
                 continue

@@ -21,8 +21,11 @@ def draw_switches(rng: random.Random, p_stop: float = 0.5, cap: int = 8) -> int:
     return k
 
 
-def switch(space: LevelSpace, vector: Sequence[int], rng: random.Random) -> Vector:
-    """Lower one unit by a level and raise another by one: the sum (the budget) stays the same."""
+def switch(space: LevelSpace, vector: Sequence[int], rng: random.Random, levels: int = 1) -> Vector:
+    """Lower one unit by ``levels`` and raise another by as many: the sum (the budget) stays the same.
+
+    The move shrinks to what both units' bounds allow.
+    """
     v = list(vector)
     down = [i for i in range(space.n) if v[i] > space.lo[i]]
     up = [i for i in range(space.n) if v[i] < space.hi[i]]
@@ -33,17 +36,30 @@ def switch(space: LevelSpace, vector: Sequence[int], rng: random.Random) -> Vect
     if not up:
         return tuple(v)
     j = rng.choice(up)
-    v[i] -= 1
-    v[j] += 1
+    m = min(levels, v[i] - space.lo[i], space.hi[j] - v[j])
+    v[i] -= m
+    v[j] += m
     return tuple(v)
 
 
-def mutate(space: LevelSpace, vector: Sequence[int], rng: random.Random, switches: int | None = None) -> Vector:
-    """Apply ``switches`` level switches (drawn biased toward one when not given)."""
+def mutate(
+    space: LevelSpace,
+    vector: Sequence[int],
+    rng: random.Random,
+    switches: int | None = None,
+    max_jump: int = 1,
+) -> Vector:
+    """Apply ``switches`` level switches (drawn biased toward one when not given).
+
+    With ``max_jump`` > 1 each switch moves 1 level with probability 1/2, 2 with 1/4, ... up
+    to ``max_jump``: mostly fine steps, with the occasional long one that lets the search
+    cross a flat stretch of the landscape in one generation instead of several.
+    """
     k = draw_switches(rng) if switches is None else switches
     v = tuple(vector)
     for _ in range(k):
-        v = switch(space, v, rng)
+        levels = draw_switches(rng, cap=max_jump) if max_jump > 1 else 1
+        v = switch(space, v, rng, levels)
     return v
 
 

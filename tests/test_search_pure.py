@@ -36,7 +36,7 @@ def spaces(draw):
 
 
 @settings(max_examples=150, deadline=None)
-@given(space=spaces(), seed=st.integers(0, 10_000), ops=st.lists(st.sampled_from(["m", "x", "r"]), max_size=40))
+@given(space=spaces(), seed=st.integers(0, 10_000), ops=st.lists(st.sampled_from(["m", "j", "x", "r"]), max_size=40))
 def test_any_sequence_of_operators_keeps_exact_budget_and_bounds(space, seed, ops):
     rng = random.Random(seed)
     a = space.zero()
@@ -44,6 +44,8 @@ def test_any_sequence_of_operators_keeps_exact_budget_and_bounds(space, seed, op
     for op in ops:
         if op == "m":
             a = mutate(space, a, rng)
+        elif op == "j":  # multi-level jumps
+            a = mutate(space, a, rng, max_jump=rng.randint(2, 6))
         elif op == "x":
             a, b = crossover(space, a, b, rng), a
         else:  # repair from an arbitrary real-valued proposal
@@ -165,3 +167,24 @@ def test_cancel_between_generations(space6):
 
     res = make_search(space6, generations=100).run(should_stop=stop)
     assert res.stopped_by == "cancelled" and len(res.history) == 3  # generation 0 is the seed population
+
+
+def test_extra_seeds_compete_in_the_first_generation(space6):
+    optimum = (3, -2, 1, 0, -4, 2)
+    near = (2, -2, 1, 0, -3, 2)
+    cfg = SearchConfig(generations=1, offspring=4, stages=[(512, 3), (2048, 1)], seed=0)
+    search = EvolutionarySearch(space6, toy_fitness(optimum), cfg, seed_vector=space6.zero(), extra_seeds=[near])
+    first = search.step()
+    assert first["best_levels"] == list(near)  # far better than the main seed and its perturbations
+    with pytest.raises(ValueError):
+        EvolutionarySearch(space6, toy_fitness(optimum), cfg, extra_seeds=[(1, 0, 0, 0, 0, 0)])  # off-budget
+
+
+def test_jumps_move_several_levels_and_keep_the_budget(space6):
+    rng = random.Random(5)
+    moves = set()
+    for _ in range(400):
+        child = mutate(space6, space6.zero(), rng, switches=1, max_jump=4)
+        assert space6.is_valid(child)
+        moves.add(max(child))
+    assert moves == {1, 2, 3, 4}  # every jump length occurs, and none beyond max_jump

@@ -65,8 +65,29 @@ def test_search_beats_uniform_on_tiny_model(tiny_llama, tiny_tokens):
 
 def test_fisher_seed_and_layer_granularity(tiny_llama, tiny_tokens):
     spec = spec_for(seed_from="fisher", granularity="layer", generations=2)
-    out = run_search(tiny_llama, tiny_tokens, spec, Hooks())
+    hooks = Hooks()
+    notes: list[str] = []
+    hooks.setup = notes.append
+    out = run_search(tiny_llama, tiny_tokens, spec, hooks)
     assert len(out.units) == 4 and out.seed_vector != out.uniform_vector
+    # The set-up before generation 0 reports what it is doing, window by window for Fisher.
+    assert notes[0].startswith("building the level database")
+    assert f"Fisher sensitivity: window {len(tiny_tokens)}/{len(tiny_tokens)}" in notes
+    assert notes[-1].startswith("dense reference")
+
+
+def test_fisher_seeds_at_several_spreads_all_meet_the_budget(tiny_llama, tiny_tokens):
+    from worker.search_stage import SEED_SPREAD_FACTORS, seed_counts
+
+    spec = spec_for(seed_from="fisher", granularity="layer")
+    db = LevelDB.build(tiny_llama, tiny_tokens, spec.pruner)
+    units = db.units("layer")
+    seeds = seed_counts(tiny_llama, tiny_tokens, spec, units)
+    assert len(seeds) == len(SEED_SPREAD_FACTORS)
+    budget = round(0.6 * sum(u.size for u in units))
+    assert all(sum(c) == budget for c in seeds)
+    spans = [max(c) - min(c) for c in seeds]
+    assert spans[2] > spans[0] > spans[1]  # factors 1.5 > 1 > 0.5: wider spreads, further from uniform
 
 
 def test_cancel_raises_and_resume_equals_uninterrupted(tiny_llama, tiny_tokens):

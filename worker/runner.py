@@ -79,16 +79,24 @@ class _Progress:
 class _SearchHooks(RunHooks):
     """Forwards to the job's hooks and turns generation records into overall progress."""
 
-    def __init__(self, inner: RunHooks, progress: _Progress, generations: int):
+    def __init__(self, inner: RunHooks, progress: _Progress, generations: int, time_budget_s: float | None = None):
         self.inner, self.progress, self.generations = inner, progress, max(generations, 1)
+        self.time_budget_s = time_budget_s
 
     def stage(self, name: str, fraction: float, message: str = "") -> None:
         self.inner.stage(name, fraction, message)
 
+    def setup(self, message: str) -> None:
+        """Search set-up (level database, sensitivity, dense reference): the message moves, the bar waits."""
+        self.progress("search", 0.0, message)
+
     def generation(self, record: dict, state: bytes) -> None:
         self.inner.generation(record, state)
         gen = int(record.get("generation", 0))
-        self.progress("search", gen / self.generations, f"generation {gen}/{self.generations}")
+        done = gen / self.generations
+        if self.time_budget_s:  # whichever limit comes first ends the search
+            done = max(done, float(record.get("seconds", 0.0)) / self.time_budget_s)
+        self.progress("search", done, f"generation {gen}/{self.generations}, best {record.get('best', 0):.4g}")
 
     def should_cancel(self) -> bool:
         return self.inner.should_cancel()
@@ -225,7 +233,8 @@ def run_job(
             raise PruningConfigError("allocation 'evolutionary' is not available in this build yet") from exc
         dense = _snapshot(model)
         with timed("search"):
-            search_hooks = _SearchHooks(hooks, progress, spec.search.generations)
+            budget = spec.search.time_budget_min * 60 if spec.search.time_budget_min is not None else None
+            search_hooks = _SearchHooks(hooks, progress, spec.search.generations, budget)
             outcome = run_search(model, calib, spec, search_hooks, resume_state)
         _restore(model, dense)
         counts = dict(outcome.counts)

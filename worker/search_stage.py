@@ -11,6 +11,7 @@ The model is left dense on return: the job prunes it afterwards with ``prune_mod
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,31 +62,48 @@ def unit_scores(units: list[Unit], per_linear: dict[str, float]) -> list[float]:
     return [sum(per_linear[n] * s for n, s in zip(u.linears, u.sizes, strict=True)) / u.size for u in units]
 
 
+# The seed's spread is tried at these multiples of ``sensitivity_spread``: how far a sensitivity
+# score should push a layer away from the target depends on the model and the sparsity, so the
+# first generation picks it on the calibration fitness instead of fixing one guess.
+SEED_SPREAD_FACTORS = (1.0, 0.5, 1.5, 2.0, 2.5)
+
+
 def seed_counts(
     model: nn.Module,
     calib_tokens: torch.Tensor,
     spec: JobSpec,
     units: list[Unit],
     sensitivity: dict[str, Any] | None = None,
-) -> list[int]:
-    """Per-unit prune counts of the seed allocation (fisher / hessian / owl / uniform)."""
+    note: Callable[[str], None] | None = None,
+) -> list[list[int]]:
+    """Per-unit prune counts of the seed allocations (fisher / hessian / owl / uniform).
+
+    Fisher and Hessian give one allocation per spread in ``SEED_SPREAD_FACTORS`` (the first at
+    ``spec.sensitivity_spread``); OWL and uniform give one.
+    """
     from pruning import sensitivity as sens
 
     source = spec.search.seed_from
     sizes = [u.size for u in units]
     sensitivity = sensitivity or {}
     if source == "uniform":
-        return alloc.uniform(sizes, spec.sparsity)
-    if source == "fisher":
-        scores = sensitivity.get("fisher") or sens.fisher_traces(model, calib_tokens)
-        return alloc.sensitivity_proportional(sizes, spec.sparsity, unit_scores(units, scores), spec.sensitivity_spread)
-    if source == "hessian":
-        scores = sensitivity.get("hessian") or sens.hessian_traces(model, sens.dense_input_stats(model, calib_tokens))
-        return alloc.sensitivity_proportional(sizes, spec.sparsity, unit_scores(units, scores), spec.sensitivity_spread)
+        return [alloc.uniform(sizes, spec.sparsity)]
+    if source in ("fisher", "hessian"):
+        scores = sensitivity.get(source)
+        if scores is None and source == "fisher":
+            progress = (lambda i, n: note(f"Fisher sensitivity: window {i}/{n}")) if note is not None else None
+            scores = sens.fisher_traces(model, calib_tokens, progress=progress)
+        elif scores is None:
+            scores = sens.hessian_traces(model, sens.dense_input_stats(model, calib_tokens))
+        per_unit = unit_scores(units, scores)
+        return [
+            alloc.sensitivity_proportional(sizes, spec.sparsity, per_unit, spec.sensitivity_spread * f)
+            for f in SEED_SPREAD_FACTORS
+        ]
     if source == "owl":
         ratios = sensitivity.get("owl") or sens.owl_ratios(model, sens.dense_input_stats(model, calib_tokens), spec.owl_m)
         per_unit = [ratios[u.block] for u in units]  # OWL ratios are per block
-        return alloc.owl(sizes, spec.sparsity, per_unit, spec.owl_lambda)
+        return [alloc.owl(sizes, spec.sparsity, per_unit, spec.owl_lambda)]
     raise PruningConfigError(f"unknown seed source {source!r}")
 
 
@@ -108,9 +126,11 @@ def run_search(
     """
     if spec.nm is not None:
         raise PruningConfigError("the evolutionary search supports unstructured sparsity only")
+    setup = getattr(hooks, "setup", None) or (lambda message: None)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if db is None:
+        setup(f"building the level database ({spec.pruner})")
         db = LevelDB.build(model, calib_tokens, spec.pruner)
     timings["leveldb"] = time.perf_counter() - t0
     units = db.units(spec.search.granularity)
@@ -118,7 +138,9 @@ def run_search(
         [u.size for u in units], spec.sparsity, spec.search.step_fraction, spec.search.max_level_delta
     )
     t1 = time.perf_counter()
-    seed = space.from_counts(seed_counts(model, calib_tokens, spec, units, sensitivity))
+    setup(f"{spec.search.seed_from} seed allocations")
+    seeds = [space.from_counts(c) for c in seed_counts(model, calib_tokens, spec, units, sensitivity, setup)]
+    seed = seeds[0]
     timings["seed"] = time.perf_counter() - t1
     ftokens = calib_tokens if fitness_tokens is None else fitness_tokens
     cfg = search_config(spec, ftokens.numel())
@@ -126,6 +148,7 @@ def run_search(
     need = -(-max(t for t, _ in cfg.stages) // ftokens.shape[1])
     ftokens = ftokens[:need]
     t2 = time.perf_counter()
+    setup(f"dense reference on {need} windows")
     fitness = ProxyFitness(model, ftokens, db, units, space, kind=spec.search.fitness)
     timings["dense_reference"] = time.perf_counter() - t2
 
@@ -133,7 +156,9 @@ def run_search(
         if hooks is not None:
             hooks.generation(record, state)
 
-    search = EvolutionarySearch(space, fitness, cfg, seed_vector=seed, progress=progress, state=resume_state)
+    search = EvolutionarySearch(
+        space, fitness, cfg, seed_vector=seed, extra_seeds=seeds[1:], progress=progress, state=resume_state
+    )
     cancelled = hooks.should_cancel if hooks is not None else None
     try:
         result = search.run(should_stop=cancelled)
