@@ -10,7 +10,9 @@ count do not depend on what the other layers chose: the search can mix levels fr
   groups exactly as ``pruning.pruners.keep_mask_from_scores`` does (same result, bit for bit).
   Memory: one int16/int32 rank matrix per linear, whatever the number of levels.
 - SparseGPT: the reconstructed weights depend on the count, so each (linear, count) is computed
-  once on first use from the layer Hessian and kept (in memory, or under ``cache_dir``).
+  once on first use from the layer Hessian and kept: in memory up to ``memory_limit_bytes``, then
+  under ``cache_dir`` when one is given, else the least recently used levels make room (and are
+  recomputed if asked for again).
 
 ``apply(counts)`` only touches the linears whose count differs from the model's current state,
 and for the ranking pruners only the entries whose state flips between the two counts.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,7 +130,8 @@ class LevelDB:
         self.order: dict[str, torch.Tensor] = {}  # ascending score order per comparison group
         self.dim: dict[str, int] = {}
         self.hessian: dict[str, torch.Tensor] = {}
-        self.levels: dict[tuple[str, int], torch.Tensor] = {}  # SparseGPT weights per (linear, count)
+        # SparseGPT weights per (linear, count), least recently used first.
+        self.levels: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.memory_limit = memory_limit_bytes
         self._level_bytes = 0
@@ -206,6 +210,7 @@ class LevelDB:
     def _sparsegpt_level(self, name: str, count: int) -> torch.Tensor:
         key = (name, count)
         if key in self.levels:
+            self.levels.move_to_end(key)
             return self.levels[key]
         path = None
         if self.cache_dir is not None:
@@ -217,6 +222,10 @@ class LevelDB:
 
         w = sparsegpt_prune(self.dense[name], self.hessian[name], count)
         nbytes = w.numel() * w.element_size()
+        if path is None:  # no disk: keep it, dropping the least recently used levels (recomputed if needed)
+            while self.levels and self._level_bytes + nbytes > self.memory_limit:
+                _, old = self.levels.popitem(last=False)
+                self._level_bytes -= old.numel() * old.element_size()
         if self._level_bytes + nbytes <= self.memory_limit or path is None:
             self.levels[key] = w
             self._level_bytes += nbytes

@@ -177,3 +177,17 @@ def test_topk_kl_is_close_to_full_and_ppl_works(tiny_llama, tiny_tokens):
     approx.db.restore()
     ppl, _ = make_fitness(tiny_llama, tiny_tokens, kind="ppl")
     assert ppl(v, 256) > 1.0
+
+
+def test_sparsegpt_levels_stay_within_the_memory_limit_without_a_cache_dir(tiny_llama, tiny_tokens):
+    db = LevelDB.build(tiny_llama, tiny_tokens, "sparsegpt")
+    name = next(iter(db.modules))
+    w = db.dense[name]
+    one = w.numel() * w.element_size()
+    db.memory_limit = 2 * one
+    first = db.pruned_weight(name, w.numel() // 4).clone()
+    for frac in (0.3, 0.5, 0.7):
+        db.pruned_weight(name, round(frac * w.numel()))
+    assert len(db.levels) == 2 and db._level_bytes <= db.memory_limit  # the oldest levels made room
+    assert (name, w.numel() // 4) not in db.levels
+    assert torch.equal(db.pruned_weight(name, w.numel() // 4), first)  # recomputed, same weights
