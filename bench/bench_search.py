@@ -29,10 +29,23 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 RAW = ROOT / "results" / "raw"
+FISHER_SPREADS = (0.1, 0.15, 0.2, 0.25)  # the Fisher baseline at ±spread around the target
 
 
 def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    """Resident memory right now, from /proc (0 where there is none)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def setup(args):
@@ -78,11 +91,13 @@ def make_spec(args, seed_from: str):
 class Hooks:
     def __init__(self):
         self.t0 = time.perf_counter()
+        self.max_rss_mb = current_rss_mb()  # sampled after each generation: the search's own peak
 
     def stage(self, name, fraction, message=""):
         pass
 
     def generation(self, record, state):
+        self.max_rss_mb = max(self.max_rss_mb, current_rss_mb())
         print(f"  gen {record['generation']:3d} best {record['best']:.5f} mean {record['mean']:.5f} "
               f"tokens {record['tokens']} t {record['seconds']:.0f}s", flush=True)
 
@@ -101,42 +116,51 @@ def prune_and_eval(model, dense_state, calib, evalw, pruner, counts) -> float:
     return ppl
 
 
-def speed_probe(model, calib, db, outcome, spec, n: int = 6, windows: int = 4) -> dict:
-    """Interleaved: dense forward over `windows` windows vs scoring a fresh child on the same tokens."""
+def speed_probe(model, calib, db, outcome, spec, n: int = 8, windows: int = 4) -> dict:
+    """Interleaved: a plain dense forward over `windows` windows vs scoring a fresh child on the same tokens.
+
+    The dense forward runs on a separate dense copy of the model, so timing it does not undo the
+    pruned state the fitness keeps between candidates (as it would in a real search).
+    """
+    import copy
+
     from pruning.fitness import ProxyFitness
     from search.levels import LevelSpace
     from search.operators import mutate
 
+    db.restore()
+    dense_model = copy.deepcopy(model)
     units = db.units(spec.search.granularity)
     space = LevelSpace.build([u.size for u in units], spec.sparsity, spec.search.step_fraction,
                              spec.search.max_level_delta)
     toks = calib[:windows]
+    tokens = toks.numel()
     fit = ProxyFitness(model, toks, db, units, space)
     parent = tuple(outcome.best_levels)
     fit.set_parent(parent)
+    fit(parent, tokens)  # builds the parent's trace (a real search mostly adopts it from the child's own run)
     rng = random.Random(1)
-    tokens = toks.numel()
-    fit(parent, tokens)  # builds the parent's trace (a real search pays this once per new parent)
     t_dense = t_child = t_noreuse = 0.0
-    for _ in range(n):
-        child = mutate(space, parent, rng)
-        db.restore()
-        t = time.perf_counter()
-        with torch.no_grad():
-            model(input_ids=toks, use_cache=False)
-        t_dense += time.perf_counter() - t
-        t = time.perf_counter()
-        fit(child, tokens)
-        t_child += time.perf_counter() - t
-        fit.reuse_prefix = False
-        t = time.perf_counter()
-        fit(child, tokens)
-        t_noreuse += time.perf_counter() - t
-        fit.reuse_prefix = True
+    with torch.no_grad():
+        dense_model(input_ids=toks, use_cache=False)  # warm-up
+        for _ in range(n):
+            child = mutate(space, parent, rng, max_jump=1)
+            t = time.perf_counter()
+            dense_model(input_ids=toks, use_cache=False)
+            t_dense += time.perf_counter() - t
+            t = time.perf_counter()
+            fit(child, tokens)
+            t_child += time.perf_counter() - t
+            fit.reuse_prefix = False
+            fit.window_scores.pop(child)
+            t = time.perf_counter()
+            fit(child, tokens)
+            t_noreuse += time.perf_counter() - t
+            fit.reuse_prefix = True
     db.restore()
-    trace_bytes = sum(t.numel() * t.element_size() for tr in fit.trace.values() for t in tr)
+    del dense_model
     return {"tokens": tokens, "n": n, "dense_s": t_dense / n, "child_s": t_child / n, "child_noreuse_s": t_noreuse / n,
-            "ratio": t_child / t_dense, "ratio_noreuse": t_noreuse / t_dense, "trace_mb_for_probe": trace_bytes / 2**20}
+            "ratio": t_child / t_dense, "ratio_noreuse": t_noreuse / t_dense}
 
 
 def cmd_quality(args) -> None:
@@ -160,17 +184,22 @@ def cmd_quality(args) -> None:
     out["sensitivity_s"] = time.perf_counter() - t
     ppl = {}
     if not args.skip_baselines:
-        for alloc in ("uniform", "owl", "fisher"):
+        # Fisher-proportional at several spreads: the comparison is with the best of them (chosen on
+        # the evaluation text, which favours the baseline, not the search).
+        baselines = [("uniform", 0.1), ("owl", 0.1)] + [("fisher", sp) for sp in FISHER_SPREADS]
+        for alloc, spread in baselines:
             counts = allocation_counts(model, alloc, args.sparsity, owl=sens["owl"], fisher=sens["fisher"],
-                                       owl_lambda=0.08, spread=0.1)
-            ppl[alloc] = prune_and_eval(model, dense_state, calib, evalw, args.pruner, counts)
-            print(alloc, ppl[alloc], flush=True)
+                                       owl_lambda=0.08, spread=spread)
+            key = alloc if alloc != "fisher" or spread == 0.1 else f"fisher@{spread}"
+            ppl[key] = prune_and_eval(model, dense_state, calib, evalw, args.pruner, counts)
+            print(key, ppl[key], flush=True)
     spec = make_spec(args, args.seed_from)
     t = time.perf_counter()
     db = LevelDB.build(model, calib, args.pruner)
     db_s = time.perf_counter() - t
-    rss_before_search = rss_mb()
-    outcome = run_search(model, calib, spec, Hooks(), sensitivity=sens, db=db)
+    rss_before_search = current_rss_mb()
+    hooks = Hooks()
+    outcome = run_search(model, calib, spec, hooks, sensitivity=sens, db=db)
     wall = time.perf_counter() - t + 0.0
     out["search"] = {
         "wall_s": wall, "leveldb_s": db_s, "loop_s": outcome.seconds, "timings": outcome.timings,
@@ -179,6 +208,7 @@ def cmd_quality(args) -> None:
         "seed_vector": outcome.seed_vector, "best_levels": outcome.best_levels, "best_fitness": outcome.best_fitness,
         "settings": spec.search.model_dump(), "db_mb": db.nbytes() / 2**20,
         "rss_before_search_mb": rss_before_search, "rss_peak_after_search_mb": rss_mb(),
+        "rss_max_during_search_mb": hooks.max_rss_mb,
     }
     ppl["evolutionary"] = prune_and_eval(model, dense_state, calib, evalw, args.pruner, outcome.counts)
     print("evolutionary", ppl["evolutionary"], flush=True)
@@ -201,17 +231,22 @@ def cmd_report(args) -> None:
              "each run's command is in its `args`. Held-out ppl: 16 windows × 256 tokens of the pydoc "
              "second half; search and calibration on the first half only.", "",
              "## Quality", "",
-             "| run | sparsity | pruner | dense | uniform | OWL | Fisher-prop. | evolutionary | evo/uniform | evo/Fisher "
-             "| search wall (s) | loop (s) | generations | candidates | stopped by |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| run | sparsity | pruner | dense | uniform | OWL | Fisher ±0.1 | best Fisher (spread) | evolutionary "
+             "| evo/uniform | evo/best Fisher | search wall (s) | loop (s) | generations | candidates | stopped by |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for tag, r in runs.items():
         a, p, s = r["args"], r.get("ppl", {}), r.get("search", {})
         if a.get("seed_from") != "fisher":
             continue
-        evo, uni, fis = p.get("evolutionary"), p.get("uniform"), p.get("fisher")
+        evo, uni = p.get("evolutionary"), p.get("uniform")
+        fishers = {k: v for k, v in p.items() if k.startswith("fisher")}
+        best_key = min(fishers, key=fishers.get) if fishers else None
+        fis = fishers.get(best_key)
+        spread = best_key.split("@")[1] if best_key and "@" in best_key else "0.1"
         lines.append(
             f"| {tag} | {a['sparsity']} | {a['pruner']} | {fmt(r['dense_ppl'])} | {fmt(uni)} | {fmt(p.get('owl'))} | "
-            f"{fmt(fis)} | {fmt(evo)} | {fmt(evo / uni if evo and uni else None, 3)} | "
+            f"{fmt(p.get('fisher'))} | {fmt(fis)} ({spread if fis else '—'}) | {fmt(evo)} | "
+            f"{fmt(evo / uni if evo and uni else None, 3)} | "
             f"{fmt(evo / fis if evo and fis else None, 3)} | {fmt(s.get('wall_s'), 0)} | {fmt(s.get('loop_s'), 0)} | "
             f"{s.get('generations')} | {s.get('candidates_scored')} | {s.get('stopped_by')} |")
     lines += ["", "Search settings per run: " + "; ".join(
@@ -220,8 +255,10 @@ def cmd_report(args) -> None:
     pairs = [(t, r) for t, r in runs.items() if r["args"].get("seed_from") == "uniform"]
     for tag, r in pairs:
         a = r["args"]
+        same = {k: v for k, v in r["search"]["settings"].items() if k != "seed_from"}
         match = [r2 for t2, r2 in runs.items() if r2["args"].get("seed_from") == "fisher"
-                 and r2["args"]["sparsity"] == a["sparsity"] and r2["args"]["pruner"] == a["pruner"]]
+                 and r2["args"]["sparsity"] == a["sparsity"] and r2["args"]["pruner"] == a["pruner"]
+                 and {k: v for k, v in r2["search"]["settings"].items() if k != "seed_from"} == same]
         if not match:
             continue
         hf, hu = match[0]["search"]["history"], r["search"]["history"]
@@ -236,16 +273,21 @@ def cmd_report(args) -> None:
             u_ = hu[g] if g < len(hu) else None
             lines.append(f"| {g} | {fmt(f_ and f_['best'], 4)} | {fmt(u_ and u_['best'], 4)} | "
                          f"{fmt(f_ and f_['seconds'], 0)} | {fmt(u_ and u_['seconds'], 0)} |")
-        final_u = hu[-1]["best"]
+        final_u, final_f, start_f = hu[-1]["best"], hf[-1]["best"], hf[0]["best"]
         reach = next((h["generation"] for h in hf if h["best"] <= final_u), None)
+        reach_txt = f"at generation {reach}" if reach is not None else f"not within its {len(hf) - 1} generations"
+        catch_f = next((h["generation"] for h in hu if h["best"] <= final_f), None)
+        catch_0 = next((h["generation"] for h in hu if h["best"] <= start_f), None)
         lines += ["", f"Uniform-seeded final best {final_u:.4f} after {len(hu) - 1} generations; the Fisher-seeded "
-                  f"search reached it at generation {reach}.", ""]
+                  f"search reached it {reach_txt}. The uniform-seeded search reached the Fisher-seeded final "
+                  f"({final_f:.4f}) at generation {catch_f}, and the Fisher seed generation's best ({start_f:.4f}) "
+                  f"at generation {catch_0}.", ""]
         if r.get("ppl", {}).get("evolutionary") is not None:
             lines += [f"Held-out ppl of the uniform-seeded result: {r['ppl']['evolutionary']:.1f}", ""]
     lines += ["## Speed and memory", "",
               "| run | probe tokens | dense forward (s) | child score, prefix reuse (s) | ratio | without reuse (s) | "
-              "ratio | whole search: s per scored token / dense s per token | model MB | RSS after load MB | "
-              "peak RSS MB | level DB MB |",
+              "ratio | whole search: s per scored token / dense s per token | model MB | level DB MB | "
+              "RSS sampled during search, max MB | process peak RSS MB |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for tag, r in runs.items():
         sp, s = r.get("speed"), r.get("search", {})
@@ -257,8 +299,22 @@ def cmd_report(args) -> None:
             loop_ratio = (s["loop_s"] / tok) / (sp["dense_s"] / sp["tokens"])
         lines.append(f"| {tag} | {sp['tokens']} | {sp['dense_s']:.2f} | {sp['child_s']:.2f} | {sp['ratio']:.2f} | "
                      f"{sp['child_noreuse_s']:.2f} | {sp['ratio_noreuse']:.2f} | {fmt(loop_ratio, 2)} | "
-                     f"{r['model_mb']:.0f} | {r['rss_after_load_mb']:.0f} | {s.get('rss_peak_after_search_mb', 0):.0f} | "
-                     f"{s.get('db_mb', 0):.0f} |")
+                     f"{r['model_mb']:.0f} | {s.get('db_mb', 0):.0f} | {fmt(s.get('rss_max_during_search_mb'), 0)} | "
+                     f"{s.get('rss_peak_after_search_mb', 0):.0f} |")
+    lines += ["", "The process peak includes everything before the search in the same process (baseline "
+              "pruning with a dense state copy, Fisher's backward pass when not cached).", ""]
+    mem = [(t, r) for t, r in runs.items() if r.get("search", {}).get("rss_max_during_search_mb")]
+    if mem:
+        lines += ["Memory of the search itself (resident set sampled after every generation, against the "
+                  "same process just before the search, which already holds the model and the level DB):", "",
+                  "| run | model MB | level DB MB | RSS before search MB | max RSS during search MB | "
+                  "search's own growth MB |", "| --- | --- | --- | --- | --- | --- |"]
+        for tag, r in mem:
+            s = r["search"]
+            lines.append(f"| {tag} | {r['model_mb']:.0f} | {s['db_mb']:.0f} | {s['rss_before_search_mb']:.0f} | "
+                         f"{s['rss_max_during_search_mb']:.0f} | "
+                         f"{s['rss_max_during_search_mb'] - s['rss_before_search_mb']:.0f} |")
+        lines.append("")
     (ROOT / "results" / "search.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
