@@ -185,7 +185,7 @@ class ProxyFitness:
                 cross = torch.einsum("tv,tv->t", self.dense_p[w], lg)
                 scores.append(float((self.dense_negent[w] - cross + lse).mean()))
             else:
-                q = torch.log_softmax(lg, dim=-1).gather(1, self.dense_idx[w])
+                q = lg.gather(1, self.dense_idx[w]) - lse.unsqueeze(1)  # log-probs of the dense top-k only
                 q_tail = _log1mexp(torch.logsumexp(q, dim=-1))
                 ref, p_tail = self.dense_p[w], self.dense_tail[w]
                 kl = (ref.exp() * (ref - q)).sum(-1) + p_tail.exp() * (p_tail - q_tail)

@@ -222,16 +222,16 @@ class LevelDB:
 
         w = sparsegpt_prune(self.dense[name], self.hessian[name], count)
         nbytes = w.numel() * w.element_size()
-        if path is None:  # no disk: keep it, dropping the least recently used levels (recomputed if needed)
-            while self.levels and self._level_bytes + nbytes > self.memory_limit:
-                _, old = self.levels.popitem(last=False)
-                self._level_bytes -= old.numel() * old.element_size()
-        if self._level_bytes + nbytes <= self.memory_limit or path is None:
-            self.levels[key] = w
-            self._level_bytes += nbytes
-        else:  # spill to disk once memory is full
+        if path is not None and self._level_bytes + nbytes > self.memory_limit:  # memory full: spill to disk
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(w, path)
+            return w
+        # No disk: the least recently used levels make room (they are recomputed if asked for again).
+        while self.levels and self._level_bytes + nbytes > self.memory_limit:
+            _, old = self.levels.popitem(last=False)
+            self._level_bytes -= old.numel() * old.element_size()
+        self.levels[key] = w
+        self._level_bytes += nbytes
         return w
 
     @torch.no_grad()

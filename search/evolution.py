@@ -2,13 +2,13 @@
 
 One generation: the current parent (best vector so far) breeds ``offspring`` distinct children
 by level-switch mutation (each switch moves 1 level, now and then up to ``max_jump``),
-sometimes after a budget-preserving crossover with another member of the elite pool. The children go through the selection stages of growing fidelity
-(``[(tokens, survivors), ...]``): all are scored on the first stage's tokens, the best
-``survivors`` move on, and so on; in the last stage the parent competes with the survivors
-on the same tokens, and the winner becomes the next parent. The first generation scores the
-seed, any extra seeds (e.g. the same sensitivity at other spreads), the uniform vector and
-perturbations of the seed. Scores are cached per
-(vector, tokens), so a candidate is never scored twice on the same tokens.
+sometimes after a budget-preserving crossover with another member of the elite pool. The
+children go through the selection stages of growing fidelity (``[(tokens, survivors), ...]``):
+all are scored on the first stage's tokens, the best ``survivors`` move on, and so on; in the
+last stage the parent competes with the survivors on the same tokens, and the winner becomes
+the next parent. The first generation scores the seed, any extra seeds (e.g. the same
+sensitivity at other spreads), the uniform vector and perturbations of the seed. Scores are
+cached per (vector, tokens), so a candidate is never scored twice on the same tokens.
 
 The model is seen only through ``fitness(vector, tokens) -> float`` (lower is better). If the
 fitness object has ``set_parent(vector)``, the search calls it whenever the parent changes, so
