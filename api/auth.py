@@ -5,10 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
+from evosparse.api.deps import db_session
+from evosparse.jobs.repo import hash_token, team_for_token
 from fastapi import HTTPException, Request
-
-from api.deps import db_session
-from jobs.repo import hash_token, team_for_token
 
 _cache: dict[str, tuple[int, float]] = {}
 _lock = threading.Lock()

@@ -5,12 +5,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+from evosparse.jobs.db import sessionmaker_for
+from evosparse.jobs.settings import Settings
+from evosparse.jobs.store import Store, store_from_settings
 from fastapi import Request
 from sqlalchemy.orm import Session
-
-from jobs.db import sessionmaker_for
-from jobs.settings import Settings
-from jobs.store import Store, store_from_settings
 
 
 def get_settings_dep(request: Request) -> Settings:
@@ -42,7 +41,7 @@ def get_store(request: Request) -> Store:
 def get_celery(request: Request):  # noqa: ANN201 - celery.Celery
     state = request.app.state
     if getattr(state, "celery", None) is None:
-        from worker.celery_app import make_celery
+        from evosparse.worker.celery_app import make_celery
 
         state.celery = make_celery(state.settings)
     return state.celery

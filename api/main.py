@@ -1,19 +1,18 @@
-"""FastAPI app factory. ``uvicorn api.main:app`` or ``uvicorn --factory api.main:create_app``."""
+"""FastAPI app factory. ``uvicorn evosparse.api.main:app`` or ``uvicorn --factory evosparse.api.main:create_app``."""
 
 from __future__ import annotations
 
 import importlib
 import logging
 
+from evosparse.api.metrics import MetricsMiddleware
+from evosparse.api.routes import health, jobs
+from evosparse.jobs.log import configure_logging
+from evosparse.jobs.settings import Settings, get_settings
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from api.metrics import MetricsMiddleware
-from api.routes import health, jobs
-from jobs.log import configure_logging
-from jobs.settings import Settings, get_settings
 
 log = logging.getLogger("evosparse.api")
 
@@ -79,7 +78,7 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
     settings = settings or get_settings()
     configure_logging()  # JSON lines by default (EVOSPARSE_LOG_FORMAT=text for a terminal)
     if migrate:
-        from jobs.db import migrate as run_migrations
+        from evosparse.jobs.db import migrate as run_migrations
 
         run_migrations(settings.resolved_database_url)
     app = FastAPI(title="evosparse", version="0.1.0",
@@ -88,10 +87,10 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
     app.include_router(health.router)
     app.include_router(jobs.router)
     try:  # the dashboard (GET /) is an optional module written separately
-        dashboard = importlib.import_module("api.routes.dashboard")
+        dashboard = importlib.import_module("evosparse.api.routes.dashboard")
         app.include_router(dashboard.router)
     except ModuleNotFoundError as exc:
-        if exc.name != "api.routes.dashboard":
+        if exc.name != "evosparse.api.routes.dashboard":
             raise
 
     @app.exception_handler(RequestValidationError)
@@ -108,7 +107,7 @@ _app: FastAPI | None = None
 
 
 def __getattr__(name: str) -> FastAPI:
-    # `uvicorn api.main:app` builds the app on first access, not at import (tests import this module).
+    # `uvicorn evosparse.api.main:app` builds the app on first access, not at import (tests import this module).
     global _app
     if name == "app":
         if _app is None:

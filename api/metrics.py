@@ -31,10 +31,9 @@ class _JobStatusCollector:
         self.settings = settings
 
     def collect(self):  # noqa: ANN201
+        from evosparse.jobs.db import sessionmaker_for
+        from evosparse.jobs.models import STATUSES, Job
         from sqlalchemy import func, select
-
-        from jobs.db import sessionmaker_for
-        from jobs.models import STATUSES, Job
 
         g = GaugeMetricFamily("evosparse_jobs", "Jobs by status", labels=["status"])
         counts = dict.fromkeys(STATUSES, 0)

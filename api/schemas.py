@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from evosparse.jobs.spec import JobSpec
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from jobs.spec import JobSpec
 
 Status = Literal["QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"]
 

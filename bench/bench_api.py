@@ -178,9 +178,10 @@ def main() -> int:
                     help="torch threads of the running job (EVOSPARSE_TORCH_THREADS); 1 leaves a core to the API")
     args = ap.parse_args()
 
-    from cli.service_cmd import celery_worker_cmd, start_embedded_redis, stop_processes
-    from jobs import repo
-    from jobs.db import migrate, session_scope
+    from evosparse.cli.service_cmd import celery_worker_cmd, start_embedded_redis, stop_processes
+    from evosparse.jobs import repo
+    from evosparse.jobs.db import migrate, session_scope
+
     from tests.tiny_models import save_tiny_llama
 
     tmp = Path(tempfile.mkdtemp(prefix="evs-bench-"))
@@ -197,7 +198,7 @@ def main() -> int:
     log = open(tmp / "service.log", "w")
     worker = subprocess.Popen(celery_worker_cmd("evosparse", "bench@%h"), env=env, stdout=log, stderr=log,
                               cwd=tmp)
-    api = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host",
+    api = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "evosparse.api.main:create_app", "--host",
                             "127.0.0.1", "--port", str(args.port), "--workers", str(args.api_workers),
                             "--no-access-log", "--log-level", "warning"], env=env, stdout=log, stderr=log, cwd=ROOT)
     procs = [worker, api]

@@ -49,8 +49,8 @@ def current_rss_mb() -> float:
 
 
 def setup(args):
-    from pruning.data import get_windows
-    from pruning.models import load_model
+    from evosparse.pruning.data import get_windows
+    from evosparse.pruning.models import load_model
 
     torch.manual_seed(0)
     model, tok = load_model(args.model, device="cpu", dtype="float32")
@@ -62,7 +62,7 @@ def setup(args):
 
 def sensitivity(model, calib, n_fisher: int) -> dict:
     """Fisher traces (cached in raw/ across runs: they only depend on the dense model and calib)."""
-    from pruning import sensitivity as sens
+    from evosparse.pruning import sensitivity as sens
 
     path = RAW / f"fisher_{n_fisher}.json"
     if path.exists():
@@ -75,7 +75,7 @@ def sensitivity(model, calib, n_fisher: int) -> dict:
 
 
 def make_spec(args, seed_from: str):
-    from jobs.spec import JobSpec, SearchSettings
+    from evosparse.jobs.spec import JobSpec, SearchSettings
 
     kw = {"seed_from": seed_from}
     for k in ("generations", "offspring", "selection", "step_fraction", "max_level_delta", "granularity"):
@@ -106,8 +106,8 @@ class Hooks:
 
 
 def prune_and_eval(model, dense_state, calib, evalw, pruner, counts) -> float:
-    from pruning.evaluate import perplexity
-    from pruning.prune import prune_model
+    from evosparse.pruning.evaluate import perplexity
+    from evosparse.pruning.prune import prune_model
 
     model.load_state_dict(dense_state)
     prune_model(model, calib, pruner, counts)
@@ -124,9 +124,9 @@ def speed_probe(model, calib, db, outcome, spec, n: int = 8, windows: int = 4) -
     """
     import copy
 
-    from pruning.fitness import ProxyFitness
-    from search.levels import LevelSpace
-    from search.operators import mutate
+    from evosparse.pruning.fitness import ProxyFitness
+    from evosparse.search.levels import LevelSpace
+    from evosparse.search.operators import mutate
 
     db.restore()
     dense_model = copy.deepcopy(model)
@@ -164,9 +164,9 @@ def speed_probe(model, calib, db, outcome, spec, n: int = 8, windows: int = 4) -
 
 
 def cmd_quality(args) -> None:
-    from pruning.leveldb import LevelDB
-    from pruning.sensitivity import allocation_counts
-    from worker.search_stage import run_search
+    from evosparse.pruning.leveldb import LevelDB
+    from evosparse.pruning.sensitivity import allocation_counts
+    from evosparse.worker.search_stage import run_search
 
     RAW.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
@@ -175,7 +175,7 @@ def cmd_quality(args) -> None:
     rss_loaded = rss_mb()
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     out: dict = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "model_mb": model_mb, "rss_after_load_mb": rss_loaded}
-    from pruning.evaluate import perplexity
+    from evosparse.pruning.evaluate import perplexity
 
     out["dense_ppl"] = perplexity(model, evalw)
     print("dense ppl", out["dense_ppl"], flush=True)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli import prune_cmd, service_cmd
-from pruning.errors import EvosparseError
+from evosparse.cli import prune_cmd, service_cmd
+from evosparse.pruning.errors import EvosparseError
 
 
 def build_parser() -> argparse.ArgumentParser:

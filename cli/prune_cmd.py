@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from jobs.spec import ALLOCATIONS, PRUNERS, SEED_SOURCES
-from pruning.errors import PruningConfigError
+from evosparse.jobs.spec import ALLOCATIONS, PRUNERS, SEED_SOURCES
+from evosparse.pruning.errors import PruningConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,9 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def build_spec(args: argparse.Namespace):
     """JobSpec from CLI arguments; validation errors become one PruningConfigError line."""
+    from evosparse.jobs.spec import JobSpec
     from pydantic import ValidationError
-
-    from jobs.spec import JobSpec
 
     search = {k: v for k, v in {
         "generations": args.generations, "offspring": args.offspring, "selection": args.selection,
@@ -115,7 +114,7 @@ def _quiet_transformers() -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from worker.runner import RunHooks, _check_out_dir, run_job
+    from evosparse.worker.runner import RunHooks, _check_out_dir, run_job
 
     _quiet_transformers()
 
@@ -141,9 +140,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pruning.data import get_windows
-    from pruning.evaluate import perplexity
-    from pruning.models import load_model
+    from evosparse.pruning.data import get_windows
+    from evosparse.pruning.evaluate import perplexity
+    from evosparse.pruning.models import load_model
 
     _quiet_transformers()
     if args.windows < 1 or args.seq_len < 2:

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from jobs.spec import ALLOCATIONS, PRUNERS, SEED_SOURCES
+from evosparse.jobs.spec import ALLOCATIONS, PRUNERS, SEED_SOURCES
 
 EXIT_OK, EXIT_FAILED, EXIT_CANCELLED, EXIT_TIMEOUT = 0, 1, 3, 4
 
@@ -73,13 +73,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     kc.add_argument("--team", required=True)
     kc.set_defaults(func=cmd_keys_create)
 
+    m = sub.add_parser("migrate", help="bring the job database (EVOSPARSE_DATABASE_URL) to the latest schema")
+    m.set_defaults(func=cmd_migrate)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from evosparse.jobs.db import migrate
+    from evosparse.jobs.settings import get_settings
+
+    migrate(get_settings().resolved_database_url)
+    return 0
+
 
 # --- keys ---------------------------------------------------------------------------------------
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    from jobs import repo
-    from jobs.db import migrate, session_scope
-    from jobs.settings import get_settings
+    from evosparse.jobs import repo
+    from evosparse.jobs.db import migrate, session_scope
+    from evosparse.jobs.settings import get_settings
 
     url = get_settings().resolved_database_url
     migrate(url)
@@ -93,8 +104,8 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 # --- submit -------------------------------------------------------------------------------------
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from cli.prune_cmd import build_spec
-    from jobs.client import ApiError, Client, WaitTimeout
+    from evosparse.cli.prune_cmd import build_spec
+    from evosparse.jobs.client import ApiError, Client, WaitTimeout
 
     if not args.key:
         raise ValueError("no API key: pass --key or set EVOSPARSE_API_KEY (create one with "
@@ -159,8 +170,8 @@ class _ProgressBar:
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.data_dir:
         os.environ["EVOSPARSE_DATA_DIR"] = str(Path(args.data_dir).resolve())
-    from jobs.db import migrate
-    from jobs.settings import get_settings
+    from evosparse.jobs.db import migrate
+    from evosparse.jobs.settings import get_settings
 
     get_settings.cache_clear()
     settings = get_settings()
@@ -193,7 +204,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not args.no_worker:
             procs.append(subprocess.Popen(celery_worker_cmd(settings.queue, "evosparse-worker@%h"), env=env))
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", args.host,
+            [sys.executable, "-m", "uvicorn", "--factory", "evosparse.api.main:create_app", "--host", args.host,
              "--port", str(args.port), "--workers", str(args.api_workers), "--no-access-log"], env=env))
         print(f"evosparse: serving http://{args.host}:{args.port}  (Ctrl-C stops everything; "
               f"create a key with `evosparse keys create --team NAME`)", file=sys.stderr)
@@ -213,7 +224,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def celery_worker_cmd(queue: str, hostname: str) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--concurrency=1",
+    return [sys.executable, "-m", "celery", "-A", "evosparse.worker.celery_app", "worker", "--concurrency=1",
             "--prefetch-multiplier=1", "-Q", queue, "--loglevel=INFO", f"--hostname={hostname}",
             "--without-gossip", "--without-mingle"]
 

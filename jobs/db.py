@@ -76,7 +76,7 @@ def sessionmaker_for(url: str) -> sessionmaker[Session]:
 
 
 def default_url() -> str:
-    from jobs.settings import get_settings
+    from evosparse.jobs.settings import get_settings
 
     return get_settings().resolved_database_url
 

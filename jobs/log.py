@@ -1,6 +1,6 @@
 """Structured logs for the service: one JSON object per line, carrying the job id.
 
-    from jobs.log import configure_logging, job_context
+    from evosparse.jobs.log import configure_logging, job_context
     configure_logging()                       # once per process (API, worker, CLI)
     with job_context(job_id):                 # everything logged inside carries job_id
         log.info("pruning started")

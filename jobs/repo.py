@@ -13,11 +13,10 @@ import secrets
 import uuid
 from dataclasses import dataclass
 
+from evosparse.jobs.models import TERMINAL, ApiKey, Artifact, Generation, Job, Team, utcnow
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
-
-from jobs.models import TERMINAL, ApiKey, Artifact, Generation, Job, Team, utcnow
 
 TOKEN_PREFIX = "evs_"
 

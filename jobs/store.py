@@ -313,7 +313,7 @@ def open_store(url: str, endpoint_url: str | None = None, region: str = "us-east
 
 
 def store_from_settings(settings=None) -> Store:  # noqa: ANN001
-    from jobs.settings import get_settings
+    from evosparse.jobs.settings import get_settings
 
     s = settings or get_settings()
     return open_store(s.resolved_store_url, s.s3_endpoint_url, s.s3_region, s.s3_access_key_id,

@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from jobs.settings import Settings
-from jobs.spec import JobSpec, parse_selection
+from evosparse.jobs.settings import Settings
+from evosparse.jobs.spec import JobSpec, parse_selection
 
 BUILTIN_MODELS = frozenset({"smollm2-135m"})  # keep in step with pruning.models.BUILTIN_MODELS
 BUILTIN_DATA = frozenset({"pydoc"})

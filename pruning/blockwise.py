@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from evosparse.pruning.layers import block_list
 from torch import nn
-
-from pruning.layers import block_list
 
 
 class _StopForward(Exception):

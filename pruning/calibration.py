@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from evosparse.pruning.blockwise import run_block
 from torch import nn
-
-from pruning.blockwise import run_block
 
 
 @dataclass
@@ -32,7 +31,7 @@ class LinearStats:
 
 
 def _in_features(module: nn.Module) -> int:
-    from pruning.layers import weight_matrix
+    from evosparse.pruning.layers import weight_matrix
 
     return weight_matrix(module).shape[1]
 

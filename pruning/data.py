@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-
-from pruning.errors import DataSourceError
-from pruning.hub import hub_offline
+from evosparse.pruning.errors import DataSourceError
+from evosparse.pruning.hub import hub_offline
 
 Split = Literal["calib", "eval"]
 

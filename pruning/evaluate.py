@@ -7,9 +7,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from evosparse.pruning.blockwise import model_device
 from torch import nn
-
-from pruning.blockwise import model_device
 
 
 def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:

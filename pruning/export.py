@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from evosparse.pruning.layers import prunable_linears
 from torch import nn
-
-from pruning.layers import prunable_linears
 
 
 def count_zeros_in_checkpoint(folder: str | Path, weight_names: list[str]) -> dict[str, tuple[int, int]]:

@@ -33,11 +33,10 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
+from evosparse.pruning.blockwise import capture_block_inputs, head_logits, run_block
+from evosparse.pruning.leveldb import LevelDB, Unit
+from evosparse.search.levels import LevelSpace
 from torch import nn
-
-from pruning.blockwise import capture_block_inputs, head_logits, run_block
-from pruning.leveldb import LevelDB, Unit
-from search.levels import LevelSpace
 
 Range = tuple[int, int]
 Trace = list[torch.Tensor]  # hidden entering each block, then the last block's output

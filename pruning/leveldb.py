@@ -27,11 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from evosparse.pruning.blockwise import capture_block_inputs, run_block
+from evosparse.pruning.errors import PruningConfigError
+from evosparse.pruning.layers import find_blocks, weight_matrix
 from torch import nn
-
-from pruning.blockwise import capture_block_inputs, run_block
-from pruning.errors import PruningConfigError
-from pruning.layers import find_blocks, weight_matrix
 
 
 @dataclass
@@ -147,7 +146,7 @@ class LevelDB:
 
     # ------------------------------------------------------------------ build
     def _scores(self, name: str, stats: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, int]:
-        from pruning import pruners
+        from evosparse.pruning import pruners
 
         w = self.dense[name]
         if self.pruner == "magnitude":
@@ -218,7 +217,7 @@ class LevelDB:
             path = self.cache_dir / f"{digest}.pt"
             if path.exists():
                 return torch.load(path)
-        from pruning.pruners import sparsegpt_prune
+        from evosparse.pruning.pruners import sparsegpt_prune
 
         w = sparsegpt_prune(self.dense[name], self.hessian[name], count)
         nbytes = w.numel() * w.element_size()

@@ -14,10 +14,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+from evosparse.pruning.errors import ModelLoadError
+from evosparse.pruning.hub import hub_offline
 from torch import nn
-
-from pruning.errors import ModelLoadError
-from pruning.hub import hub_offline
 
 BUILTIN_MODELS = {
     # alias -> (python package shipping the file, GGUF file name)

@@ -11,13 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import nn
-
-from pruning.blockwise import capture_block_inputs, run_block
-from pruning.calibration import LinearStats, collect_block_stats
-from pruning.errors import CancelledError, PruningConfigError
-from pruning.layers import BlockInfo, find_blocks, weight_matrix
-from pruning.pruners import (
+from evosparse.pruning.blockwise import capture_block_inputs, run_block
+from evosparse.pruning.calibration import LinearStats, collect_block_stats
+from evosparse.pruning.errors import CancelledError, PruningConfigError
+from evosparse.pruning.layers import BlockInfo, find_blocks, weight_matrix
+from evosparse.pruning.pruners import (
     PRUNER_NAMES,
     apply_mask,
     dass_scores,
@@ -26,6 +24,7 @@ from pruning.pruners import (
     sparsegpt_prune,
     wanda_scores,
 )
+from torch import nn
 
 Progress = Callable[[int, int], None]  # (blocks done, blocks total)
 

@@ -18,8 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
-
-from pruning.errors import PruningConfigError
+from evosparse.pruning.errors import PruningConfigError
 
 PRUNER_NAMES = ("magnitude", "wanda", "sparsegpt", "dass")
 

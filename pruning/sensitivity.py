@@ -19,14 +19,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from evosparse.pruning.blockwise import capture_block_inputs, model_device
+from evosparse.pruning.calibration import LinearStats, collect_block_stats
+from evosparse.pruning.errors import PruningConfigError
+from evosparse.pruning.layers import BlockInfo, find_blocks, weight_matrix
+from evosparse.pruning.pruners import nm_count, wanda_scores
+from evosparse.search import allocation as alloc
 from torch import nn
-
-from pruning.blockwise import capture_block_inputs, model_device
-from pruning.calibration import LinearStats, collect_block_stats
-from pruning.errors import PruningConfigError
-from pruning.layers import BlockInfo, find_blocks, weight_matrix
-from pruning.pruners import nm_count, wanda_scores
-from search import allocation as alloc
 
 Progress = Callable[[int, int], None]
 

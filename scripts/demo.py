@@ -66,7 +66,7 @@ def free_port() -> int:
 
 def evosparse_cmd() -> list[str]:
     # The same interpreter as this script, run from the checkout: what quickstart.sh installed.
-    return [sys.executable, "-m", "cli.main"]
+    return [sys.executable, "-m", "evosparse.cli.main"]
 
 
 class Service:
@@ -168,8 +168,8 @@ def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from jobs.client import Client
-    from jobs.spec import JobSpec
+    from evosparse.jobs.client import Client
+    from evosparse.jobs.spec import JobSpec
 
     t_start = time.monotonic()
     pct = round(args.sparsity * 100)

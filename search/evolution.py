@@ -28,8 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from search.levels import LevelSpace, Vector
-from search.operators import crossover, mutate
+from evosparse.search.levels import LevelSpace, Vector
+from evosparse.search.operators import crossover, mutate
 
 Fitness = Callable[[Vector, int], float]
 STATE_VERSION = 1

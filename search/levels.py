@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from search import allocation
+from evosparse.search import allocation
 
 Vector = tuple[int, ...]
 

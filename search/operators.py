@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from search.levels import LevelSpace, Vector
+from evosparse.search.levels import LevelSpace, Vector
 
 
 def draw_switches(rng: random.Random, p_stop: float = 0.5, cap: int = 8) -> int:

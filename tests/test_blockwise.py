@@ -1,7 +1,6 @@
 import torch
-
-from pruning.blockwise import capture_block_inputs, head_logits, run_block
-from pruning.layers import find_blocks, module_kind, prunable_linears, weight_matrix
+from evosparse.pruning.blockwise import capture_block_inputs, head_logits, run_block
+from evosparse.pruning.layers import find_blocks, module_kind, prunable_linears, weight_matrix
 
 
 def _blockwise_logits(model, tokens):

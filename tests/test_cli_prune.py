@@ -1,11 +1,10 @@
 import json
 
 import pytest
-
-from cli.main import main
-from jobs.spec import JobSpec
-from pruning.errors import CancelledError, DataSourceError
-from worker.runner import RunHooks, run_job
+from evosparse.cli.main import main
+from evosparse.jobs.spec import JobSpec
+from evosparse.pruning.errors import CancelledError, DataSourceError
+from evosparse.worker.runner import RunHooks, run_job
 
 SMALL = ["--calib-windows", "4", "--eval-windows", "2", "--seq-len", "32"]
 
@@ -110,13 +109,13 @@ def test_run_job_cancel_and_failure_leave_no_folder(tiny_llama_dir, tmp_path, mo
         run_job(_spec(tiny_llama_dir), out, Recorder(cancel_after=5))
     assert not out.exists() and _siblings(out) == []
 
-    import pruning.export
+    from evosparse.pruning import export as pruning_export
 
     def boom(*a, **k):
         (a[2] / "partial.bin").write_text("x")  # something written before the failure
         raise OSError("disk full")
 
-    monkeypatch.setattr(pruning.export, "export_checkpoint", boom)
+    monkeypatch.setattr(pruning_export, "export_checkpoint", boom)
     with pytest.raises(OSError):
         run_job(_spec(tiny_llama_dir), out)
     assert not out.exists() and _siblings(out) == []

@@ -123,7 +123,7 @@ def test_dockerfiles_are_honest(name: str, index: str) -> None:
 
 def test_compose_env_vars_are_settings_the_service_reads(compose: dict) -> None:
     try:
-        from jobs.settings import Settings
+        from evosparse.jobs.settings import Settings
     except ImportError:
         pytest.skip("jobs/settings.py has not landed yet (service issue)")
     prefix = Settings.model_config.get("env_prefix", "EVOSPARSE_").upper()

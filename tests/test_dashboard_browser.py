@@ -31,7 +31,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Pyt
 
 
 def _spec(model_dir: Path, generations: int, seed: int) -> dict:
-    from jobs.spec import JobSpec
+    from evosparse.jobs.spec import JobSpec
 
     return JobSpec(
         model=str(model_dir), sparsity=0.6, pruner="wanda", allocation="evolutionary",
@@ -67,12 +67,12 @@ class _Server:
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_llama_dir):
     """Settings + app + an API key + one SUCCEEDED job and one RUNNING job (real worker code)."""
-    from api.main import create_app
-    from jobs import repo
-    from jobs.db import session_scope
-    from jobs.models import Job
-    from jobs.settings import Settings
-    from worker.tasks import execute
+    from evosparse.api.main import create_app
+    from evosparse.jobs import repo
+    from evosparse.jobs.db import session_scope
+    from evosparse.jobs.models import Job
+    from evosparse.jobs.settings import Settings
+    from evosparse.worker.tasks import execute
 
     data = tmp_path_factory.mktemp("dash-service")
     settings = Settings(data_dir=data, allowed_model_roots=[Path(tiny_llama_dir).parent],
@@ -122,16 +122,16 @@ def browser():
 
 
 def _generation_count(service: dict, job_id: str) -> int:
-    from jobs import repo
-    from jobs.db import session_scope
+    from evosparse.jobs import repo
+    from evosparse.jobs.db import session_scope
 
     with session_scope(service["settings"].resolved_database_url) as db:
         return len(repo.generations_of(db, job_id))
 
 
 def _report(service: dict, job_id: str) -> dict:
-    from jobs.db import session_scope
-    from jobs.models import Job
+    from evosparse.jobs.db import session_scope
+    from evosparse.jobs.models import Job
 
     with session_scope(service["settings"].resolved_database_url) as db:
         return db.get(Job, job_id).report

@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    from api.main import create_app
-    from jobs.settings import Settings
+    from evosparse.api.main import create_app
+    from evosparse.jobs.settings import Settings
 
     app = create_app(Settings(data_dir=tmp_path_factory.mktemp("dash-route")))
     with TestClient(app) as c:

@@ -1,8 +1,7 @@
 import pytest
 import torch
-
-from pruning.data import calib_offsets, get_windows, token_stream
-from pruning.errors import DataSourceError
+from evosparse.pruning.data import calib_offsets, get_windows, token_stream
+from evosparse.pruning.errors import DataSourceError
 
 
 class CharTokenizer:

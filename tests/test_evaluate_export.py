@@ -4,12 +4,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from evosparse.pruning.evaluate import kl_divergence, log_probs, perplexity
+from evosparse.pruning.export import export_checkpoint, measured_sparsity
+from evosparse.pruning.layers import prunable_linears, weight_matrix
+from evosparse.pruning.prune import prune_model
+from evosparse.pruning.sensitivity import allocation_counts
 
-from pruning.evaluate import kl_divergence, log_probs, perplexity
-from pruning.export import export_checkpoint, measured_sparsity
-from pruning.layers import prunable_linears, weight_matrix
-from pruning.prune import prune_model
-from pruning.sensitivity import allocation_counts
 from tests.conftest import make_tiny_gpt2, make_tiny_llama
 
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from pruning import pruners
-from pruning.fitness import ProxyFitness
-from pruning.layers import find_blocks, weight_matrix
-from pruning.leveldb import LevelDB, collect_dense_stats
-from pruning.sensitivity import dense_input_stats
-from search.levels import LevelSpace
+from evosparse.pruning import pruners
+from evosparse.pruning.fitness import ProxyFitness
+from evosparse.pruning.layers import find_blocks, weight_matrix
+from evosparse.pruning.leveldb import LevelDB, collect_dense_stats
+from evosparse.pruning.sensitivity import dense_input_stats
+from evosparse.search.levels import LevelSpace
 
 
 def test_dense_stats_match_the_pruning_core(tiny_llama, tiny_tokens):
@@ -102,7 +101,7 @@ def make_fitness(model, tokens, granularity="layer", reuse=True, kind="kl", **kw
 def test_prefix_reuse_equals_full_recomputation(tiny_llama, tiny_tokens, granularity):
     import random
 
-    from search.operators import mutate
+    from evosparse.search.operators import mutate
 
     fit, space = make_fitness(tiny_llama, tiny_tokens, granularity, reuse=True, batch_windows=2)
     rng = random.Random(0)
@@ -140,7 +139,7 @@ def test_prefix_reuse_equals_full_recomputation(tiny_llama, tiny_tokens, granula
 def test_more_tokens_runs_only_the_new_windows_and_a_scored_child_becomes_parent_for_free(tiny_llama, tiny_tokens):
     import random
 
-    from search.operators import mutate
+    from evosparse.search.operators import mutate
 
     fit, space = make_fitness(tiny_llama, tiny_tokens)
     n_blocks = len(find_blocks(tiny_llama))

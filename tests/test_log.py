@@ -8,8 +8,7 @@ import logging
 import threading
 
 import pytest
-
-from jobs.log import configure_logging, job_context
+from evosparse.jobs.log import configure_logging, job_context
 
 
 @pytest.fixture

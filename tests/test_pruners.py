@@ -1,11 +1,10 @@
 import pytest
 import torch
-
-from pruning.blockwise import capture_block_inputs
-from pruning.calibration import collect_block_stats
-from pruning.layers import find_blocks, prunable_linears, weight_matrix
-from pruning.prune import prune_linear, prune_model
-from pruning.pruners import (
+from evosparse.pruning.blockwise import capture_block_inputs
+from evosparse.pruning.calibration import collect_block_stats
+from evosparse.pruning.layers import find_blocks, prunable_linears, weight_matrix
+from evosparse.pruning.prune import prune_linear, prune_model
+from evosparse.pruning.pruners import (
     dass_scores,
     keep_mask_from_scores,
     magnitude_scores,
@@ -13,7 +12,8 @@ from pruning.pruners import (
     spread_counts,
     wanda_scores,
 )
-from pruning.sensitivity import allocation_counts, nm_counts
+from evosparse.pruning.sensitivity import allocation_counts, nm_counts
+
 from tests.conftest import make_tiny_gpt2, make_tiny_llama
 
 PRUNERS = ("magnitude", "wanda", "sparsegpt", "dass")
@@ -150,7 +150,7 @@ def test_sparsegpt_nm_pattern_and_input_unchanged():
 
 
 def test_prune_linear_rejects_unknown_pruner():
-    from pruning.errors import PruningConfigError
+    from evosparse.pruning.errors import PruningConfigError
 
     model = make_tiny_llama(layers=1)
     lin = next(iter(prunable_linears(model).values()))
@@ -168,7 +168,7 @@ def test_dass_falls_back_to_wanda_without_a_glu_mlp(tiny_tokens):
 
 
 def test_each_block_is_calibrated_on_the_pruned_outputs_before_it(tiny_tokens):
-    from pruning.blockwise import run_block
+    from evosparse.pruning.blockwise import run_block
 
     model = make_tiny_llama()
     reference = make_tiny_llama()  # same seed: same dense weights

@@ -19,7 +19,7 @@ def test_the_first_two_commands() -> None:
 
 
 def test_every_setting_is_documented_with_its_variable() -> None:
-    from jobs.settings import Settings
+    from evosparse.jobs.settings import Settings
 
     prefix = Settings.model_config.get("env_prefix", "EVOSPARSE_")
     missing = [f"{prefix}{name.upper()}" for name in Settings.model_fields
@@ -28,7 +28,7 @@ def test_every_setting_is_documented_with_its_variable() -> None:
 
 
 def test_every_job_field_is_documented() -> None:
-    from jobs.spec import JobSpec, SearchSettings
+    from evosparse.jobs.spec import JobSpec, SearchSettings
 
     names = [n for n in JobSpec.model_fields if n != "search"]
     names += [f"search.{n}" for n in SearchSettings.model_fields]

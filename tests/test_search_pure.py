@@ -8,12 +8,11 @@ import subprocess
 import sys
 
 import pytest
+from evosparse.search.evolution import EvolutionarySearch, SearchConfig
+from evosparse.search.levels import LevelSpace
+from evosparse.search.operators import crossover, mutate
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from search.evolution import EvolutionarySearch, SearchConfig
-from search.levels import LevelSpace
-from search.operators import crossover, mutate
 
 
 def test_search_package_is_torch_free():

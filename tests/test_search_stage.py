@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import pytest
-
-from jobs.spec import JobSpec, SearchSettings
-from pruning.errors import CancelledError
-from pruning.fitness import ProxyFitness
-from pruning.leveldb import LevelDB
-from search.levels import LevelSpace
-from worker.search_stage import run_search
+from evosparse.jobs.spec import JobSpec, SearchSettings
+from evosparse.pruning.errors import CancelledError
+from evosparse.pruning.fitness import ProxyFitness
+from evosparse.pruning.leveldb import LevelDB
+from evosparse.search.levels import LevelSpace
+from evosparse.worker.search_stage import run_search
 
 
 class Hooks:
@@ -77,7 +76,7 @@ def test_fisher_seed_and_layer_granularity(tiny_llama, tiny_tokens):
 
 
 def test_fisher_seeds_at_several_spreads_all_meet_the_budget(tiny_llama, tiny_tokens):
-    from worker.search_stage import SEED_SPREAD_FACTORS, seed_counts
+    from evosparse.worker.search_stage import SEED_SPREAD_FACTORS, seed_counts
 
     spec = spec_for(seed_from="fisher", granularity="layer")
     db = LevelDB.build(tiny_llama, tiny_tokens, spec.pruner)

@@ -1,16 +1,16 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
-from pruning.layers import find_blocks, prunable_linears, weight_matrix
-from pruning.sensitivity import (
+from evosparse.pruning.layers import find_blocks, prunable_linears, weight_matrix
+from evosparse.pruning.sensitivity import (
     allocation_counts,
     dense_input_stats,
     fisher_traces,
     hessian_traces,
     owl_ratios,
 )
-from search import allocation as alloc
+from evosparse.search import allocation as alloc
+
 from tests.conftest import make_tiny_gpt2, make_tiny_llama
 
 

@@ -4,18 +4,16 @@ import math
 
 import pytest
 import torch
-
-from jobs.spec import JobSpec
-from worker.runner import run_job
+from evosparse.jobs.spec import JobSpec
+from evosparse.worker.runner import run_job
 
 pytestmark = pytest.mark.slow
 
 
 def test_smollm2_wanda_50_uniform_reloads_and_loses_some_quality(tmp_path):
+    from evosparse.pruning.data import get_windows
+    from evosparse.pruning.evaluate import perplexity
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from pruning.data import get_windows
-    from pruning.evaluate import perplexity
 
     spec = JobSpec(model="smollm2-135m", sparsity=0.5, pruner="wanda", allocation="uniform",
                    calib_windows=8, eval_windows=4, seq_len=128)

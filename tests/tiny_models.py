@@ -9,8 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
-from pruning.data import pydoc_text
+from evosparse.pruning.data import pydoc_text
 
 
 def make_tokenizer(vocab_size: int = 320):

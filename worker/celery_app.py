@@ -11,13 +11,12 @@
 from __future__ import annotations
 
 from celery import Celery
-
-from jobs.settings import Settings, get_settings
+from evosparse.jobs.settings import Settings, get_settings
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
     s = settings or get_settings()
-    app = Celery("evosparse", broker=s.broker_url, include=["worker.tasks"])
+    app = Celery("evosparse", broker=s.broker_url, include=["evosparse.worker.tasks"])
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,

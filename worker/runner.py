@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from jobs.spec import JobSpec
-from pruning.errors import CancelledError, PruningConfigError
+from evosparse.jobs.spec import JobSpec
+from evosparse.pruning.errors import CancelledError, PruningConfigError
 
 # Share of overall progress per stage; stages a job skips are dropped and the rest rescaled.
 _STAGE_WEIGHTS = {
@@ -127,14 +126,14 @@ def _atomic_folder(out_dir: Path, overwrite: bool) -> Iterator[Path]:
 
 
 def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    from pruning.layers import prunable_linears
+    from evosparse.pruning.layers import prunable_linears
 
     return {n: m.weight.detach().clone() for n, m in prunable_linears(model).items()}
 
 
 @torch.no_grad()
 def _restore(model: torch.nn.Module, snap: dict[str, torch.Tensor]) -> None:
-    from pruning.layers import prunable_linears
+    from evosparse.pruning.layers import prunable_linears
 
     for n, m in prunable_linears(model).items():
         m.weight.copy_(snap[n])
@@ -148,13 +147,13 @@ def run_job(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run one job; returns the report dict (also written to ``out_dir/report.json``)."""
-    from pruning.data import get_windows
-    from pruning.evaluate import perplexity
-    from pruning.export import export_checkpoint, write_report
-    from pruning.layers import find_blocks
-    from pruning.models import load_model
-    from pruning.prune import prune_model
-    from pruning.sensitivity import (
+    from evosparse.pruning.data import get_windows
+    from evosparse.pruning.evaluate import perplexity
+    from evosparse.pruning.export import export_checkpoint, write_report
+    from evosparse.pruning.layers import find_blocks
+    from evosparse.pruning.models import load_model
+    from evosparse.pruning.prune import prune_model
+    from evosparse.pruning.sensitivity import (
         allocation_counts,
         block_scores,
         dense_input_stats,
@@ -228,7 +227,7 @@ def run_job(
     perplexities: dict[str, float] = {"dense": dense_ppl}
     if evolutionary:
         try:
-            from worker.search_stage import run_search
+            from evosparse.worker.search_stage import run_search
         except ImportError as exc:
             raise PruningConfigError("allocation 'evolutionary' is not available in this build yet") from exc
         dense = _snapshot(model)

@@ -16,15 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from evosparse.jobs.spec import JobSpec, parse_selection
+from evosparse.pruning.errors import CancelledError, PruningConfigError
+from evosparse.pruning.fitness import ProxyFitness
+from evosparse.pruning.leveldb import LevelDB, Unit
+from evosparse.search import allocation as alloc
+from evosparse.search.evolution import EvolutionarySearch, SearchConfig
+from evosparse.search.levels import LevelSpace
 from torch import nn
-
-from jobs.spec import JobSpec, parse_selection
-from pruning.errors import CancelledError, PruningConfigError
-from pruning.fitness import ProxyFitness
-from pruning.leveldb import LevelDB, Unit
-from search import allocation as alloc
-from search.evolution import EvolutionarySearch, SearchConfig
-from search.levels import LevelSpace
 
 
 @dataclass
@@ -81,7 +80,7 @@ def seed_counts(
     Fisher and Hessian give one allocation per spread in ``SEED_SPREAD_FACTORS`` (the first at
     ``spec.sensitivity_spread``); OWL and uniform give one.
     """
-    from pruning import sensitivity as sens
+    from evosparse.pruning import sensitivity as sens
 
     source = spec.search.seed_from
     sizes = [u.size for u in units]

@@ -31,23 +31,22 @@ import uuid
 
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import setup_logging, worker_init, worker_ready, worker_shutting_down
+from evosparse.jobs import repo
+from evosparse.jobs.db import sessionmaker_for
+from evosparse.jobs.log import configure_logging, job_context
+from evosparse.jobs.models import TERMINAL, Job, utcnow
+from evosparse.jobs.settings import Settings, get_settings
+from evosparse.jobs.spec import JobSpec
+from evosparse.jobs.store import store_from_settings
+from evosparse.jobs.validation import SpecRejected, check_spec
+from evosparse.pruning.errors import CancelledError, EvosparseError
+from evosparse.worker.celery_app import app
 from sqlalchemy import select, update
-
-from jobs import repo
-from jobs.db import sessionmaker_for
-from jobs.log import configure_logging, job_context
-from jobs.models import TERMINAL, Job, utcnow
-from jobs.settings import Settings, get_settings
-from jobs.spec import JobSpec
-from jobs.store import store_from_settings
-from jobs.validation import SpecRejected, check_spec
-from pruning.errors import CancelledError, EvosparseError
-from worker.celery_app import app
 
 log = logging.getLogger("evosparse.worker")
 
 try:  # the runner imports torch; the hooks only need its base class
-    from worker.runner import RunHooks
+    from evosparse.worker.runner import RunHooks
 except ImportError:  # pragma: no cover - runner not installed yet
     RunHooks = object  # type: ignore[misc,assignment]
 
@@ -168,7 +167,7 @@ def run_job_task(self, job_id: str) -> str:  # noqa: ANN001
 
 def execute(claim: repo.Claim, settings: Settings) -> str:
     """Run one attempt of a claimed job to a terminal state (or 'lost' if superseded)."""
-    from worker.runner import run_job  # heavy (torch): imported in the process that runs the job
+    from evosparse.worker.runner import run_job  # heavy (torch): imported in the process that runs the job
 
     sessions = sessionmaker_for(settings.resolved_database_url)
     _lower_priority(settings)
@@ -232,7 +231,7 @@ _MAIN_PID = os.getpid()
 
 
 def _fire_webhook(job_id: str, settings: Settings) -> None:
-    from jobs.webhook import deliver
+    from evosparse.jobs.webhook import deliver
 
     sessions = sessionmaker_for(settings.resolved_database_url)
     with sessions() as db:
@@ -307,9 +306,8 @@ def _configure_logging(**_kwargs: object) -> None:
 def _preload(**_kwargs: object) -> None:
     """Import torch/transformers once in the main process, so each forked job process starts warm."""
     try:
+        import evosparse.worker.runner  # noqa: F401
         import transformers  # noqa: F401
-
-        import worker.runner  # noqa: F401
     except Exception:  # the job itself will report the problem
         log.warning("preloading the runner failed", exc_info=True)
 

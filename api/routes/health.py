@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+from evosparse.api import metrics
+from evosparse.jobs.db import engine_for
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
-
-from api import metrics
-from jobs.db import engine_for
 
 router = APIRouter(tags=["health"])
 

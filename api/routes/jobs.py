@@ -5,20 +5,19 @@ from __future__ import annotations
 import json
 import logging
 
+from evosparse.api import metrics
+from evosparse.api.auth import current_team
+from evosparse.api.deps import db_session, get_celery, get_store
+from evosparse.api.schemas import ArtifactList, GenerationList, JobList, JobOut, JobSubmit, Status
+from evosparse.jobs import repo
+from evosparse.jobs.db import sessionmaker_for
+from evosparse.jobs.store import LocalStore, Store
+from evosparse.jobs.validation import SpecRejected, check_spec
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
-
-from api import metrics
-from api.auth import current_team
-from api.deps import db_session, get_celery, get_store
-from api.schemas import ArtifactList, GenerationList, JobList, JobOut, JobSubmit, Status
-from jobs import repo
-from jobs.db import sessionmaker_for
-from jobs.store import LocalStore, Store
-from jobs.validation import SpecRejected, check_spec
 
 log = logging.getLogger("evosparse.api")
 router = APIRouter(prefix="/v1", tags=["jobs"])

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from alembic import context
+from evosparse.jobs.models import Base
 from sqlalchemy import engine_from_config, pool
-
-from jobs.models import Base
 
 config = context.config
 target_metadata = Base.metadata
@@ -15,7 +14,7 @@ def _url() -> str:
     url = config.get_main_option("sqlalchemy.url")
     if url:
         return url
-    from jobs.settings import get_settings
+    from evosparse.jobs.settings import get_settings
 
     return get_settings().resolved_database_url
 

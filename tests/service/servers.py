@@ -133,7 +133,7 @@ class CeleryWorker:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> CeleryWorker:
-        from cli.service_cmd import celery_worker_cmd
+        from evosparse.cli.service_cmd import celery_worker_cmd
 
         self.log = open(self.log_path, "a")
         cmd = celery_worker_cmd(self.env.get("EVOSPARSE_QUEUE", "evosparse"), f"{self.name}@%h")
@@ -158,8 +158,7 @@ class ApiServer:
 
     def __init__(self, settings):  # noqa: ANN001
         import uvicorn
-
-        from api.main import create_app
+        from evosparse.api.main import create_app
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -6,12 +6,11 @@ import datetime as dt
 import uuid
 
 import pytest
+from evosparse.jobs import repo
+from evosparse.jobs.db import migrate, session_scope, sessionmaker_for
+from evosparse.jobs.models import ApiKey, Generation, Job, utcnow
+from evosparse.jobs.settings import Settings
 from sqlalchemy import select, update
-
-from jobs import repo
-from jobs.db import migrate, session_scope, sessionmaker_for
-from jobs.models import ApiKey, Generation, Job, utcnow
-from jobs.settings import Settings
 
 SPEC = {"model": "smollm2-135m", "sparsity": 0.5, "allocation": "evolutionary", "search": {"generations": 5}}
 
@@ -121,7 +120,7 @@ def test_cancel_of_queued_job_is_immediate_and_of_running_job_is_a_flag(db_url):
 
 
 def test_reaper_requeues_dead_workers_jobs_and_fails_after_max_attempts(db_url):
-    from worker.tasks import reap_once
+    from evosparse.worker.tasks import reap_once
 
     settings = Settings(database_url=db_url, stale_after_s=30, max_attempts=2)
     sent: list[str] = []

@@ -14,13 +14,13 @@ import threading
 
 import httpx
 import pytest
+from evosparse.jobs.client import ApiError
+from evosparse.jobs.webhook import verify
 
-from jobs.client import ApiError
-from jobs.webhook import verify
 from tests.service.conftest import wait_status, wait_until
 
-needs_search = pytest.mark.skipif(importlib.util.find_spec("worker.search_stage") is None,
-                                  reason="worker.search_stage (the evolutionary search) has not landed yet")
+needs_search = pytest.mark.skipif(importlib.util.find_spec("evosparse.worker.search_stage") is None,
+                                  reason="evosparse.worker.search_stage (the evolutionary search) has not landed yet")
 
 
 class WebhookReceiver:
@@ -250,8 +250,8 @@ def test_cancel_mid_search_keeps_history(stack):
 @pytest.fixture(scope="session")
 def undisturbed_report(model_root, tmp_path_factory):
     """The same evolutionary job run start to finish in-process (reference for the SIGKILL test)."""
-    from jobs.spec import JobSpec
-    from worker.runner import run_job
+    from evosparse.jobs.spec import JobSpec
+    from evosparse.worker.runner import run_job
 
     spec = JobSpec.model_validate({"model": str(model_root / "tiny"), "sparsity": 0.5, "calib_windows": 4,
                                    "eval_windows": 2, "seq_len": 32, "allocation": "evolutionary",
@@ -292,7 +292,7 @@ def test_sigkill_mid_search_resumes_on_another_worker_with_the_same_result(stack
 
 def test_redelivered_task_for_a_finished_job_does_nothing(stack, done_job):
     client, job = done_job
-    from worker.celery_app import make_celery
+    from evosparse.worker.celery_app import make_celery
 
     make_celery(stack.settings).send_task("evosparse.run_job", args=[job["id"]], queue=stack.settings.queue)
     wait_until(lambda: f"job {job['id']} not run: terminal" in stack.logs(), 60, "the worker to skip the job")
@@ -305,7 +305,7 @@ def test_cli_keys_submit_wait_download_and_exit_codes(stack, tmp_path):
     import sys
 
     def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "cli.main", *args], env=stack.env, capture_output=True,
+        return subprocess.run([sys.executable, "-m", "evosparse.cli.main", *args], env=stack.env, capture_output=True,
                               text=True, timeout=timeout, cwd=tmp_path)
 
     made = cli("keys", "create", "--team", "cli-team")

@@ -8,8 +8,8 @@ import uuid
 
 import httpx
 import pytest
+from evosparse.jobs.store import COMPLETE_MARKER, LocalStore, S3Store, open_store
 
-from jobs.store import COMPLETE_MARKER, LocalStore, S3Store, open_store
 from tests.service.servers import S3_ACCESS_KEY, S3_SECRET_KEY
 
 
@@ -79,7 +79,7 @@ def test_crash_mid_publish_leaves_nothing_that_looks_finished(store, checkpoint,
                 raise OSError("disk full mid-publish")
             return real_copyfile(src, dst, *a, **kw)
 
-        monkeypatch.setattr("jobs.store.shutil.copyfile", flaky_copyfile)
+        monkeypatch.setattr("evosparse.jobs.store.shutil.copyfile", flaky_copyfile)
     with pytest.raises((ConnectionError, OSError)):
         store.put_dir(checkpoint, "jobs/j2/attempt-1")
     assert not store.is_complete("jobs/j2/attempt-1")

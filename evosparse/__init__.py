@@ -1,0 +1,50 @@
+"""evosparse: prune large language models by searching how sparse each layer should be.
+
+The public Python surface:
+
+- ``Client``: the REST client of an evosparse server (submit, wait, download); needs only the
+  base install (``pip install evosparse``).
+- ``prune(spec, out_dir)``: run one pruning job in this process and return its report; needs the
+  ``[worker]`` extra (torch, transformers).
+- ``JobSpec``: the job specification both take.
+
+The subpackages (``evosparse.api``, ``evosparse.worker``, ``evosparse.pruning``,
+``evosparse.search``, ``evosparse.jobs``, ``evosparse.cli``) live in the repository's top-level
+folders of the same names.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from evosparse.jobs.client import ApiError, Client, WaitTimeout
+from evosparse.jobs.spec import JobSpec
+
+if TYPE_CHECKING:
+    from evosparse.worker.runner import RunHooks
+
+try:
+    __version__ = metadata.version("evosparse")
+except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+__all__ = ["ApiError", "Client", "JobSpec", "WaitTimeout", "__version__", "prune"]
+
+
+def prune(
+    spec: JobSpec | dict[str, Any],
+    out_dir: str | Path,
+    hooks: RunHooks | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Run one pruning job in this process; returns report.json's content (also written to ``out_dir``).
+
+    ``spec`` is a JobSpec or its dict form (the same JSON the REST API takes). The output folder
+    appears only when the job completed; on any error nothing is left behind.
+    """
+    from evosparse.worker.runner import run_job  # torch: imported only when a job runs
+
+    job = spec if isinstance(spec, JobSpec) else JobSpec.model_validate(spec)
+    return run_job(job, out_dir, hooks=hooks, overwrite=overwrite)
