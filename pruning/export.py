@@ -48,22 +48,28 @@ def write_report(folder: str | Path, report: dict[str, Any]) -> None:
 
 
 @torch.no_grad()
-def export_checkpoint(
-    model: nn.Module, tokenizer: Any, folder: str | Path, report: dict[str, Any] | None = None
+def save_checkpoint(
+    model: nn.Module, tokenizer: Any, folder: str | Path, linear_names: list[str] | None = None
 ) -> dict[str, Any]:
-    """Save model + tokenizer to ``folder``, measure sparsity from the saved weights, write report.json.
+    """Save model + tokenizer to ``folder``; return the sparsity measured from the saved weights.
 
-    Returns the report with ``global_sparsity`` and ``layer_sparsity`` filled in.
+    Returns ``{"global_sparsity": …, "layer_sparsity": {name: …}}`` (report.json is the caller's).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    names = list(prunable_linears(model))
+    names = linear_names if linear_names is not None else list(prunable_linears(model))
     global_sparsity, layer = measured_sparsity(folder, names)
+    return {"global_sparsity": global_sparsity, "layer_sparsity": layer}
+
+
+def export_checkpoint(
+    model: nn.Module, tokenizer: Any, folder: str | Path, report: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``save_checkpoint`` plus report.json holding ``report`` and the measured sparsity; returns the report."""
     out = dict(report or {})
-    out["global_sparsity"] = global_sparsity
-    out["layer_sparsity"] = layer
+    out.update(save_checkpoint(model, tokenizer, folder))
     write_report(folder, out)
     return out

@@ -8,7 +8,7 @@ the next block. Only one block's activations live at a time.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from evosparse.pruning.blockwise import capture_block_inputs, run_block
@@ -98,9 +98,11 @@ def prune_block(
     return run_block(block.module, hidden, kwargs, batch_size=batch_size)
 
 
-def validate_counts(model: nn.Module, counts: dict[str, int], nm: tuple[int, int] | None) -> None:
+def validate_counts(
+    model: nn.Module, counts: dict[str, int], nm: tuple[int, int] | None, blocks: Sequence[BlockInfo] | None = None
+) -> None:
     """Reject unknown layer names and counts outside [0, numel] before any weight is touched."""
-    sizes = {n: weight_matrix(m).numel() for b in find_blocks(model) for n, m in b.linears.items()}
+    sizes = {n: weight_matrix(m).numel() for b in blocks or find_blocks(model) for n, m in b.linears.items()}
     unknown = sorted(set(counts) - set(sizes))
     if unknown:
         raise PruningConfigError(f"counts name layers the model does not have: {unknown[:3]}")
@@ -119,12 +121,13 @@ def prune_model(
     progress: Progress | None = None,
     should_cancel: Callable[[], bool] | None = None,
     batch_size: int = 8,
+    blocks: Sequence[BlockInfo] | None = None,
 ) -> None:
     """Prune ``model`` in place: ``counts[name]`` weights zeroed in each linear (N:M: count > 0 = apply)."""
     if pruner not in PRUNER_NAMES:
         raise PruningConfigError(f"unknown pruner {pruner!r}; choose one of {', '.join(PRUNER_NAMES)}")
-    validate_counts(model, counts, nm)
-    blocks = find_blocks(model)
+    blocks = list(blocks) if blocks is not None else find_blocks(model)
+    validate_counts(model, counts, nm, blocks)
     if pruner == "magnitude":  # needs no activations: skip the forward passes
         for i, block in enumerate(blocks):
             if should_cancel is not None and should_cancel():

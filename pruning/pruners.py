@@ -15,10 +15,9 @@ Scores are computed in float32 whatever the model's dtype.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from evosparse.pruning.errors import PruningConfigError
+from evosparse.search.allocation import split_proportional
 
 PRUNER_NAMES = ("magnitude", "wanda", "sparsegpt", "dass")
 
@@ -100,17 +99,6 @@ def nm_count(shape: tuple[int, int], nm: tuple[int, int]) -> int:
     return shape[0] * shape[1] * (nm[1] - nm[0]) // nm[1]
 
 
-def _split_exact(total: int, widths: list[int]) -> list[int]:
-    """``total`` split over parts proportional to ``widths`` (largest remainder, sums exactly)."""
-    size = sum(widths)
-    raw = [total * w / size for w in widths]
-    out = [math.floor(r) for r in raw]
-    order = sorted(range(len(widths)), key=lambda i: raw[i] - out[i], reverse=True)
-    for i in order[: total - sum(out)]:
-        out[i] += 1
-    return out
-
-
 def _inverse_hessian_chol(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Upper Cholesky factor of H⁻¹ after dampening; more dampening if H is still not positive definite."""
     h = hessian.float().clone()
@@ -158,7 +146,7 @@ def sparsegpt_prune(
     hinv = _inverse_hessian_chol(hessian, percdamp)
     starts = list(range(0, cols, blocksize))
     widths = [min(blocksize, cols - s) for s in starts]
-    block_counts = _split_exact(count, [rows * wd for wd in widths])
+    block_counts = split_proportional(count, [rows * wd for wd in widths])
     for i1, width, bcount in zip(starts, widths, block_counts, strict=True):
         i2 = i1 + width
         w1 = w[:, i1:i2].clone()

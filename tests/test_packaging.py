@@ -8,6 +8,7 @@ would: both sides import what they own.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,9 +24,12 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     env_dir = tmp_path_factory.mktemp("venv")
     subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True)
     py = env_dir / "bin" / "python"
-    build = tmp_path_factory.mktemp("build")  # build from a copy: no build/ or egg-info in the repo
-    res = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(ROOT)],
-                         cwd=build, capture_output=True, text=True, timeout=600)
+    # pip builds in the source tree (build/, *.egg-info): build from a copy of the sources instead
+    src = tmp_path_factory.mktemp("src") / "evosparse"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", "tests", "bench", ".*_cache"))
+    res = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(src)],
+                         capture_output=True, text=True, timeout=600)
     if res.returncode != 0 and "Could not find a version" in res.stderr + res.stdout:
         pytest.skip(f"no package index reachable: {res.stderr[-300:]}")
     assert res.returncode == 0, res.stderr[-2000:]
