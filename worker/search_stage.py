@@ -157,9 +157,10 @@ def fitness_windows(spec: JobSpec, calib_tokens: torch.Tensor) -> torch.Tensor:
 
 
 class LevelSource:
-    """Where a search gets its level database: a store of earlier jobs' databases, or none."""
+    """Where a search gets its level database: built here (this class), or kept between jobs
+    (worker/leveldb_store.py keys them by model content, pruner and calibration data)."""
 
-    def load(self, model: nn.Module, pruner: str, **kwargs: Any) -> LevelDB | None:  # noqa: ARG002
+    def load(self, model: nn.Module, calib: torch.Tensor, pruner: str, **kwargs: Any) -> LevelDB | None:  # noqa: ARG002
         return None
 
     def build(self, model: nn.Module, calib: torch.Tensor, pruner: str, **kwargs: Any) -> LevelDB:
@@ -217,7 +218,7 @@ def run_search(
         kwargs: dict[str, Any] = {"blocks": blocks, "dense": dense,
                                   "bounds": linear_bounds(units, space) if dense is not None else None}
         source = levels or LevelSource()
-        db = source.load(model, spec.pruner, **kwargs)
+        db = source.load(model, calib_tokens, spec.pruner, **kwargs)
         how = "loaded"
         if db is None:
             setup(f"building the level database ({spec.pruner})")
