@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
-TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+from evosparse.jobs.status import TERMINAL
 
 
 class ApiError(RuntimeError):
