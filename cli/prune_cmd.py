@@ -142,7 +142,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from evosparse.pruning.data import get_windows
     from evosparse.pruning.evaluate import perplexity
-    from evosparse.pruning.models import load_model
+    from evosparse.pruning.loading import load_model
 
     _quiet_transformers()
     if args.windows < 1 or args.seq_len < 2:

@@ -133,5 +133,5 @@ def test_compose_env_vars_are_settings_the_service_reads(compose: dict) -> None:
     for service in ("api", "worker"):
         env = compose["services"][service]["environment"]
         ours = {k for k in env if k.startswith(prefix)}
-        unknown = sorted(ours - known - {"EVOSPARSE_CACHE"})  # EVOSPARSE_CACHE is read by pruning/models.py
+        unknown = sorted(ours - known - {"EVOSPARSE_CACHE"})  # EVOSPARSE_CACHE is read by pruning/loading.py
         assert not unknown, f"{service} sets {unknown}, which jobs.settings.Settings does not read"

@@ -1,7 +1,7 @@
 """Tiny models saved as real Hugging Face folders (model + tokenizer), for end-to-end tests.
 
 The tokenizer is a byte-level BPE trained in code on the pydoc text, so runs through
-``pruning.models.load_model`` exercise the same path a real checkpoint takes.
+``pruning.loading.load_model`` exercise the same path a real checkpoint takes.
 """
 
 from __future__ import annotations

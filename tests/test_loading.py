@@ -1,6 +1,6 @@
 import pytest
 from evosparse.pruning.errors import ModelLoadError
-from evosparse.pruning.models import load_model
+from evosparse.pruning.loading import load_model
 
 
 def test_unreachable_hub_id_fails_fast_with_the_id_in_the_message(monkeypatch):
