@@ -21,7 +21,6 @@ import argparse
 import json
 import random
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -350,5 +349,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT.parent))
     main()
