@@ -87,3 +87,9 @@ def test_base_install_cli_generates_flags_and_names_the_missing_extra(venv: Path
     assert run.returncode == 2, run.stderr
     assert "evosparse[worker]" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "o").exists()
+    # `evosparse submit --wait` draws its progress bar with the base install alone
+    bar = subprocess.run([str(venv / "bin" / "python"), "-c",
+                          "from evosparse.cli.service_cmd import _ProgressBar\n"
+                          "b = _ProgressBar(); b.update({'status': 'RUNNING', 'progress': 0.5}); b.close()"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert bar.returncode == 0, bar.stderr
