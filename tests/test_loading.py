@@ -20,3 +20,23 @@ def test_hf_folder_loads_in_eval_mode_without_cache(tiny_llama_dir):
     model, tokenizer = load_model(str(tiny_llama_dir), device="cpu")
     assert not model.training and model.config.use_cache is False
     assert len(tokenizer) == model.config.vocab_size
+
+
+def test_the_api_admits_exactly_the_built_in_models_the_loader_knows():
+    # jobs/validation.py runs in the API process, which never imports torch, so it keeps the names;
+    # the loader (torch) keeps where each one's weights come from. This keeps the two in step.
+    from evosparse.jobs.validation import BUILTIN_MODELS as admitted
+    from evosparse.pruning.loading import BUILTIN_MODELS as loadable
+
+    assert set(loadable) == set(admitted)
+
+
+def test_the_cache_folder_is_read_from_evosparse_cache(monkeypatch, tmp_path):
+    from evosparse.pruning import config
+
+    monkeypatch.setenv("EVOSPARSE_CACHE", str(tmp_path / "c"))
+    assert config.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("EVOSPARSE_CACHE")
+    assert config.cache_dir().name == "evosparse"
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert config.offline_requested()
