@@ -199,7 +199,7 @@ def test_only_the_users_mistakes_are_one_line_errors(tiny_llama_dir, tmp_path, m
     def bug(*a, **k):
         raise ValueError("an internal bug")
 
-    monkeypatch.setattr(pruning_export, "export_checkpoint", bug)
+    monkeypatch.setattr(pruning_export, "save_checkpoint", bug)
     with pytest.raises(ValueError, match="internal bug"):  # a bug keeps its traceback
         main(["prune", str(tiny_llama_dir), "--sparsity", "0.5", *SMALL, "--out", str(tmp_path / "o")])
     # an OSError about a path the user named (or a file in it, or a folder above it) is the user's
