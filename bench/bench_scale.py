@@ -43,7 +43,7 @@ SYNTHETIC = {
 def synthetic_model_dir(size: str, cache: Path) -> Path:
     """A Llama of the given shape with random weights and SmolLM2's tokenizer, saved once (float32)."""
     import torch
-    from evosparse.pruning.models import load_model
+    from evosparse.pruning.loading import load_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = cache / f"synthetic-llama-{size}"
@@ -112,7 +112,7 @@ def run_one(model_path: str, sparsity: float, workers: int, generations: int, of
     from evosparse.jobs.store import store_from_settings
     from evosparse.pruning.data import get_windows
     from evosparse.pruning.layers import find_blocks
-    from evosparse.pruning.models import load_model
+    from evosparse.pruning.loading import load_model
     from evosparse.pruning.snapshot import DenseWeights
     from evosparse.worker.leveldb_store import LevelStore
     from evosparse.worker.scoring import redis_from_url

@@ -14,7 +14,7 @@ from pathlib import Path
 from evosparse.jobs.settings import Settings
 from evosparse.jobs.spec import JobSpec, parse_selection
 
-BUILTIN_MODELS = frozenset({"smollm2-135m"})  # keep in step with pruning.models.BUILTIN_MODELS
+BUILTIN_MODELS = frozenset({"smollm2-135m"})  # the names of pruning.loading.BUILTIN_MODELS (tests/test_loading.py)
 BUILTIN_DATA = frozenset({"pydoc"})
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
 

@@ -147,7 +147,7 @@ class Job:
 # ---------------------------------------------------------------------------------------- stages
 def load(job: Job) -> None:
     from evosparse.pruning.layers import find_blocks
-    from evosparse.pruning.models import load_model
+    from evosparse.pruning.loading import load_model
     from evosparse.pruning.snapshot import DenseWeights
 
     job.model, job.tokenizer = load_model(job.spec.model, device=job.spec.device, dtype=job.spec.dtype)

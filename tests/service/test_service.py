@@ -7,7 +7,6 @@ Every test runs twice, through the `stack` fixture: "sqlite-local" and "postgres
 from __future__ import annotations
 
 import http.server
-import importlib.util
 import json
 import math
 import threading
@@ -18,9 +17,6 @@ from evosparse.jobs.client import ApiError
 from evosparse.jobs.webhook import verify
 
 from tests.service.conftest import wait_status, wait_until
-
-needs_search = pytest.mark.skipif(importlib.util.find_spec("evosparse.worker.search_stage") is None,
-                                  reason="evosparse.worker.search_stage (the evolutionary search) has not landed yet")
 
 
 class WebhookReceiver:
@@ -233,7 +229,6 @@ def test_list_filter_and_pagination(stack, done_job):
     assert client.http.get("/v1/jobs", params={"limit": 0}).status_code == 422
 
 
-@needs_search
 def test_cancel_mid_search_keeps_history(stack):
     client = stack.client("cancel")
     sub = client.submit(stack.evo_spec(generations=150))
@@ -260,7 +255,6 @@ def undisturbed_report(model_root, tmp_path_factory):
     return run_job(spec, tmp_path_factory.mktemp("undisturbed") / "out")
 
 
-@needs_search
 def test_sigkill_mid_search_resumes_on_another_worker_with_the_same_result(stack, undisturbed_report):
     for w in list(stack.workers):  # exactly one worker, which the test will kill
         w.stop()
