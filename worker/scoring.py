@@ -58,6 +58,11 @@ def redis_from_url(url: str) -> Any:
     return redis.Redis.from_url(url)
 
 
+def reuse_parent_traces(batch_size: int, workers: int) -> bool:
+    """Whether each process can expect several children of the batch (then the parent's trace pays off)."""
+    return batch_size / max(1, workers) >= 2
+
+
 def _keys(batch: str, i: int | None = None) -> dict[str, str]:
     k = {"items": f"{batch}:items", "todo": f"{batch}:todo", "done": f"{batch}:done", "meta": f"{batch}:meta"}
     if i is not None:
@@ -134,7 +139,8 @@ class DistributedFitness:
         pipe = self.r.pipeline()
         pipe.hset(k["items"], mapping={str(i): json.dumps({"v": v, "known": self.local.known_windows(v)})
                                        for i, v in enumerate(vectors)})
-        pipe.set(k["meta"], json.dumps({"tokens": tokens, "parent": self.parent}))
+        pipe.set(k["meta"], json.dumps({"tokens": tokens, "parent": self.parent, "size": len(vectors),
+                                        "workers": self.workers}))
         pipe.rpush(k["todo"], *range(len(vectors)))
         for key in k.values():
             pipe.expire(key, int(BATCH_TTL_S))
@@ -142,9 +148,11 @@ class DistributedFitness:
         pipe.execute()
         for _ in range(min(self.workers - 1, len(vectors) - 1)):
             self.send(self.context, batch)
+        self.local.build_parent_traces = reuse_parent_traces(len(vectors), self.workers)
         try:
             return self._gather(batch, vectors, tokens)
         finally:
+            self.local.build_parent_traces = True
             self.r.delete(*_keys(batch).values())
 
     def _gather(self, batch: str, vectors: list[tuple[int, ...]], tokens: int) -> list[float]:
@@ -302,6 +310,7 @@ def score_batch(context: dict[str, Any], batch: str, r: Any, levels: Any, lease_
         meta = json.loads(raw_meta)
         if meta.get("parent") is not None:
             state.fitness.set_parent(meta["parent"])
+        state.fitness.build_parent_traces = reuse_parent_traces(meta.get("size", 2), meta.get("workers", 1))
         scored = 0
         while (item := r.lpop(k["todo"])) is not None:
             i = int(item)
