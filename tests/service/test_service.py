@@ -177,7 +177,7 @@ def _bad_inputs(model_root):  # noqa: ANN001, ANN202
     ]
 
 
-@pytest.mark.parametrize("case", range(33))
+@pytest.mark.parametrize("case", range(36))
 def test_bad_input_is_refused_and_creates_no_job(stack, case):
     name, body, status = _bad_inputs(stack.model_root)[case]
     client = stack.client("bad-input")
