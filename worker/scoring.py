@@ -325,6 +325,7 @@ def score_batch(context: dict[str, Any], batch: str, r: Any, levels: Any, lease_
                 state.fitness.add_known_windows(v, got["known"])
                 score = state.fitness(v, meta["tokens"])
                 r.hset(k["done"], str(i), json.dumps({"s": score, "w": state.fitness.known_windows(v)}))
+                r.expire(k["done"], int(BATCH_TTL_S))  # the coordinator may have deleted the batch meanwhile
                 scored += 1
             finally:
                 lease.release()
