@@ -155,10 +155,6 @@ class ProxyFitness:
         self._recent_bytes = 0
         self.blocks_run = 0  # window-blocks run, for the tests and the benchmark
         self.windows_scored = 0
-        # Build the parent's trace for a window range on first need (worth it when several children
-        # of this parent are scored here on that range). A scoring process that gets one child per
-        # range turns it off: same scores, bit for bit, since the trace is what running whole gives.
-        self.build_parent_traces = True
 
     # ------------------------------------------------------------------ helpers
     def windows_for(self, tokens: int) -> int:
@@ -207,8 +203,6 @@ class ProxyFitness:
         """Scores of windows lo..hi-1 for ``vector``, run as one range from the first block it changes."""
         rng = (lo, hi)
         start = self._first_diff_block(vector)
-        if start > 0 and rng not in self.parent_trace and not self.build_parent_traces:
-            start = 0  # a lone child: running it whole is cheaper than the parent's trace plus its tail
         base = self._parent_trace(rng) if start > 0 else None
         hidden = base[start] if base is not None else self.inputs[lo:hi]
         self._apply(vector)

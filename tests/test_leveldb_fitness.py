@@ -267,24 +267,3 @@ def test_full_kl_equals_torch_kl_div_of_the_pruned_model(tiny_llama, tiny_tokens
     ref = F.kl_div(pruned, dense, log_target=True, reduction="none").sum(-1).mean()
     assert kl > 1e-4
     assert kl == pytest.approx(float(ref), rel=1e-4)
-
-
-def test_children_run_whole_without_a_parent_trace_score_the_same_bits(tiny_llama, tiny_tokens):
-    """A scoring process with one child per range runs it whole; the bits equal the trace-reusing run."""
-    import random
-
-    from evosparse.search.operators import mutate
-
-    fit, space = make_fitness(tiny_llama, tiny_tokens, batch_windows=2, window_bounds=[32, 96])
-    rng = random.Random(5)
-    parent = mutate(space, space.zero(), rng, switches=3)
-    children = [mutate(space, parent, rng) for _ in range(5)]
-    fit.set_parent(parent)
-    with_trace = [(fit(c, 32), fit(c, 96)) for c in children]
-    assert fit.parent_trace  # the parent's trace was built and reused
-    fit.db.restore()
-    lone, _ = make_fitness(tiny_llama, tiny_tokens, batch_windows=2, window_bounds=[32, 96])
-    lone.build_parent_traces = False
-    lone.set_parent(parent)
-    assert [(lone(c, 32), lone(c, 96)) for c in children] == with_trace
-    assert not lone.parent_trace  # never built

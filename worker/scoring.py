@@ -25,6 +25,11 @@ its per-window scores. So:
   on the scoring queue in FIFO order, so one job's scorers cannot hold another team's job:
   at worst that job's coordinator scores its stages alone.
 
+Cost beyond the one-process search: a process that did not score the new parent itself builds
+the parent's hidden-state trace for a window range on first need (one forward of those windows)
+and keeps it for every later child of that parent, so the price is paid per parent change, not
+per candidate.
+
 Cancel is checked by the coordinator between generations; a cancelled job sends no further
 batch, and its scorers free their memory at the next janitor pass.
 """
@@ -56,11 +61,6 @@ def redis_from_url(url: str) -> Any:
         path = url[len("redis+socket://"):].split("?", 1)[0]
         return redis.Redis(unix_socket_path=path)
     return redis.Redis.from_url(url)
-
-
-def reuse_parent_traces(batch_size: int, workers: int) -> bool:
-    """Whether each process can expect several children of the batch (then the parent's trace pays off)."""
-    return batch_size / max(1, workers) >= 2
 
 
 def _keys(batch: str, i: int | None = None) -> dict[str, str]:
@@ -139,8 +139,7 @@ class DistributedFitness:
         pipe = self.r.pipeline()
         pipe.hset(k["items"], mapping={str(i): json.dumps({"v": v, "known": self.local.known_windows(v)})
                                        for i, v in enumerate(vectors)})
-        pipe.set(k["meta"], json.dumps({"tokens": tokens, "parent": self.parent, "size": len(vectors),
-                                        "workers": self.workers}))
+        pipe.set(k["meta"], json.dumps({"tokens": tokens, "parent": self.parent}))
         pipe.rpush(k["todo"], *range(len(vectors)))
         for key in k.values():
             pipe.expire(key, int(BATCH_TTL_S))
@@ -148,11 +147,9 @@ class DistributedFitness:
         pipe.execute()
         for _ in range(min(self.workers - 1, len(vectors) - 1)):
             self.send(self.context, batch)
-        self.local.build_parent_traces = reuse_parent_traces(len(vectors), self.workers)
         try:
             return self._gather(batch, vectors, tokens)
         finally:
-            self.local.build_parent_traces = True
             self.r.delete(*_keys(batch).values())
 
     def _gather(self, batch: str, vectors: list[tuple[int, ...]], tokens: int) -> list[float]:
@@ -310,7 +307,6 @@ def score_batch(context: dict[str, Any], batch: str, r: Any, levels: Any, lease_
         meta = json.loads(raw_meta)
         if meta.get("parent") is not None:
             state.fitness.set_parent(meta["parent"])
-        state.fitness.build_parent_traces = reuse_parent_traces(meta.get("size", 2), meta.get("workers", 1))
         scored = 0
         while (item := r.lpop(k["todo"])) is not None:
             i = int(item)
