@@ -13,7 +13,9 @@ from typing import Literal, get_args
 from evosparse.search import defaults as search_defaults
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Pruner = Literal["magnitude", "wanda", "sparsegpt", "dass"]
+Pruner = Literal["magnitude", "wanda", "sparsegpt", "dass", "goa"]
+# Pruners that remove whole attention heads and MLP channels (pattern "structured").
+STRUCTURED_PRUNERS = ("goa", "magnitude")
 Allocation = Literal["uniform", "owl", "fisher", "hessian", "evolutionary"]
 SeedSource = Literal["fisher", "hessian", "owl", "uniform"]
 PRUNERS: tuple[str, ...] = get_args(Pruner)
@@ -25,12 +27,12 @@ _SELECTION_RE = re.compile(r"^\d+:\d+(,\d+:\d+)*$")
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """Return (N, M) for an N:M pattern, None for unstructured; raise ValueError otherwise."""
-    if pattern == "unstructured":
+    """Return (N, M) for an N:M pattern, None for unstructured or structured; raise ValueError otherwise."""
+    if pattern in ("unstructured", "structured"):
         return None
     m = _NM_RE.match(pattern)
     if not m:
-        raise ValueError(f"pattern must be 'unstructured' or 'N:M' (e.g. 2:4), got {pattern!r}")
+        raise ValueError(f"pattern must be 'unstructured', 'structured' or 'N:M' (e.g. 2:4), got {pattern!r}")
     n, mm = int(m.group(1)), int(m.group(2))
     if not (0 < n < mm <= 32):
         raise ValueError(f"N:M pattern needs 0 < N < M <= 32, got {pattern!r}")
@@ -96,10 +98,12 @@ class JobSpec(BaseModel):
     model: str = Field("smollm2-135m", description=(
         "Hugging Face folder, hub id, GGUF file, or the built-in 'smollm2-135m'"))
     sparsity: float = Field(description="global target sparsity, 0 < s < 1, counted in parameters (e.g. 0.6)")
-    pruner: Pruner = Field("wanda", description="how one layer is pruned at a given sparsity")
+    pruner: Pruner = Field("wanda", description=(
+        "how one layer is pruned at a given sparsity; goa: whole heads and channels (pattern 'structured')"))
     allocation: Allocation = Field("uniform", description="how the global target is split across layers")
     pattern: str = Field("unstructured", description=(
-        "'unstructured' or N:M such as 2:4 (N:M needs allocation 'uniform')"))
+        "'unstructured', N:M such as 2:4 (N:M needs allocation 'uniform'), or 'structured' (whole attention "
+        "heads with their KV group and MLP channels removed; pruner goa or magnitude)"))
     calib: str = Field("pydoc", description=(
         "calibration source: pydoc, a text file or folder, or a dataset (wikitext2, c4); its first half is used"))
     eval: str = Field("pydoc", description="evaluation source (its second half is used)")
@@ -131,6 +135,20 @@ class JobSpec(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _check_structured(self) -> JobSpec:
+        if self.pruner == "goa" and not self.structured:
+            raise ValueError(f"pruner 'goa' removes whole heads and channels: it needs pattern 'structured', "
+                             f"not {self.pattern!r}")
+        if self.structured:
+            if self.pruner not in STRUCTURED_PRUNERS:
+                raise ValueError(f"pattern 'structured' needs pruner 'goa' or 'magnitude', got {self.pruner!r}")
+            if self.allocation == "evolutionary" and self.search.granularity != "layer":
+                raise ValueError("structured widths are searched per layer: search.granularity must be 'layer'")
+            if self.allocation == "evolutionary" and self.search.workers > 1:
+                raise ValueError("structured widths are searched in one process: search.workers must be 1")
+        return self
+
+    @model_validator(mode="after")
     def _check_pattern_vs_sparsity(self) -> JobSpec:
         nm = parse_pattern(self.pattern)
         if nm is None:
@@ -142,6 +160,11 @@ class JobSpec(BaseModel):
         if abs(self.sparsity - implied) > 1e-6:
             raise ValueError(f"pattern {self.pattern} means sparsity {implied:g}, but sparsity is {self.sparsity:g}")
         return self
+
+    @property
+    def structured(self) -> bool:
+        """Whole heads and channels removed (the model gets physically smaller)."""
+        return self.pattern == "structured"
 
     @property
     def nm(self) -> tuple[int, int] | None:

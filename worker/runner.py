@@ -152,6 +152,11 @@ def load(job: Job) -> None:
 
     job.model, job.tokenizer = load_model(job.spec.model, device=job.spec.device, dtype=job.spec.dtype)
     job.blocks = find_blocks(job.model)
+    if job.spec.structured:  # a target that needs every head of a layer removed fails now, before any work
+        from evosparse.pruning.sensitivity import allocation_counts
+        from evosparse.pruning.structured import check_structured
+
+        check_structured(job.model, allocation_counts(job.model, "uniform", job.spec.sparsity, blocks=job.blocks))
     job.dense = DenseWeights(job.blocks)
 
 
@@ -253,6 +258,17 @@ def uniform_baseline(job: Job) -> None:
     from evosparse.pruning.prune import prune_model
 
     counts = ALLOCATORS["uniform"](job)
+    if job.spec.structured:
+        # Structured pruning changes the shapes: the baseline runs on a copy instead of being undone.
+        import copy
+
+        from evosparse.pruning.structured import prune_structured
+
+        base = copy.deepcopy(job.model)
+        prune_structured(base, job.calib, job.spec.pruner, counts, progress=job.progress.counter("uniform_baseline"),
+                         should_cancel=job.hooks.should_cancel)
+        job.perplexities["uniform"] = perplexity(base, job.evalw)
+        return
     prune_model(job.model, job.calib, job.spec.pruner, counts, job.spec.nm, blocks=job.blocks,
                 progress=job.progress.counter("uniform_baseline"), should_cancel=job.hooks.should_cancel)
     job.perplexities["uniform"] = perplexity(job.model, job.evalw)
@@ -262,8 +278,14 @@ def uniform_baseline(job: Job) -> None:
 def prune(job: Job) -> None:
     from evosparse.pruning.prune import prune_model
 
-    prune_model(job.model, job.calib, job.spec.pruner, job.counts, job.spec.nm, blocks=job.blocks,
-                progress=job.progress.counter("prune"), should_cancel=job.hooks.should_cancel)
+    if job.spec.structured:
+        from evosparse.pruning.structured import prune_structured
+
+        prune_structured(job.model, job.calib, job.spec.pruner, job.counts, progress=job.progress.counter("prune"),
+                         should_cancel=job.hooks.should_cancel)
+    else:
+        prune_model(job.model, job.calib, job.spec.pruner, job.counts, job.spec.nm, blocks=job.blocks,
+                    progress=job.progress.counter("prune"), should_cancel=job.hooks.should_cancel)
     job.dense = None  # nothing restores the dense model after this: free the snapshot
 
 
@@ -323,7 +345,12 @@ def _export(job: Job, folder: Path, timings: dict[str, float], t_job: float) -> 
 
     t0 = time.perf_counter()
     job.progress("export", 0.0)
-    measured = save_checkpoint(job.model, job.tokenizer, folder, [n for b in job.blocks for n in b.linears])
+    if job.spec.structured:  # smaller shapes: sparsity is measured as weights removed, not zeros
+        from evosparse.pruning.structured_export import save_structured
+
+        measured = save_structured(job.model, job.tokenizer, folder)
+    else:
+        measured = save_checkpoint(job.model, job.tokenizer, folder, [n for b in job.blocks for n in b.linears])
     s = job.spec
     report = dict(job.report)
     report.update({

@@ -198,6 +198,10 @@ def run_search(
     blocks = list(blocks) if blocks is not None else find_blocks(model)
     units = search_units(blocks, spec.search.granularity)
     space = search_space(spec, units)
+    if spec.structured:  # widths: no block may be pushed past its last KV group and channel
+        from evosparse.pruning.structured_leveldb import structured_space
+
+        space = structured_space(spec.sparsity, spec.search.step_fraction, spec.search.max_level_delta, units, blocks)
 
     t0 = time.perf_counter()
     setup(f"{spec.search.seed_from} seed allocations")
@@ -213,6 +217,13 @@ def run_search(
 
     t2 = time.perf_counter()
     how = "given"
+    if db is None and spec.structured:  # its own database (rankings and Gram matrices), built per job
+        from evosparse.pruning.structured_leveldb import StructuredLevelDB
+
+        setup(f"building the structured level database ({spec.pruner})")
+        db = StructuredLevelDB.build(model, calib_tokens, spec.pruner,
+                                     max_fraction=spec.sparsity + spec.search.max_level_delta)
+        how = "built"
     if db is None:
         # With the runner's dense snapshot to restore from, keep only the reachable rank band.
         kwargs: dict[str, Any] = {"blocks": blocks, "dense": dense,

@@ -1,0 +1,202 @@
+"""The level database for structured widths: the search's fitness runs on it like on ``LevelDB``.
+
+Built once from the DENSE model (dense block outputs feed the next block, as ``LevelDB``), so a
+block's pruned form at a given budget does not depend on the other blocks' choices. Per block
+it holds:
+
+- the unit rankings: KV groups and MLP channels ordered by the pruner's score (GOA's output
+  contribution, or the weight norm), so a level is "keep the top k units";
+- the Gram matrices of o_proj's and down_proj's inputs, from which the reconstructed second
+  layer of any level is computed once on first use and kept (least recently used dropped past
+  ``memory_limit_bytes``; recomputing one is a single small linear solve).
+
+A block's level is a count of weights, mapped to (KV groups, channels) removed by
+``structured.plan_widths``, exactly as the final block-sequential pruning maps it. The model is
+kept in the *padded* form while searching: removed units' o_proj / down_proj columns are zero and
+the kept columns hold the reconstruction, which computes the same function as the physically
+smaller block. Only o_proj and down_proj are ever rewritten.
+
+It has the interface ``pruning.fitness.ProxyFitness`` uses (``blocks``, ``units``,
+``linear_counts``, ``apply``, ``restore``), so the search, its seeding and its exact level
+arithmetic run unchanged on structured levels.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from evosparse.pruning.blockwise import capture_block_inputs, run_block
+from evosparse.pruning.errors import PruningConfigError
+from evosparse.pruning.layers import find_blocks
+from evosparse.pruning.leveldb import LevelDB, Unit
+from evosparse.pruning.structured import (
+    STRUCTURED_PRUNERS,
+    BlockUnits,
+    block_units,
+    channel_norm_scores,
+    channel_output_scores,
+    gram_hook,
+    group_columns,
+    group_norm_scores,
+    max_fraction,
+    output_scores,
+    plan_widths,
+    reconstruct,
+)
+from evosparse.search.levels import LevelSpace
+from torch import nn
+
+
+class StructuredLevelDB:
+    def __init__(self, model: nn.Module, pruner: str, grams: list[dict[str, torch.Tensor]] | None,
+                 reconstruct_second: bool = True, memory_limit_bytes: int = 1 << 30) -> None:
+        if pruner not in STRUCTURED_PRUNERS:
+            raise PruningConfigError(f"structured levels need pruner {' or '.join(STRUCTURED_PRUNERS)}, got {pruner!r}")
+        if pruner == "goa" and grams is None:
+            raise PruningConfigError("pruner 'goa' needs calibration statistics")
+        self.model = model
+        self.pruner = pruner
+        self.reconstruct = reconstruct_second and pruner == "goa"
+        self.blocks = find_blocks(model)
+        self.units_of: list[BlockUnits] = [block_units(b) for b in self.blocks]
+        self.grams = grams
+        self.dense_o = [u.attn.o_proj.weight.detach().clone() for u in self.units_of]
+        self.dense_down = [u.mlp.down_proj.weight.detach().clone() for u in self.units_of]
+        self.group_order: list[torch.Tensor] = []  # ascending score: removal order
+        self.channel_order: list[torch.Tensor] = []
+        for i, u in enumerate(self.units_of):
+            if pruner == "magnitude":
+                gs, cs = group_norm_scores(u), channel_norm_scores(u)
+            else:
+                g = grams[i]  # type: ignore[index]
+                gs = output_scores(self.dense_o[i], g["o"], [group_columns(u, k) for k in range(u.groups)])
+                cs = channel_output_scores(self.dense_down[i], torch.diagonal(g["down"]))
+            self.group_order.append(torch.argsort(gs, stable=True))
+            self.channel_order.append(torch.argsort(cs, stable=True).to(torch.int32))
+        self.current: list[tuple[int, int]] = [(0, 0)] * len(self.blocks)
+        self.cache: OrderedDict[tuple[str, int, int], torch.Tensor] = OrderedDict()
+        self.memory_limit = memory_limit_bytes
+        self._cache_bytes = 0
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model: nn.Module, calib_tokens: torch.Tensor, pruner: str, batch_size: int = 4,
+              reconstruct_second: bool = True) -> StructuredLevelDB:
+        grams = None
+        if pruner == "goa":
+            grams = []
+            inputs = capture_block_inputs(model, calib_tokens)
+            hidden = inputs.hidden
+            for info in find_blocks(model):
+                u = block_units(info)
+                store: dict[str, torch.Tensor] = {}
+                handles = [u.attn.o_proj.register_forward_hook(gram_hook(store, "o")),
+                           u.mlp.down_proj.register_forward_hook(gram_hook(store, "down"))]
+                try:
+                    hidden = run_block(info.module, hidden, inputs.kwargs, batch_size)
+                finally:
+                    for h in handles:
+                        h.remove()
+                grams.append(store)
+        return cls(model, pruner, grams, reconstruct_second)
+
+    # ------------------------------------------------------------------ units
+    def units(self, granularity: str) -> list[Unit]:
+        if granularity != "layer":
+            raise PruningConfigError("structured widths are searched per layer (search.granularity 'layer')")
+        return [Unit(info.name, info.index, list(info.linears),
+                     [m.weight.numel() for m in info.linears.values()]) for info in self.blocks]
+
+    linear_counts = staticmethod(LevelDB.linear_counts)
+
+    def max_fractions(self) -> list[float]:
+        """Per block, the largest fraction structured pruning can remove (one group, one channel kept)."""
+        return [max_fraction(u) for u in self.units_of]
+
+    # ------------------------------------------------------------------ levels
+    def _cached(self, key: tuple[str, int, int], make) -> torch.Tensor:
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        w = make()
+        nbytes = w.numel() * w.element_size()
+        while self.cache and self._cache_bytes + nbytes > self.memory_limit:
+            _, old = self.cache.popitem(last=False)
+            self._cache_bytes -= old.numel() * old.element_size()
+        self.cache[key] = w
+        self._cache_bytes += nbytes
+        return w
+
+    def o_weight(self, block: int, groups_removed: int) -> torch.Tensor:
+        """o_proj in the padded form with ``groups_removed`` KV groups gone (dense shape)."""
+        dense = self.dense_o[block]
+        if groups_removed == 0:
+            return dense
+        u = self.units_of[block]
+
+        def make() -> torch.Tensor:
+            keep = torch.sort(self.group_order[block][groups_removed:]).values
+            cols = torch.cat([group_columns(u, int(g)) for g in keep])
+            out = torch.zeros_like(dense)
+            if self.reconstruct:
+                out[:, cols] = reconstruct(dense, self.grams[block]["o"], cols).to(dense.dtype)  # type: ignore[index]
+            else:
+                out[:, cols] = dense[:, cols]
+            return out
+
+        return self._cached(("o", block, groups_removed), make)
+
+    def down_weight(self, block: int, channels_removed: int) -> torch.Tensor:
+        dense = self.dense_down[block]
+        if channels_removed == 0:
+            return dense
+
+        def make() -> torch.Tensor:
+            keep = torch.sort(self.channel_order[block][channels_removed:].long()).values
+            out = torch.zeros_like(dense)
+            if self.reconstruct:
+                out[:, keep] = reconstruct(dense, self.grams[block]["down"], keep).to(dense.dtype)  # type: ignore[index]
+            else:
+                out[:, keep] = dense[:, keep]
+            return out
+
+        return self._cached(("down", block, channels_removed), make)
+
+    @torch.no_grad()
+    def apply(self, counts: dict[str, int]) -> list[str]:
+        """Put the model in the state ``counts`` (per linear, summed per block); returns the blocks changed."""
+        changed = []
+        for i, info in enumerate(self.blocks):
+            budget = sum(counts.get(n, 0) for n in info.linears)
+            plan = plan_widths(self.units_of[i], budget)
+            if plan == self.current[i]:
+                continue
+            g, c = plan
+            if g != self.current[i][0]:
+                self.units_of[i].attn.o_proj.weight.copy_(self.o_weight(i, g))
+            if c != self.current[i][1]:
+                self.units_of[i].mlp.down_proj.weight.copy_(self.down_weight(i, c))
+            self.current[i] = plan
+            changed.append(info.name)
+        return changed
+
+    def restore(self) -> None:
+        """Back to the dense weights."""
+        self.apply({})
+
+    def nbytes(self) -> int:
+        tensors = self.dense_o + self.dense_down
+        if self.grams is not None:
+            tensors += [t for g in self.grams for t in g.values()]
+        return sum(t.numel() * t.element_size() for t in tensors) + self._cache_bytes
+
+
+def structured_space(target: float, step_fraction: float, max_level_delta: float, units: list[Unit],
+                     blocks: list) -> LevelSpace:
+    """The search's level space for structured widths: the usual one, its spread capped so that no
+    block can be asked to lose its last KV group or MLP channel."""
+    room = min(max_fraction(block_units(b)) for b in blocks) - target
+    if room <= 0:
+        raise PruningConfigError(f"sparsity {target} leaves no room to search structured widths")
+    return LevelSpace.build([u.size for u in units], target, step_fraction, min(max_level_delta, room))
