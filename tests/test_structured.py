@@ -248,3 +248,24 @@ def test_job_searched_widths_end_to_end(tiny_llama_dir, tmp_path):
     widths = [b["intermediate_size"] for b in report["structure"]["layers"]]
     for info, wdt in zip(find_blocks(model), widths, strict=True):
         assert info.module.mlp.down_proj.weight.shape[1] == wdt
+
+
+def test_cli_structured_prune_and_eval(tiny_llama_dir, tmp_path, capsys):
+    from evosparse.cli.main import main
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    small = ["--calib-windows", "4", "--eval-windows", "2", "--seq-len", "32"]
+    assert main(["prune", str(tiny_llama_dir), "--sparsity", "0.3", "--pruner", "goa", "--pattern", "structured",
+                 *small, "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["pattern"] == "structured" and report["structure"]["form"] == "hf-uniform"
+    assert AutoModelForCausalLM.from_pretrained(out).config.intermediate_size < 160
+    capsys.readouterr()
+    assert main(["eval", str(out), "--data", "pydoc", "--windows", "2", "--seq-len", "32"]) == 0
+    assert f"perplexity {report['perplexity']['pruned']:.3f}" in capsys.readouterr().out
+    bad = tmp_path / "bad"
+    assert main(["prune", str(tiny_llama_dir), "--sparsity", "0.5", "--pruner", "goa", "--pattern", "2:4",
+                 *small, "--out", str(bad)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "needs pattern 'structured'" in err[0] and not bad.exists()
