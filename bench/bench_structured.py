@@ -130,7 +130,8 @@ def cmd_quality(args) -> None:
                     from evosparse.pruning.structured_leveldb import StructuredLevelDB
 
                     t_db = time.perf_counter()
-                    db = StructuredLevelDB.build(model, calib, "goa")
+                    top = max(float(x) for x in args.sparsities.split(","))
+                    db = StructuredLevelDB.build(model, calib, "goa", max_fraction=top + spec.search.max_level_delta)
                     db_seconds = time.perf_counter() - t_db
                     results["leveldb_seconds"] = db_seconds
                 # The search runs on the dense model the database holds and leaves it dense.

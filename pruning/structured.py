@@ -48,6 +48,7 @@ from torch import nn
 
 STRUCTURED_PRUNERS = ("goa", "magnitude")
 RIDGE = 0.01  # λ = RIDGE × mean diagonal of G_KK, as SparseGPT's dampening
+GREEDY_STEPS = 64  # MLP channels leave in steps of channels // GREEDY_STEPS (see greedy_removal_order)
 
 
 @dataclass
@@ -160,6 +161,72 @@ def channel_norm_scores(units: BlockUnits) -> torch.Tensor:
     m = units.mlp
     sq = m.gate_proj.weight.float().pow(2).sum(1) + m.up_proj.weight.float().pow(2).sum(1)
     return (sq + m.down_proj.weight.float().pow(2).sum(0)).sqrt()
+
+
+def _damped_inverse(gram: torch.Tensor, ridge: float) -> torch.Tensor:
+    g = gram.float()
+    diag = torch.diagonal(g)
+    lam = ridge * float(diag.mean()) if bool((diag > 0).any()) else 1.0
+    return torch.linalg.inv(g + lam * torch.eye(g.shape[0], dtype=g.dtype, device=g.device))
+
+
+@torch.no_grad()
+def greedy_removal_order(w2: torch.Tensor, gram: torch.Tensor, unit_cols: list[torch.Tensor] | None,
+                         n_remove: int, ridge: float = RIDGE) -> list[int]:
+    """Units in the order greedy output approximation removes them, reconstruction taken into account.
+
+    With the kept columns S least-squares optimal (B = the reconstructed W2 on S), removing a set of
+    columns Q raises the output error by tr(B_Q [(G_SS)⁻¹]_QQ⁻¹ B_Qᵀ) (the OBS formula, a column set at
+    a time). Each step removes the unit with the smallest rise, then downdates B and (G_SS)⁻¹ by that
+    removal, so later choices see the reconstruction of the earlier ones. ``unit_cols`` None means
+    one column per unit; those are removed ``n_units // GREEDY_STEPS`` at a time (the lowest rises
+    of the step, in order), which keeps the cost to about GREEDY_STEPS downdates of (G_SS)⁻¹ per
+    layer. The step size depends only on the layer, so the order is nested: its first k entries
+    are what a run asked for k removals returns, for every k (the level database relies on it).
+    """
+    ginv = _damped_inverse(gram, ridge)
+    b = w2.float().clone()
+    n_units = b.shape[1] if unit_cols is None else len(unit_cols)
+    alive = torch.ones(n_units, dtype=torch.bool)
+    order: list[int] = []
+    batch = max(1, n_units // GREEDY_STEPS) if unit_cols is None else 1
+    n_remove = min(n_remove, n_units)
+    while len(order) < n_remove:
+        if unit_cols is None:  # single columns: all scores in one vectorised step
+            score = b.pow(2).sum(0) / torch.diagonal(ginv).clamp_min(1e-30)
+            score[~alive] = float("inf")
+            take = min(batch, n_remove - len(order))
+            picked = torch.argsort(score, stable=True)[:take]
+            cols = picked
+            js = [int(j) for j in picked]
+        else:
+            best, j = float("inf"), -1
+            for u in range(n_units):
+                if not alive[u]:
+                    continue
+                q = unit_cols[u]
+                bq = b[:, q]
+                rise = float(torch.einsum("oi,ij,oj->", bq, torch.linalg.inv(ginv[q][:, q]), bq))
+                if rise < best:
+                    best, j = rise, u
+            cols = unit_cols[j]
+            js = [j]
+        m_inv = torch.linalg.inv(ginv[cols][:, cols])
+        rows = ginv[cols]  # [|Q|, n]
+        b -= b[:, cols] @ m_inv @ rows
+        ginv -= rows.t() @ m_inv @ rows
+        b[:, cols] = 0
+        ginv[cols] = 0
+        ginv[:, cols] = 0
+        ginv[cols, cols] = 1.0  # removed columns: decoupled, never chosen again
+        alive[js] = False
+        order.extend(js)
+    return order
+
+
+def keep_after_removing(n_units: int, removed: list[int]) -> torch.Tensor:
+    gone = set(removed)
+    return torch.tensor([u for u in range(n_units) if u not in gone], dtype=torch.long)
 
 
 def keep_top(scores: torch.Tensor, remove: int) -> torch.Tensor:
@@ -306,23 +373,26 @@ def input_gram(block: nn.Module, linear: nn.Module, hidden: torch.Tensor, kwargs
     return store["g"]
 
 
-def attention_keep(units: BlockUnits, remove: int, pruner: str, gram: torch.Tensor | None) -> torch.Tensor:
+def attention_keep(units: BlockUnits, remove: int, pruner: str, gram: torch.Tensor | None,
+                   greedy: bool = True) -> torch.Tensor:
+    """KV groups kept: by norm (magnitude), greedy output approximation, or single-unit output scores."""
     if pruner == "magnitude":
-        scores = group_norm_scores(units)
-    else:
-        assert gram is not None
-        scores = output_scores(units.attn.o_proj.weight, gram,
-                               [group_columns(units, g) for g in range(units.groups)])
-    return keep_top(scores, remove)
+        return keep_top(group_norm_scores(units), remove)
+    assert gram is not None
+    cols = [group_columns(units, g) for g in range(units.groups)]
+    if greedy:
+        return keep_after_removing(units.groups, greedy_removal_order(units.attn.o_proj.weight, gram, cols, remove))
+    return keep_top(output_scores(units.attn.o_proj.weight, gram, cols), remove)
 
 
-def mlp_keep(units: BlockUnits, remove: int, pruner: str, gram: torch.Tensor | None) -> torch.Tensor:
+def mlp_keep(units: BlockUnits, remove: int, pruner: str, gram: torch.Tensor | None,
+             greedy: bool = True) -> torch.Tensor:
     if pruner == "magnitude":
-        scores = channel_norm_scores(units)
-    else:
-        assert gram is not None
-        scores = channel_output_scores(units.mlp.down_proj.weight, torch.diagonal(gram))
-    return keep_top(scores, remove)
+        return keep_top(channel_norm_scores(units), remove)
+    assert gram is not None
+    if greedy:
+        return keep_after_removing(units.channels, greedy_removal_order(units.mlp.down_proj.weight, gram, None, remove))
+    return keep_top(channel_output_scores(units.mlp.down_proj.weight, torch.diagonal(gram)), remove)
 
 
 @torch.no_grad()
@@ -338,7 +408,7 @@ def prune_block_structured(
     keep_g = torch.arange(units.groups)
     if g_remove:
         gram = input_gram(info.module, units.attn.o_proj, hidden, kwargs, batch_size) if data else None
-        keep_g = attention_keep(units, g_remove, pruner, gram)
+        keep_g = attention_keep(units, g_remove, pruner, gram, greedy=reconstruct_second)
         o_new = None
         if data and reconstruct_second:
             cols = torch.cat([group_columns(units, int(g)) for g in keep_g])
@@ -349,7 +419,7 @@ def prune_block_structured(
     if c_remove:
         # Re-run with the pruned attention: the MLP is ranked and rebuilt on the inputs it will see.
         gram = input_gram(info.module, units.mlp.down_proj, hidden, kwargs, batch_size) if data else None
-        keep_c = mlp_keep(units, c_remove, pruner, gram)
+        keep_c = mlp_keep(units, c_remove, pruner, gram, greedy=reconstruct_second)
         d_new = reconstruct(units.mlp.down_proj.weight, gram, keep_c) if data and reconstruct_second else None
         shrink_mlp(units, keep_c, d_new)
         del gram

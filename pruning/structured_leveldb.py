@@ -37,6 +37,7 @@ from evosparse.pruning.structured import (
     channel_norm_scores,
     channel_output_scores,
     gram_hook,
+    greedy_removal_order,
     group_columns,
     group_norm_scores,
     max_fraction,
@@ -48,9 +49,17 @@ from evosparse.search.levels import LevelSpace
 from torch import nn
 
 
+def _most_channels(units: BlockUnits, limit: float) -> int:
+    """The most channels any budget up to ``limit`` of the block removes (fewer past a group step)."""
+    top = min(limit, max_fraction(units))
+    counts = range(0, int(top * units.params) + 1, units.channel_params)
+    return max(plan_widths(units, c)[1] for c in counts)
+
+
 class StructuredLevelDB:
     def __init__(self, model: nn.Module, pruner: str, grams: list[dict[str, torch.Tensor]] | None,
-                 reconstruct_second: bool = True, memory_limit_bytes: int = 1 << 30) -> None:
+                 reconstruct_second: bool = True, memory_limit_bytes: int = 1 << 30,
+                 max_fraction: float = 1.0) -> None:
         if pruner not in STRUCTURED_PRUNERS:
             raise PruningConfigError(f"structured levels need pruner {' or '.join(STRUCTURED_PRUNERS)}, got {pruner!r}")
         if pruner == "goa" and grams is None:
@@ -63,26 +72,43 @@ class StructuredLevelDB:
         self.grams = grams
         self.dense_o = [u.attn.o_proj.weight.detach().clone() for u in self.units_of]
         self.dense_down = [u.mlp.down_proj.weight.detach().clone() for u in self.units_of]
-        self.group_order: list[torch.Tensor] = []  # ascending score: removal order
+        self.group_order: list[torch.Tensor] = []  # removal order (nested: level k removes the first k)
         self.channel_order: list[torch.Tensor] = []
         for i, u in enumerate(self.units_of):
-            if pruner == "magnitude":
-                gs, cs = group_norm_scores(u), channel_norm_scores(u)
-            else:
-                g = grams[i]  # type: ignore[index]
-                gs = output_scores(self.dense_o[i], g["o"], [group_columns(u, k) for k in range(u.groups)])
-                cs = channel_output_scores(self.dense_down[i], torch.diagonal(g["down"]))
-            self.group_order.append(torch.argsort(gs, stable=True))
-            self.channel_order.append(torch.argsort(cs, stable=True).to(torch.int32))
+            self.group_order.append(self._order(i, "o", u.groups - 1))
+            self.channel_order.append(self._order(i, "down", _most_channels(u, max_fraction)))
         self.current: list[tuple[int, int]] = [(0, 0)] * len(self.blocks)
         self.cache: OrderedDict[tuple[str, int, int], torch.Tensor] = OrderedDict()
         self.memory_limit = memory_limit_bytes
         self._cache_bytes = 0
 
+    def _order(self, block: int, which: str, n_remove: int) -> torch.Tensor:
+        """The first ``n_remove`` units of the block's removal order (KV groups for 'o', channels for 'down')."""
+        u = self.units_of[block]
+        if which == "o":
+            w, cols = self.dense_o[block], [group_columns(u, k) for k in range(u.groups)]
+        else:
+            w, cols = self.dense_down[block], None
+        if self.pruner == "magnitude":
+            scores = group_norm_scores(u) if which == "o" else channel_norm_scores(u)
+            return torch.argsort(scores, stable=True)[:n_remove]
+        gram = self.grams[block][which]  # type: ignore[index]
+        if self.reconstruct:  # greedy output approximation with reconstruction, as the block-sequential pruner
+            return torch.tensor(greedy_removal_order(w, gram, cols, n_remove), dtype=torch.long)
+        scores = (output_scores(w, gram, cols) if which == "o"
+                  else channel_output_scores(w, torch.diagonal(gram)))
+        return torch.argsort(scores, stable=True)[:n_remove]
+
+    def _removed(self, block: int, which: str, n: int) -> torch.Tensor:
+        orders = self.group_order if which == "o" else self.channel_order
+        if n > len(orders[block]):  # beyond the precomputed range (max_fraction): extend once
+            orders[block] = self._order(block, which, n)
+        return orders[block][:n]
+
     @classmethod
     @torch.no_grad()
     def build(cls, model: nn.Module, calib_tokens: torch.Tensor, pruner: str, batch_size: int = 4,
-              reconstruct_second: bool = True) -> StructuredLevelDB:
+              reconstruct_second: bool = True, max_fraction: float = 1.0) -> StructuredLevelDB:
         grams = None
         if pruner == "goa":
             grams = []
@@ -99,7 +125,7 @@ class StructuredLevelDB:
                     for h in handles:
                         h.remove()
                 grams.append(store)
-        return cls(model, pruner, grams, reconstruct_second)
+        return cls(model, pruner, grams, reconstruct_second, max_fraction=max_fraction)
 
     # ------------------------------------------------------------------ units
     def units(self, granularity: str) -> list[Unit]:
@@ -136,7 +162,8 @@ class StructuredLevelDB:
         u = self.units_of[block]
 
         def make() -> torch.Tensor:
-            keep = torch.sort(self.group_order[block][groups_removed:]).values
+            gone = set(self._removed(block, "o", groups_removed).tolist())
+            keep = [g for g in range(u.groups) if g not in gone]
             cols = torch.cat([group_columns(u, int(g)) for g in keep])
             out = torch.zeros_like(dense)
             if self.reconstruct:
@@ -153,7 +180,10 @@ class StructuredLevelDB:
             return dense
 
         def make() -> torch.Tensor:
-            keep = torch.sort(self.channel_order[block][channels_removed:].long()).values
+            gone = self._removed(block, "down", channels_removed)
+            mask = torch.ones(dense.shape[1], dtype=torch.bool)
+            mask[gone] = False
+            keep = torch.nonzero(mask).squeeze(1)
             out = torch.zeros_like(dense)
             if self.reconstruct:
                 out[:, keep] = reconstruct(dense, self.grams[block]["down"], keep).to(dense.dtype)  # type: ignore[index]

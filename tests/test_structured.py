@@ -118,7 +118,7 @@ def test_per_layer_widths_export_reads_back_and_padded_form_matches(tmp_path, ti
     padded = AutoModelForCausalLM.from_pretrained(tmp_path / PADDED_DIR).eval()  # stock shapes, zeros
     assert padded.config.intermediate_size == 160 and padded.config.num_key_value_heads == 2
     torch.testing.assert_close(_logits(padded, x), ref, rtol=1e-4, atol=1e-4)
-    with pytest.raises(Exception):  # the small per-layer form is not a stock Llama checkpoint
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # not a stock Llama checkpoint
         AutoModelForCausalLM.from_pretrained(tmp_path)
     # evosparse's loader (and so `evosparse eval`) reads it; it needs a tokenizer in the folder
     from tests.tiny_models import make_tokenizer
@@ -269,3 +269,29 @@ def test_cli_structured_prune_and_eval(tiny_llama_dir, tmp_path, capsys):
                  *small, "--out", str(bad)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(err) == 1 and "needs pattern 'structured'" in err[0] and not bad.exists()
+
+
+def test_greedy_removal_matches_brute_force_least_squares():
+    """Each greedy step removes the unit whose removal, after re-fitting the rest, costs least."""
+    from evosparse.pruning.structured import greedy_removal_order, reconstruct
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 10, generator=g) @ torch.randn(10, 10, generator=g)
+    w = torch.randn(4, 10, generator=g)
+    gram = x.t() @ x
+
+    def err(keep):
+        k = torch.tensor(keep)
+        return float((x @ w.t() - x[:, k] @ reconstruct(w, gram, k, ridge=0.0).t()).pow(2).sum())
+
+    order = greedy_removal_order(w, gram, None, 3, ridge=1e-9)
+    kept: list[int] = list(range(10))
+    for j in order:
+        best = min(kept, key=lambda u: err([v for v in kept if v != u]))
+        assert j == best
+        kept.remove(j)
+    # column sets (KV groups): the same rule a set at a time; the order is nested
+    cols = [torch.tensor([0, 1]), torch.tensor([2, 3, 4]), torch.tensor([5, 6]), torch.tensor([7, 8, 9])]
+    groups = greedy_removal_order(w, gram, cols, 2, ridge=1e-9)
+    first = min(range(4), key=lambda u: err([c for v in range(4) if v != u for c in cols[v].tolist()]))
+    assert groups[0] == first and greedy_removal_order(w, gram, cols, 1, ridge=1e-9) == groups[:1]
