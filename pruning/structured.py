@@ -11,13 +11,17 @@ Each Llama-style block holds two kinds of depth-2 units (Li, Lei, Dong 2024, arX
 A unit's contribution to its module's output is additive: the output is Σ_u W2[:, u] · x_u
 with x_u the unit's activation (the input of o_proj / down_proj). Pruners:
 
-- ``goa`` ranks units by how much removing each one alone changes the module output on the
-  calibration tokens, ‖X_u W2[:, u]ᵀ‖²_F = tr(W2_u G_uu W2_uᵀ) with G = XᵀX the Gram matrix of the
-  second layer's input, then *reconstructs* the second layer so the kept units approximate the
-  original output: W2' = argmin ‖X W2ᵀ − X_K W2'ᵀ‖² = W2 G[:, K] (G_KK + λI)⁻¹ (least squares on
-  the calibration activations, 1 % ridge for conditioning). Attention is ranked and rebuilt
+- ``goa`` (greedy output approximation) removes units one step at a time, each time the unit
+  whose removal raises the module's output error least *after* the second layer is re-fitted
+  to the kept units by least squares on the calibration activations: with G = XᵀX the Gram
+  matrix of o_proj's / down_proj's input and B the re-fitted second layer on the kept set S,
+  removing columns Q costs tr(B_Q [(G_SS)⁻¹]_QQ⁻¹ B_Qᵀ) (the OBS formula for a column set), and
+  B and (G_SS)⁻¹ are downdated after each removal. The kept units' second layer is then
+  W2' = W2 G[:, K] (G_KK + λI)⁻¹ (1 % ridge for conditioning). Attention is pruned and rebuilt
   first; the block is then re-run so the MLP is ranked and rebuilt on the inputs the pruned
-  attention produces (the two steps of the reconstruction).
+  attention produces (the two steps of the reconstruction). Without reconstruction
+  (``reconstruct_second=False``, an ablation) units are ranked by their own output contribution
+  ‖X_u W2[:, u]ᵀ‖²_F = tr(W2_u G_uu W2_uᵀ), the error of removing that unit alone.
 - ``magnitude`` ranks units by the L2 norm of all their weights (no data, no reconstruction):
   the baseline.
 

@@ -4,8 +4,9 @@ Built once from the DENSE model (dense block outputs feed the next block, as ``L
 block's pruned form at a given budget does not depend on the other blocks' choices. Per block
 it holds:
 
-- the unit rankings: KV groups and MLP channels ordered by the pruner's score (GOA's output
-  contribution, or the weight norm), so a level is "keep the top k units";
+- the unit rankings: KV groups and MLP channels in the order the pruner removes them (GOA's
+  greedy, reconstruction-aware order, which is nested; or ascending weight norm), so a level is
+  "keep the top k units" (computed up to the largest fraction the search can reach);
 - the Gram matrices of o_proj's and down_proj's inputs, from which the reconstructed second
   layer of any level is computed once on first use and kept (least recently used dropped past
   ``memory_limit_bytes``; recomputing one is a single small linear solve).
