@@ -210,6 +210,9 @@ def test_spec_rejects_bad_structured_input():
     with pytest.raises(ValidationError, match="granularity"):
         JobSpec(sparsity=0.3, pruner="goa", pattern="structured", allocation="evolutionary",
                 search=SearchSettings(granularity="module"))
+    with pytest.raises(ValidationError, match="search.workers"):
+        JobSpec(sparsity=0.3, pruner="goa", pattern="structured", allocation="evolutionary",
+                search=SearchSettings(workers=2))
     spec = JobSpec(sparsity=0.3, pruner="goa", pattern="structured")
     assert spec.structured and spec.nm is None
     with pytest.raises(PruningConfigError, match="N:M"):
@@ -235,7 +238,7 @@ def test_job_searched_widths_end_to_end(tiny_llama_dir, tmp_path):
 
     spec = JobSpec(model=str(tiny_llama_dir), sparsity=0.3, pruner="goa", pattern="structured",
                    allocation="evolutionary", calib_windows=4, eval_windows=2, seq_len=32, seed=3,
-                   search=SearchSettings(generations=3, offspring=4, selection="32:2,64:1", seed_from="uniform",
+                   search=SearchSettings(generations=2, offspring=3, selection="32:2,64:1", seed_from="uniform",
                                          step_fraction=0.05, max_level_delta=0.2, time_budget_min=2))
     report = run_job(spec, tmp_path / "o")
     out = tmp_path / "o"
