@@ -246,10 +246,11 @@ def cmd_report(args) -> None:
             lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
         lines += ["", "Cells: perplexity (measured fraction removed, wall seconds of search + pruning + evaluation).", ""]
         for s in sparsities:
-            e, base = q.get(f"goa-search@{s:g}"), q.get(f"magnitude@{s:g}")
-            if e is not None and base is not None:
+            e, base, uni = q.get(f"goa-search@{s:g}"), q.get(f"magnitude@{s:g}"), q.get(f"goa@{s:g}")
+            if e is not None and base is not None and uni is not None:
                 lines.append(f"- {s:.0%}: searched / magnitude-norm = {e['ppl']:.2f} / {base['ppl']:.2f} = "
-                             f"{e['ppl'] / base['ppl']:.3f}; search {e['search']['seconds']:.0f} s, "
+                             f"{e['ppl'] / base['ppl']:.2g}; searched / uniform GOA = {e['ppl']:.2f} / "
+                             f"{uni['ppl']:.2f} = {e['ppl'] / uni['ppl']:.3f}; search {e['search']['seconds']:.0f} s, "
                              f"{e['search']['generations']} generations, {e['search']['candidates']} candidates, "
                              f"stopped by {e['search']['stopped_by']}")
         lines.append("")
