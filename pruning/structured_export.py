@@ -10,7 +10,7 @@ Three forms:
 - **per-layer widths** (searched): the same files, but the tensors have each block's own
   shapes and ``config.json`` keeps the dense widths plus ``evosparse_layer_widths``, a list with
   one ``{"num_attention_heads", "num_key_value_heads", "intermediate_size"}`` per block.
-  ``load_structured`` (used by ``pruning.models.load_model``, hence ``evosparse eval``) builds the
+  ``load_structured`` (used by ``pruning.loading.load_model``, hence ``evosparse eval``) builds the
   model from the config, resizes each block's linears to those widths and loads the weights.
   Plain ``from_pretrained`` refuses it (shape mismatch), by design.
 - **padded**: the dense shapes, removed heads/channels present as zero rows and columns (the

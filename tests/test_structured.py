@@ -99,7 +99,7 @@ def _dense_numel(name):
 
 
 def test_per_layer_widths_export_reads_back_and_padded_form_matches(tmp_path, tiny_tokens):
-    from evosparse.pruning.models import load_model
+    from evosparse.pruning.loading import load_model
     from transformers import AutoModelForCausalLM
 
     model = make_tiny_llama()
@@ -121,7 +121,7 @@ def test_per_layer_widths_export_reads_back_and_padded_form_matches(tmp_path, ti
     with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # not a stock Llama checkpoint
         AutoModelForCausalLM.from_pretrained(tmp_path)
     # evosparse's loader (and so `evosparse eval`) reads it; it needs a tokenizer in the folder
-    from tests.tiny_models import make_tokenizer
+    from evosparse.pruning.tiny import make_tokenizer
 
     make_tokenizer().save_pretrained(tmp_path)
     loaded, _tok = load_model(str(tmp_path), device="cpu")
@@ -233,7 +233,7 @@ def test_job_refuses_a_sparsity_that_removes_every_head_and_writes_nothing(tiny_
 
 
 def test_job_searched_widths_end_to_end(tiny_llama_dir, tmp_path):
-    from evosparse.pruning.models import load_model
+    from evosparse.pruning.loading import load_model
     from evosparse.worker.runner import run_job
 
     spec = JobSpec(model=str(tiny_llama_dir), sparsity=0.3, pruner="goa", pattern="structured",
