@@ -41,7 +41,7 @@ from evosparse.jobs.log import configure_logging, job_context
 from evosparse.jobs.models import utcnow
 from evosparse.jobs.settings import Settings, get_settings
 from evosparse.jobs.spec import JobSpec
-from evosparse.jobs.store import Store, store_from_settings
+from evosparse.jobs.store import Store, collect_orphans, store_from_settings
 from evosparse.jobs.validation import SpecRejected, check_spec
 from evosparse.pruning.errors import CancelledError, EvosparseError
 from evosparse.worker.celery_app import app
@@ -262,6 +262,7 @@ def execute(claim: repo.Claim, settings: Settings) -> str:
         store.delete_prefix(state_prefix(claim.job_id))
     except Exception:  # noqa: BLE001 - leftover state objects are harmless
         log.warning("could not delete the search states of job %s", claim.job_id, exc_info=True)
+    _collect_orphans(settings, claim.job_id, claim.attempt, prefix if status == "SUCCEEDED" else None)
     return status
 
 
@@ -311,6 +312,16 @@ def score_task(context: dict, batch: str) -> int:
     with job_context(str(context.get("namespace", "")).removeprefix("evosparse:score:").split(":")[0] or None):
         return score_batch(context, batch, redis_from_url(settings.broker_url), level_store(settings),
                            settings.scoring_lease_s)
+
+
+def _collect_orphans(settings: Settings, job_id: str, attempts: int, keep: str | None) -> None:
+    """Remove artifacts that earlier attempts published but never recorded (they died in between)."""
+    try:
+        removed = collect_orphans(store_from_settings(settings), job_id, attempts, keep)
+        if removed:
+            log.info("job %s: removed unrecorded artifacts %s", job_id, ", ".join(removed))
+    except Exception:  # noqa: BLE001 - garbage left behind is not worth failing a finished job
+        log.warning("job %s: could not collect orphaned artifacts", job_id, exc_info=True)
 
 
 def _lower_priority(settings: Settings) -> None:
@@ -379,6 +390,7 @@ def reap_once(settings: Settings, send=None) -> list[str]:  # noqa: ANN001
     for job_id in failed:
         log.warning("job %s: worker lost too many times, FAILED", job_id)
         dispatch_webhook(job_id, settings)
+        _collect_orphans(settings, job_id, settings.max_attempts, None)
     for job_id in requeued:
         log.warning("job %s: worker lost, requeued", job_id)
         try:
