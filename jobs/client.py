@@ -93,8 +93,13 @@ class Client:
                 r = self.http.request(method, path, **kw)
                 if r.status_code not in (429, 502, 503, 504) or attempt == self.retries:
                     break
-                if r.status_code == 429:  # the server says when: wait that long (bounded), then retry
-                    time.sleep(min(30.0, _retry_after(r.headers.get("Retry-After"), delay)))
+                if r.status_code == 429:
+                    # A short Retry-After (request rate) is waited out; a long one (queued-jobs cap)
+                    # is the caller's decision, so it surfaces as an ApiError at once.
+                    wait = _retry_after(r.headers.get("Retry-After"), delay)
+                    if wait > 10.0:
+                        break
+                    time.sleep(wait)
                     continue
             except httpx.TransportError:
                 if attempt == self.retries:
