@@ -368,3 +368,32 @@ def test_logs_redact_url_secrets():
     out = stream.getvalue()
     assert "hooks.example.com/h?***" in out and "evo:***@db" in out
     assert "s3cr3t" not in out and "pa55word" not in out
+
+
+def test_a_delivery_whose_sender_died_is_offered_again(db_url):
+    """The outbox row outlives its sender: once the hold of a sender that never reported back has
+    passed, the sweeper finds the row again and the next attempt is counted."""
+    from evosparse.jobs import repo
+    from evosparse.jobs.db import session_scope
+    from evosparse.jobs.models import Job
+
+    with session_scope(db_url) as db:
+        team = repo.get_or_create_team(db, f"outbox-{time.time_ns()}")
+        job = Job(team_id=team.id, spec={}, status="QUEUED", webhook_url="https://hooks.example.com/x")
+        db.add(job)
+        db.flush()
+        assert repo.request_cancel(db, job).status == "CANCELLED"  # a terminal transition writes the row
+        delivery = repo.pending_delivery_of(db, job.id)
+        assert delivery is not None and db.get(Job, job.id).webhook_status == "pending"
+        first = repo.claim_delivery(db, delivery, hold_s=0.2)
+        assert first is not None and first.attempt == 1 and first.secret == team.webhook_secret
+        assert first.payload["delivery_id"] == delivery and first.payload["job"]["status"] == "CANCELLED"
+        assert repo.claim_delivery(db, delivery, hold_s=0.2) is None  # held: nobody else sends it
+        assert delivery not in repo.due_deliveries(db, unsent_for_s=0)
+        time.sleep(0.3)  # the sender died without recording anything; its hold runs out
+        assert delivery in repo.due_deliveries(db, unsent_for_s=0)
+        second = repo.claim_delivery(db, delivery, hold_s=5)
+        assert second is not None and second.attempt == 2
+        assert repo.record_delivery(db, second, True, None, "HTTP 200") == "DELIVERED"
+        assert db.get(Job, job.id, populate_existing=True).webhook_status == "delivered"
+        assert repo.claim_delivery(db, delivery, hold_s=5) is None  # delivered: never again
