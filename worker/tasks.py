@@ -471,7 +471,7 @@ def _preload(sender=None, **_kwargs: object) -> None:  # noqa: ANN001
     (not in a webhook-only worker, which never runs a job)."""
     consumed = getattr(getattr(getattr(sender, "app", None), "amqp", None), "queues", None)
     names = set(getattr(consumed, "consume_from", None) or {})
-    if names and get_settings().queue not in names:
+    if names and names == {get_settings().resolved_webhook_queue}:
         return
     try:
         import evosparse.worker.runner  # noqa: F401
