@@ -521,8 +521,9 @@ def queued_total(session: Session) -> int:
 def stale_queued(session: Session, older_than_s: float, limit: int) -> list[str]:
     """QUEUED jobs whose last broker message was sent more than ``older_than_s`` ago, oldest first."""
     cutoff = utcnow() - dt.timedelta(seconds=older_than_s)
-    return list(session.scalars(select(Job.id).where(Job.status == "QUEUED", Job.enqueued_at < cutoff)
-                                .order_by(Job.enqueued_at).limit(max(0, limit))))
+    sent = func.coalesce(Job.enqueued_at, Job.created_at)  # rows from before 0002 have no enqueued_at
+    return list(session.scalars(select(Job.id).where(Job.status == "QUEUED", sent < cutoff)
+                                .order_by(sent).limit(max(0, limit))))
 
 
 def mark_enqueued(session: Session, job_ids: list[str]) -> None:
