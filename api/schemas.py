@@ -16,7 +16,8 @@ class JobSubmit(JobSpec):
 
     model_config = ConfigDict(extra="forbid")
 
-    webhook_url: str | None = Field(None, max_length=2000)
+    webhook_url: str | None = Field(None, max_length=2000, description=(
+        "http(s) URL on a public host that receives the signed job.finished event (README, Webhooks)"))
 
     @field_validator("webhook_url")
     @classmethod
