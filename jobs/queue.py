@@ -8,6 +8,7 @@ start" or "a delivery is due", and the sweeper re-sends what the broker lost (wo
 from __future__ import annotations
 
 import logging
+import os
 from functools import lru_cache
 
 from evosparse.jobs.settings import Settings
@@ -24,8 +25,13 @@ class QueueUnavailable(RuntimeError):
     """The broker did not take the message (the detail is logged, never shown to users)."""
 
 
-@lru_cache(maxsize=8)
 def _producer(broker_url: str):  # noqa: ANN202 - celery.Celery
+    # Per process: a forked child must not write to the sockets of its parent's connection pool.
+    return _producer_of(broker_url, os.getpid())
+
+
+@lru_cache(maxsize=8)
+def _producer_of(broker_url: str, _pid: int):  # noqa: ANN202 - celery.Celery
     from celery import Celery
 
     app = Celery("evosparse-producer", broker=broker_url, set_as_current=False)

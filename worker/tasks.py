@@ -447,16 +447,31 @@ def _send(job_id: str, settings: Settings) -> None:
 
 
 _reaper_stop = threading.Event()
+# The sweeper thread lives in the prefork pool's parent, which forks a child for every job. A fork
+# taken while the thread is inside SQLite (or a socket library) hands the child a mutex that no
+# thread will ever release: the child hangs on its first query. So a fork waits for the current
+# pass to end, and no pass starts while a fork is under way.
+_sweep_lock = threading.Lock()
+
+
+def _reset_sweep_lock_in_child() -> None:
+    global _sweep_lock
+    _sweep_lock = threading.Lock()
+
+
+os.register_at_fork(before=lambda: _sweep_lock.acquire(), after_in_parent=lambda: _sweep_lock.release(),
+                    after_in_child=_reset_sweep_lock_in_child)
 
 
 def _reaper_loop(settings: Settings) -> None:
     interval = max(0.5, min(settings.stale_after_s / 2, settings.sweep_interval_s, 30.0))
     while not _reaper_stop.wait(interval):
-        for step in (reap_once, sweep_queued, sweep_webhooks):
-            try:
-                step(settings)
-            except Exception:  # noqa: BLE001 - the next pass retries (broker or database blip)
-                log.warning("sweeper step %s failed", step.__name__, exc_info=True)
+        with _sweep_lock:
+            for step in (reap_once, sweep_queued, sweep_webhooks):
+                try:
+                    step(settings)
+                except Exception:  # noqa: BLE001 - the next pass retries (broker or database blip)
+                    log.warning("sweeper step %s failed", step.__name__, exc_info=True)
 
 
 @setup_logging.connect

@@ -403,3 +403,25 @@ def test_a_delivery_whose_sender_died_is_offered_again(db_url):
         assert repo.record_delivery(db, second, True, None, "HTTP 200") == "DELIVERED"
         assert db.get(Job, job.id, populate_existing=True).webhook_status == "delivered"
         assert repo.claim_delivery(db, delivery, hold_s=5) is None  # delivered: never again
+
+
+def test_a_fork_waits_for_the_sweeper_pass_in_progress():
+    """The prefork pool forks a job process beside the sweeper thread: the fork must not land in the
+    middle of a pass (the child would inherit a held SQLite mutex and hang on its first query)."""
+    import evosparse.worker.tasks as tasks
+
+    def one_pass() -> None:
+        with tasks._sweep_lock:
+            time.sleep(0.5)
+
+    sweeper = threading.Thread(target=one_pass)
+    sweeper.start()
+    time.sleep(0.1)
+    started = time.monotonic()
+    pid = os.fork()
+    if pid == 0:  # the child gets a free lock of its own
+        os._exit(0 if tasks._sweep_lock.acquire(timeout=1) else 3)
+    waited = time.monotonic() - started
+    _, status = os.waitpid(pid, 0)
+    sweeper.join()
+    assert waited >= 0.3 and os.waitstatus_to_exitcode(status) == 0
