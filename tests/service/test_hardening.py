@@ -268,6 +268,7 @@ def test_no_job_lost_when_redis_is_sigkilled(hstack):
     busy, running = _busy(hstack, "redis-busy")
     client = hstack.client("redis-kill")
     ids = [client.submit(hstack.tiny_spec(seed=60 + i))["id"] for i in range(3)]
+    time.sleep(1.5)  # the append-only file is fsynced every second
     hstack.broker.sigkill()
     # Broker dead: /healthz says so, and a submission is refused without leaving a job behind.
     health = httpx.get(f"{hstack.url}/healthz", timeout=10)
