@@ -243,8 +243,12 @@ def test_pick_fair_respects_the_running_cap(db_url):
     from evosparse.jobs import repo
     from evosparse.jobs.db import session_scope
     from evosparse.jobs.models import Job
+    from sqlalchemy import update
 
     with session_scope(db_url) as db:
+        # The database is shared with other DB-level tests: their waiting jobs are set aside inside
+        # this transaction, which is rolled back at the end.
+        db.execute(update(Job).where(Job.status.in_(("QUEUED", "RUNNING"))).values(status="CANCELLED"))
         a = repo.get_or_create_team(db, f"cap-a-{time.time_ns()}")
         b = repo.get_or_create_team(db, f"cap-b-{time.time_ns()}")
         t0 = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
