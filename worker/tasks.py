@@ -45,13 +45,10 @@ from evosparse.jobs.store import Store, collect_orphans, store_from_settings
 from evosparse.jobs.validation import SpecRejected, check_spec
 from evosparse.pruning.errors import CancelledError, EvosparseError
 from evosparse.worker.celery_app import app
+from evosparse.worker.hooks import RunHooks
 
 log = logging.getLogger("evosparse.worker")
 
-try:  # the runner imports torch; the hooks only need its base class
-    from evosparse.worker.runner import RunHooks
-except ImportError:  # pragma: no cover - runner not installed yet
-    RunHooks = object  # type: ignore[misc,assignment]
 
 
 # The job row's search_state holds this prefix + the object-store key of the state, not the state:
@@ -70,7 +67,7 @@ def resume_state(raw: bytes | None, store: Store) -> bytes | None:
     return store.get(raw[len(STATE_REF):].decode())
 
 
-class ServiceHooks(RunHooks):  # type: ignore[misc,valid-type]
+class ServiceHooks(RunHooks):
     """RunHooks that persist progress/generations and read the cancel flag, under this attempt's lease.
 
     Each generation: its state object is written to the store first, then the generation row and
