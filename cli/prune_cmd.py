@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sparsity", type=float, required=True, help="global target, e.g. 0.6")
     p.add_argument("--pruner", choices=PRUNERS, default="wanda")
     p.add_argument("--allocation", choices=ALLOCATIONS, default="uniform")
-    p.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M such as 2:4")
+    p.add_argument("--pattern", default="unstructured",
+                   help="'unstructured', N:M such as 2:4, 'mixed:M' (per-layer N:M, e.g. mixed:8) or '2:4+dense'")
     p.add_argument("--calib", default="pydoc", help="pydoc, a text file/folder, or a dataset (wikitext2, c4)")
     p.add_argument("--eval", default="pydoc", help="evaluation source (its second half is used)")
     p.add_argument("--calib-windows", type=int, default=32)
@@ -28,6 +29,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--owl-lambda", type=float, default=0.08, help="OWL sparsity spread λ")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    q = p.add_argument_group("quantization and checkpoint format")
+    q.add_argument("--quantize-bits", type=int, help="quantize the pruned linears to this many bits (2-8)")
+    q.add_argument("--quantize-group", type=int, help="input columns per scale (default 128)")
+    q.add_argument("--quantize-method", choices=("gptq", "rtn"), help="default gptq")
+    q.add_argument("--quantize-asymmetric", action="store_true", help="integer zero point per group")
+    q.add_argument("--format", choices=("dense", "compressed-tensors"), default="dense")
+    q.add_argument("--export-dtype", choices=("source", "float32", "bfloat16", "float16"), default="source")
     p.add_argument("--out", help="output folder (default: ./pruned-<model>-<pruner>-<allocation>-<pct>)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     g = p.add_argument_group("evolutionary search (--allocation evolutionary)")
@@ -59,12 +67,19 @@ def build_spec(args: argparse.Namespace):
         "seed_from": args.seed_from, "granularity": args.granularity, "fitness": args.fitness,
         "time_budget_min": args.time_budget,
     }.items() if v is not None}
+    quant = {k: v for k, v in {
+        "bits": args.quantize_bits, "group_size": args.quantize_group, "method": args.quantize_method,
+        "symmetric": False if args.quantize_asymmetric else None,
+    }.items() if v is not None}
+    if quant and "bits" not in quant:
+        raise PruningConfigError("--quantize-group/--quantize-method/--quantize-asymmetric need --quantize-bits")
     try:
         return JobSpec(
             model=args.model, sparsity=args.sparsity, pruner=args.pruner, allocation=args.allocation,
             pattern=args.pattern, calib=args.calib, eval=args.eval, calib_windows=args.calib_windows,
             eval_windows=args.eval_windows, seq_len=args.seq_len, seed=args.seed, owl_m=args.owl_m,
             owl_lambda=args.owl_lambda, device=args.device, dtype=args.dtype, search=search,
+            quantize=quant or None, format=args.format, export_dtype=args.export_dtype,
         )
     except ValidationError as exc:
         err = exc.errors()[0]

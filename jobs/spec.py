@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -20,16 +21,56 @@ Pruner = Literal["magnitude", "wanda", "sparsegpt", "dass"]
 Allocation = Literal["uniform", "owl", "fisher", "hessian", "evolutionary"]
 
 _NM_RE = re.compile(r"^(\d+):(\d+)$")
+_MIXED_RE = re.compile(r"^mixed:(\d+)$")
+PATTERN_SPELLINGS = "'unstructured', 'N:M' (e.g. 2:4), 'mixed:M' (e.g. mixed:8) or '2:4+dense'"
+FORMATS = ("dense", "compressed-tensors")
 _SELECTION_RE = re.compile(r"^\d+:\d+(,\d+:\d+)*$")
 
 
+@dataclass(frozen=True)
+class MixedPattern:
+    """A per-layer N:M choice: every layer prunes ``p`` of each ``m`` weights, ``p`` one of ``pruned``.
+
+    ``mixed:M`` allows p = 1 .. M-1 (N = M-1 .. 1); ``2:4+dense`` allows p = 0 (dense) or 2 (2:4).
+    The choices are evenly spaced, which is what the level space needs.
+    """
+
+    m: int
+    pruned: tuple[int, ...]
+
+    @property
+    def min_sparsity(self) -> float:
+        return self.pruned[0] / self.m
+
+    @property
+    def max_sparsity(self) -> float:
+        return self.pruned[-1] / self.m
+
+    def label(self, p: int) -> str:
+        """The pattern a layer gets when it prunes ``p`` of every ``m``: 'dense' or 'N:M'."""
+        return "dense" if p == 0 else f"{self.m - p}:{self.m}"
+
+
+def parse_mixed(pattern: str) -> MixedPattern | None:
+    """MixedPattern for 'mixed:M' / '2:4+dense', None for the fixed spellings; ValueError if malformed."""
+    if pattern == "2:4+dense":
+        return MixedPattern(m=4, pruned=(0, 2))
+    mm = _MIXED_RE.match(pattern)
+    if mm is None:
+        return None
+    m = int(mm.group(1))
+    if not 3 <= m <= 32:
+        raise ValueError(f"mixed:M needs 3 <= M <= 32 (M = 2 has only 1:2), got {pattern!r}")
+    return MixedPattern(m=m, pruned=tuple(range(1, m)))
+
+
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """Return (N, M) for an N:M pattern, None for unstructured; raise ValueError otherwise."""
-    if pattern == "unstructured":
+    """Return (N, M) for a fixed N:M pattern, None for unstructured or a mixed pattern; ValueError otherwise."""
+    if pattern == "unstructured" or parse_mixed(pattern) is not None:
         return None
     m = _NM_RE.match(pattern)
     if not m:
-        raise ValueError(f"pattern must be 'unstructured' or 'N:M' (e.g. 2:4), got {pattern!r}")
+        raise ValueError(f"pattern must be {PATTERN_SPELLINGS}, got {pattern!r}")
     n, mm = int(m.group(1)), int(m.group(2))
     if not (0 < n < mm <= 32):
         raise ValueError(f"N:M pattern needs 0 < N < M <= 32, got {pattern!r}")
@@ -76,6 +117,25 @@ class SearchSettings(BaseModel):
         return v.replace(" ", "")
 
 
+class QuantizeSettings(BaseModel):
+    """Integer quantization of the pruned linears, applied on top of sparsity (pruned weights stay 0)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bits: int = Field(4, ge=2, le=8, description="Bits per kept weight, 2 to 8.")
+    group_size: int = Field(
+        128, ge=8, le=8192,
+        description="Input columns sharing one scale; must divide every pruned linear's input dimension "
+                    "(SmolLM2-135M: 32, 64 or 192).",
+    )
+    method: Literal["gptq", "rtn"] = Field(
+        "gptq",
+        description="'rtn': round to nearest per group; 'gptq': error feedback through the layer Hessian "
+                    "(with pruner sparsegpt, pruning and quantization happen jointly in one pass).",
+    )
+    symmetric: bool = Field(True, description="Symmetric grid (zero point 0) or asymmetric (integer zero point).")
+
+
 class JobSpec(BaseModel):
     """One pruning job: which model, how sparse, which pruner, how sparsity is allocated."""
 
@@ -98,6 +158,18 @@ class JobSpec(BaseModel):
     search: SearchSettings = Field(default_factory=SearchSettings)
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantize: QuantizeSettings | None = Field(
+        None, description="Quantize the pruned linears ({bits, group_size, method, symmetric}); none by default."
+    )
+    format: Literal["dense", "compressed-tensors"] = Field(
+        "dense",
+        description="Checkpoint layout: 'dense' (Hugging Face folder, zeros stored) or 'compressed-tensors' "
+                    "(packed integer weights; needs quantize).",
+    )
+    export_dtype: Literal["source", "float32", "bfloat16", "float16"] = Field(
+        "source",
+        description="Float dtype of the saved checkpoint: 'source' keeps the dtype the model was published in.",
+    )
 
     @field_validator("sparsity")
     @classmethod
@@ -114,6 +186,15 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check_pattern_vs_sparsity(self) -> JobSpec:
+        mixed = parse_mixed(self.pattern)
+        if mixed is not None:
+            lo, hi = mixed.min_sparsity, mixed.max_sparsity
+            if not lo - 1e-9 <= self.sparsity <= hi + 1e-9:
+                raise ValueError(f"pattern {self.pattern} reaches sparsity {lo:g} to {hi:g} only, "
+                                 f"but sparsity is {self.sparsity:g}")
+            if self.allocation == "evolutionary" and self.search.granularity != "layer":
+                raise ValueError(f"pattern {self.pattern} is searched per layer: search.granularity must be 'layer'")
+            return self
         nm = parse_pattern(self.pattern)
         if nm is None:
             return self
@@ -125,6 +206,26 @@ class JobSpec(BaseModel):
             raise ValueError(f"pattern {self.pattern} means sparsity {implied:g}, but sparsity is {self.sparsity:g}")
         return self
 
+    @model_validator(mode="after")
+    def _check_format(self) -> JobSpec:
+        if self.format == "compressed-tensors" and self.quantize is None:
+            # compressed-tensors >= 0.15 (what transformers 5 loads) dropped its sparse-bitmask
+            # and 2:4 formats: what it stores compactly is quantized weights.
+            raise ValueError("format 'compressed-tensors' stores packed integer weights: give quantize "
+                             "(e.g. {bits: 8} keeps the most accuracy), or use format 'dense'")
+        if self.format == "compressed-tensors" and self.quantize is not None and not self.quantize.symmetric:
+            # transformers 5.24 + compressed-tensors 0.20 cannot load packed asymmetric zero points with a
+            # plain from_pretrained (its meta-device layout expects them unpacked: a size mismatch).
+            raise ValueError("format 'compressed-tensors' needs symmetric quantization (quantize.symmetric: true); "
+                             "asymmetric codes are written with format 'dense'")
+        return self
+
     @property
     def nm(self) -> tuple[int, int] | None:
+        """(N, M) of a fixed N:M pattern; None for unstructured and mixed patterns."""
         return parse_pattern(self.pattern)
+
+    @property
+    def mixed(self) -> MixedPattern | None:
+        """The per-layer N:M choice of a 'mixed:M' or '2:4+dense' pattern, else None."""
+        return parse_mixed(self.pattern)

@@ -16,6 +16,12 @@ count do not depend on what the other layers chose: the search can mix levels fr
 
 ``apply(counts)`` only touches the linears whose count differs from the model's current state,
 and for the ranking pruners only the entries whose state flips between the two counts.
+
+N:M levels (``nm_m`` = M, for ``mixed:M`` / ``2:4+dense``): a count of ``size * p / M`` means
+the pattern (M - p):M. For the ranking pruners the N:M masks of one M are nested too (inside
+each group of M the lowest p scores go), so one within-group rank per weight (int8) serves every
+N, the same masks ``keep_mask_from_scores(..., nm)`` gives. SparseGPT runs its own N:M mask
+selection per group of M columns (as in its paper) for each (linear, N), cached like any level.
 """
 
 from __future__ import annotations
@@ -112,9 +118,11 @@ class LevelDB:
         stats: dict[str, dict[str, torch.Tensor]],
         cache_dir: str | Path | None = None,
         memory_limit_bytes: int = 2 << 30,
+        nm_m: int | None = None,
     ) -> None:
         if pruner not in ("magnitude", "wanda", "sparsegpt", "dass"):
             raise PruningConfigError(f"unknown pruner {pruner!r}")
+        self.nm_m = nm_m
         self.model = model
         self.pruner = pruner
         self.blocks = find_blocks(model)
@@ -128,6 +136,7 @@ class LevelDB:
         self.current = {n: 0 for n in self.modules}  # pruned count each linear holds right now
         self.order: dict[str, torch.Tensor] = {}  # ascending score order per comparison group
         self.dim: dict[str, int] = {}
+        self.nm_rank: dict[str, torch.Tensor] = {}  # N:M mode: rank of each weight inside its group of M
         self.hessian: dict[str, torch.Tensor] = {}
         # SparseGPT weights per (linear, count), least recently used first.
         self.levels: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
@@ -139,10 +148,10 @@ class LevelDB:
     @classmethod
     def build(
         cls, model: nn.Module, calib_tokens: torch.Tensor, pruner: str, cache_dir: str | Path | None = None,
-        batch_size: int = 4,
+        batch_size: int = 4, nm_m: int | None = None,
     ) -> LevelDB:
         stats = collect_dense_stats(model, calib_tokens, want_hessian=pruner == "sparsegpt", batch_size=batch_size)
-        return cls(model, pruner, stats, cache_dir=cache_dir)
+        return cls(model, pruner, stats, cache_dir=cache_dir, nm_m=nm_m)
 
     # ------------------------------------------------------------------ build
     def _scores(self, name: str, stats: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, int]:
@@ -164,6 +173,15 @@ class LevelDB:
                 continue
             scores, dim = self._scores(name, stats)
             s = scores if dim == 1 else scores.t()
+            if self.nm_m is not None:
+                m = self.nm_m
+                if s.shape[1] % m:
+                    raise PruningConfigError(f"{name}: N:{m} needs the compared dimension divisible by {m}, "
+                                             f"got {s.shape[1]}")
+                order = torch.argsort(s.reshape(s.shape[0], -1, m), dim=2, stable=True)
+                self.nm_rank[name] = torch.argsort(order, dim=2).reshape(s.shape).to(torch.int8)
+                self.dim[name] = dim
+                continue
             idx_dtype = torch.int16 if s.shape[1] < 2**15 else torch.int32
             self.order[name] = torch.argsort(s, dim=1, stable=True).to(idx_dtype)
             self.dim[name] = dim
@@ -179,10 +197,21 @@ class LevelDB:
             return [Unit(n, self.block_of[n], [n], [self.dense[n].numel()]) for n in self.modules]
         raise ValueError(f"granularity must be 'layer' or 'module', got {granularity!r}")
 
-    @staticmethod
-    def linear_counts(units: list[Unit], unit_counts: list[int]) -> dict[str, int]:
-        """Per-linear prune counts: each unit's count split over its linears by size (exact)."""
+    def linear_counts(self, units: list[Unit], unit_counts: list[int]) -> dict[str, int]:
+        """Per-linear prune counts: each unit's count split over its linears by size (exact).
+
+        N:M mode: a unit pruning p of every M gives each of its linears size * p / M (integers only).
+        """
         out: dict[str, int] = {}
+        if self.nm_m is not None:
+            m = self.nm_m
+            for u, c in zip(units, unit_counts, strict=True):
+                p, rem = divmod(c * m, u.size)
+                if rem:
+                    raise PruningConfigError(f"{u.name}: count {c} of {u.size} is not an N:{m} pattern")
+                for n, size in zip(u.linears, u.sizes, strict=True):
+                    out[n] = size * p // m
+            return out
         for u, c in zip(units, unit_counts, strict=True):
             for n, k in zip(u.linears, split_exact(c, u.sizes), strict=True):
                 out[n] = k
@@ -196,6 +225,11 @@ class LevelDB:
             return dense.clone()
         if self.pruner == "sparsegpt":
             return self._sparsegpt_level(name, count).to(dense.dtype)
+        if self.nm_m is not None:
+            keep = self.nm_rank[name] >= self.pruned_per_group(name, count)
+            if self.dim[name] == 0:
+                keep = keep.t()
+            return dense * keep.to(dense.dtype)
         order = self.order[name].long()
         dim = self.dim[name]
         rows, cols = order.shape
@@ -206,6 +240,20 @@ class LevelDB:
             keep = keep.t()
         return dense * keep.to(dense.dtype)
 
+    def pruned_per_group(self, name: str, count: int) -> int:
+        """N:M mode: the p of (M - p):M that ``count`` means for this linear."""
+        assert self.nm_m is not None
+        p, rem = divmod(count * self.nm_m, self.dense[name].numel())
+        if rem:
+            raise PruningConfigError(f"{name}: count {count} is not an N:{self.nm_m} pattern")
+        return p
+
+    def nm_of(self, name: str, count: int) -> tuple[int, int] | None:
+        """The (N, M) a count means in N:M mode; None for unstructured mode or a dense layer."""
+        if self.nm_m is None or count == 0:
+            return None
+        return (self.nm_m - self.pruned_per_group(name, count), self.nm_m)
+
     def _sparsegpt_level(self, name: str, count: int) -> torch.Tensor:
         key = (name, count)
         if key in self.levels:
@@ -213,13 +261,13 @@ class LevelDB:
             return self.levels[key]
         path = None
         if self.cache_dir is not None:
-            digest = hashlib.sha1(f"{name}:{count}".encode()).hexdigest()[:16]
+            digest = hashlib.sha1(f"{name}:{count}:{self.nm_m}".encode()).hexdigest()[:16]
             path = self.cache_dir / f"{digest}.pt"
             if path.exists():
                 return torch.load(path)
         from evosparse.pruning.pruners import sparsegpt_prune
 
-        w = sparsegpt_prune(self.dense[name], self.hessian[name], count)
+        w = sparsegpt_prune(self.dense[name], self.hessian[name], count, self.nm_of(name, count))
         nbytes = w.numel() * w.element_size()
         if path is not None and self._level_bytes + nbytes > self.memory_limit:  # memory full: spill to disk
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -238,7 +286,7 @@ class LevelDB:
         """Put the model in the state ``counts`` (per linear); returns the linears rewritten."""
         changed = [n for n, c in counts.items() if self.current[n] != c]
         for n in changed:
-            if self.pruner == "sparsegpt":
+            if self.pruner == "sparsegpt" or self.nm_m is not None:
                 weight_matrix(self.modules[n]).copy_(self.pruned_weight(n, counts[n]))
             else:
                 self._move(n, self.current[n], counts[n])
@@ -279,6 +327,7 @@ class LevelDB:
 
     def nbytes(self) -> int:
         """Memory held by the database (dense copies, rankings, Hessians, cached levels)."""
-        tensors = list(self.dense.values()) + list(self.order.values()) + list(self.hessian.values())
+        tensors = (list(self.dense.values()) + list(self.order.values()) + list(self.nm_rank.values())
+                   + list(self.hessian.values()))
         return sum(t.numel() * t.element_size() for t in tensors) + self._level_bytes
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from evosparse.jobs.spec import JobSpec
 from evosparse.pruning.errors import CancelledError, PruningConfigError
+from evosparse.worker.compress_stage import Compression
 
 # Share of overall progress per stage; stages a job skips are dropped and the rest rescaled.
 _STAGE_WEIGHTS = {
@@ -194,6 +195,7 @@ def run_job(
     torch.manual_seed(spec.seed)
     with timed("load"):
         model, tokenizer = load_model(spec.model, device=spec.device, dtype=spec.dtype)
+        compression = Compression.prepare(spec, model)  # shape checks before any expensive stage
     with timed("data"):
         calib = get_windows(spec.calib, tokenizer, spec.calib_windows, spec.seq_len, "calib", spec.seed)
         evalw = get_windows(spec.eval, tokenizer, spec.eval_windows, spec.seq_len, "eval", spec.seed)
@@ -238,8 +240,10 @@ def run_job(
         _restore(model, dense)
         counts = dict(outcome.counts)
         with timed("uniform_baseline"):
-            prune_model(model, calib, spec.pruner, allocation_counts(model, "uniform", spec.sparsity), nm,
-                        progress=block_progress("uniform_baseline"), should_cancel=hooks.should_cancel)
+            base = compression.plan(model, allocation_counts(model, "uniform", spec.sparsity))
+            prune_model(model, calib, spec.pruner, base.counts, base.patterns,
+                        progress=block_progress("uniform_baseline"), should_cancel=hooks.should_cancel,
+                        quant=compression.quant, scale_dtype=compression.dtype)
             perplexities["uniform"] = perplexity(model, evalw)
         _restore(model, dense)
         del dense
@@ -254,8 +258,10 @@ def run_job(
         }
 
     with timed("prune"):
-        prune_model(model, calib, spec.pruner, counts, nm, progress=block_progress("prune"),
-                    should_cancel=hooks.should_cancel)
+        plan = compression.plan(model, counts)
+        quantized = prune_model(model, calib, spec.pruner, plan.counts, plan.patterns, progress=block_progress("prune"),
+                                should_cancel=hooks.should_cancel, quant=compression.quant,
+                                scale_dtype=compression.dtype)
     with timed("eval"):
         perplexities["pruned"] = perplexity(model, evalw, progress=block_progress("eval", "batch"))
 
@@ -270,11 +276,13 @@ def run_job(
         "eval_tokens": int(evalw.numel()),
         "calib_tokens": int(calib.numel()),
         "spec": spec.model_dump(mode="json"),
+        "layer_pattern": plan.layer_pattern,
+        **compression.report(),
     })
     with timed("export"), _atomic_folder(out_dir, overwrite) as tmp:
         timings["total"] = round(time.perf_counter() - t_job, 3)
         report["timings"] = timings
-        report = export_checkpoint(model, tokenizer, tmp, report)
+        report = export_checkpoint(model, tokenizer, tmp, report, **compression.export_kwargs(quantized))
     # The export time is known only now; rewrite the small report file in place.
     report["timings"] = dict(timings, total=round(time.perf_counter() - t_job, 3))
     write_report(out_dir, report)

@@ -22,7 +22,7 @@ from evosparse.pruning.fitness import ProxyFitness
 from evosparse.pruning.leveldb import LevelDB, Unit
 from evosparse.search import allocation as alloc
 from evosparse.search.evolution import EvolutionarySearch, SearchConfig
-from evosparse.search.levels import LevelSpace
+from evosparse.search.levels import LevelSpace, mixed_space
 from torch import nn
 
 
@@ -124,18 +124,28 @@ def run_search(
     windows for the fitness than the calibration ones (default: the calibration windows).
     """
     if spec.nm is not None:
-        raise PruningConfigError("the evolutionary search supports unstructured sparsity only")
+        raise PruningConfigError("a fixed N:M pattern leaves nothing to search; use 'mixed:M' or '2:4+dense'")
+    mixed = spec.mixed
     setup = getattr(hooks, "setup", None) or (lambda message: None)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if db is None:
         setup(f"building the level database ({spec.pruner})")
-        db = LevelDB.build(model, calib_tokens, spec.pruner)
+        db = LevelDB.build(model, calib_tokens, spec.pruner, nm_m=mixed.m if mixed is not None else None)
     timings["leveldb"] = time.perf_counter() - t0
+    if db.nm_m != (mixed.m if mixed is not None else None):
+        raise PruningConfigError("the level database was built for another pattern than the job's")
     units = db.units(spec.search.granularity)
-    space = LevelSpace.build(
-        [u.size for u in units], spec.sparsity, spec.search.step_fraction, spec.search.max_level_delta
-    )
+    if mixed is not None:  # one N:M per block, budget exact (search.levels.mixed_space)
+        try:
+            space = mixed_space([u.size for u in units], spec.sparsity, mixed.m, mixed.pruned,
+                                spec.search.max_level_delta)
+        except ValueError as exc:
+            raise PruningConfigError(str(exc)) from None
+    else:
+        space = LevelSpace.build(
+            [u.size for u in units], spec.sparsity, spec.search.step_fraction, spec.search.max_level_delta
+        )
     t1 = time.perf_counter()
     setup(f"{spec.search.seed_from} seed allocations")
     seeds = [space.from_counts(c) for c in seed_counts(model, calib_tokens, spec, units, sensitivity, setup)]
