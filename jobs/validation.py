@@ -9,6 +9,7 @@ may have been swapped in between).
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -20,6 +21,7 @@ BUILTIN_DATA = frozenset({"pydoc"})
 # Input dimensions of the built-in models' prunable linears (SmolLM2-135M: hidden 576, MLP 1536),
 # so a group size or N:M group is checked in the request path without loading the model.
 BUILTIN_IN_FEATURES = {"smollm2-135m": frozenset({576, 1536})}
+BUILTIN_BLOCKS = {"smollm2-135m": 30}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
 
 
@@ -131,6 +133,21 @@ def model_in_features(model: str) -> frozenset[int] | None:
     return frozenset(dims)
 
 
+def model_blocks(model: str) -> int | None:
+    """Number of decoder blocks from config.json (None when unknown)."""
+    if model in BUILTIN_BLOCKS:
+        return BUILTIN_BLOCKS[model]
+    config = Path(model) / "config.json"
+    try:
+        cfg = json.loads(config.read_text()) if config.is_file() else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    n = cfg.get("num_hidden_layers") or cfg.get("n_layer")
+    return n if isinstance(n, int) and n > 0 else None
+
+
 def _dividing(dims: frozenset[int], upto: int = 512) -> str:
     common = [g for g in range(8, upto + 1) if all(d % g == 0 for d in dims)]
     return ", ".join(map(str, common)) or "none from 8 up"
@@ -154,6 +171,16 @@ def check_shapes(spec: JobSpec) -> None:
         if bad:
             raise SpecRejected("pattern", f"{spec.pattern} needs input dimensions divisible by {m}, "
                                           f"but {spec.model} has {bad[0]}")
+    blocks = model_blocks(spec.model)
+    if mixed is not None and blocks is not None:
+        # Equal blocks each pruning p of every M (p a multiple of the choices' spacing): the target
+        # must be a whole number of such steps over all blocks.
+        dp = mixed.pruned[1] - mixed.pruned[0]
+        steps = spec.sparsity * mixed.m * blocks / dp
+        if abs(steps - round(steps)) > 1e-6:
+            lo, hi = math.floor(steps) * dp / (mixed.m * blocks), math.ceil(steps) * dp / (mixed.m * blocks)
+            raise SpecRejected("sparsity", f"{spec.sparsity:g} is not reachable exactly with {spec.pattern} over "
+                                           f"{blocks} layers (nearest: {lo:.6g}, {hi:.6g})")
 
 
 def check_spec(spec: JobSpec, settings: Settings) -> JobSpec:

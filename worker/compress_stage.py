@@ -45,6 +45,10 @@ class Compression:
         m = spec.mixed.m if spec.mixed is not None else (spec.nm[1] if spec.nm is not None else None)
         if m is not None:
             check_nm_shapes(model, m)
+        if spec.mixed is not None:  # an unreachable target fails now, not after the search
+            from evosparse.pruning.mixed import block_space
+
+            block_space(model, spec.sparsity, spec.mixed.m, spec.mixed.pruned, spec.search.max_level_delta)
         dtype = source_dtype(spec.model) if spec.export_dtype == "source" else _DTYPES[spec.export_dtype]
         return cls(spec=spec, dtype=dtype, quant=quant)
 
