@@ -61,6 +61,11 @@ def test_cli_prune_writes_checkpoint_and_report(tiny_llama_dir, tmp_path, capsys
         (["--sparsity", "0.6", "--pattern", "2:4"], "2:4"),
         (["--sparsity", "0.5", "--calib", "/nonexistent/text.txt"], "not found"),
         (["--sparsity", "0.5", "--eval-windows", "4000"], "too short"),
+        (["--sparsity", "0.5", "--quantize-bits", "9"], "quantize.bits"),
+        (["--sparsity", "0.5", "--quantize-group", "32"], "need --quantize-bits"),
+        (["--sparsity", "0.5", "--quantize-bits", "4", "--quantize-group", "64"], "does not divide"),
+        (["--sparsity", "0.5", "--format", "compressed-tensors"], "give quantize"),
+        (["--sparsity", "0.61", "--pattern", "mixed:8"], "not reachable exactly"),
     ],
 )
 def test_cli_errors_are_one_line_and_leave_nothing(tiny_llama_dir, tmp_path, capsys, args, message):
@@ -125,3 +130,17 @@ def test_run_job_rejects_bad_data_before_writing(tiny_llama_dir, tmp_path):
     with pytest.raises(DataSourceError):
         run_job(_spec(tiny_llama_dir, eval=str(tmp_path / "missing.txt")), tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_quantize_and_format_flags(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["prune", str(tiny_llama_dir), "--sparsity", "0.5", "--pruner", "wanda", "--pattern", "mixed:4",
+               "--quantize-bits", "3", "--quantize-group", "32", "--quantize-method", "rtn",
+               "--format", "compressed-tensors", "--export-dtype", "float16", *SMALL, "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["quantize"] == {"bits": 3, "group_size": 32, "method": "rtn", "symmetric": True}
+    assert report["format"] == "compressed-tensors" and report["dtype"] == "float16"
+    assert set(report["layer_pattern"].values()) <= {"1:4", "2:4", "3:4"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 3
