@@ -99,3 +99,28 @@ def test_compressed_tensors_needs_quantization_and_symmetric_codes():
     with pytest.raises(ValueError, match="symmetric"):
         JobSpec(sparsity=0.5, format="compressed-tensors",
                 quantize={"bits": 4, "group_size": 64, "symmetric": False})
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_every_bit_width_round_trips_through_transformers(tiny_llama, tiny_tokens, tmp_path, bits):
+    import copy
+
+    from evosparse.pruning.export import export_checkpoint
+    from evosparse.pruning.prune import prune_model
+    from evosparse.pruning.quantize import QuantConfig
+    from evosparse.pruning.sensitivity import allocation_counts
+    from transformers import AutoModelForCausalLM
+
+    quantized = prune_model(tiny_llama, tiny_tokens, "wanda", allocation_counts(tiny_llama, "uniform", 0.5),
+                            quant=QuantConfig(bits, 32, "gptq"), scale_dtype=torch.float16)
+    twin = copy.deepcopy(tiny_llama)
+    export_checkpoint(tiny_llama, None, tmp_path / "d", {}, fmt="dense", dtype=torch.float16)
+    rep = export_checkpoint(twin, None, tmp_path / "c", {}, fmt="compressed-tensors", dtype=torch.float16,
+                            quantized=quantized)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "d").eval()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "c").eval()
+    with torch.no_grad():
+        assert (a(tiny_tokens[:2]).logits - b(tiny_tokens[:2]).logits).abs().max().item() <= LOGIT_ATOL
+    zeros, total = _linear_zeros(b)
+    assert zeros / total == pytest.approx(rep["global_sparsity"], abs=1e-12)
+    assert rep["global_sparsity"] >= 0.5
