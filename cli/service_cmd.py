@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "or ~/.local/share/evosparse)")
     s.add_argument("--api-workers", type=int, default=2, help="uvicorn worker processes")
     s.add_argument("--no-worker", action="store_true", help="API only (workers run elsewhere)")
+    s.add_argument("--scoring-workers", type=int, default=None,
+                   help="scoring worker processes for jobs with search.workers > 1 "
+                        "(default: $EVOSPARSE_SCORING_WORKERS, 0)")
     s.add_argument("--broker-url", help="use this Redis instead of the embedded one")
     s.set_defaults(func=cmd_serve)
 
@@ -203,6 +206,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         if not args.no_worker:
             procs.append(subprocess.Popen(celery_worker_cmd(settings.queue, "evosparse-worker@%h"), env=env))
+            scorers = settings.scoring_workers if args.scoring_workers is None else args.scoring_workers
+            for i in range(max(0, scorers)):
+                procs.append(subprocess.Popen(scorer_worker_cmd(settings.score_queue, f"evosparse-scorer{i}@%h"),
+                                              env=env))
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--factory", "evosparse.api.main:create_app", "--host", args.host,
              "--port", str(args.port), "--workers", str(args.api_workers), "--no-access-log"], env=env))
@@ -225,6 +232,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def celery_worker_cmd(queue: str, hostname: str) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "evosparse.worker.celery_app", "worker", "--concurrency=1",
+            "--prefetch-multiplier=1", "-Q", queue, "--loglevel=INFO", f"--hostname={hostname}",
+            "--without-gossip", "--without-mingle"]
+
+
+def scorer_worker_cmd(queue: str, hostname: str) -> list[str]:
+    """A scoring worker: one process (solo pool) that keeps a job's model warm between scoring tasks."""
+    return [sys.executable, "-m", "celery", "-A", "evosparse.worker.celery_app", "worker", "--pool=solo",
             "--prefetch-multiplier=1", "-Q", queue, "--loglevel=INFO", f"--hostname={hostname}",
             "--without-gossip", "--without-mingle"]
 

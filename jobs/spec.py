@@ -109,6 +109,9 @@ class SearchSettings(BaseModel):
     # One level step moves this fraction of the smallest unit's weights (same count in every unit).
     step_fraction: float = Field(0.02, gt=0, lt=0.5)
     max_level_delta: float = Field(0.25, gt=0, lt=1)  # per-unit sparsity stays within target ± this
+    # Processes scoring this job's candidates, its own included (1: in-process). With more, each
+    # selection stage is fanned out to scoring workers (worker/scoring.py); the result is the same.
+    workers: int = Field(1, ge=1, le=1024)
 
     @field_validator("selection")
     @classmethod

@@ -93,6 +93,8 @@ def check_limits(spec: JobSpec, settings: Settings) -> None:
     if top_tokens > settings.max_search_tokens:
         raise SpecRejected("search.selection", f"{top_tokens} tokens is above this server's limit "
                                                f"{settings.max_search_tokens}")
+    if s.workers > settings.max_search_workers:
+        raise SpecRejected("search.workers", f"{s.workers} is above this server's limit {settings.max_search_workers}")
     if s.time_budget_min is not None and s.time_budget_min > settings.max_time_budget_min:
         raise SpecRejected("search.time_budget_min", f"{s.time_budget_min} is above this server's limit "
                                                      f"{settings.max_time_budget_min}")

@@ -159,22 +159,22 @@ def folder_bytes(folder: str | Path) -> int:
 
 
 @torch.no_grad()
-def export_checkpoint(
+def save_checkpoint(
     model: nn.Module,
     tokenizer: Any,
     folder: str | Path,
-    report: dict[str, Any] | None = None,
+    linear_names: list[str] | None = None,
     *,
     fmt: str = "dense",
     dtype: torch.dtype | None = None,
     quantized: dict[str, QuantizedWeight] | None = None,
 ) -> dict[str, Any]:
-    """Save model + tokenizer to ``folder``, measure sparsity from the saved weights, write report.json.
+    """Save model + tokenizer to ``folder``; return the sparsity measured from the saved weights.
 
     ``dtype`` (default: the model's) is the float dtype written; the model is cast to it in place,
     since export is a job's last use of it. ``quantized`` holds the integer codes of the
-    quantized linears (required for ``fmt='compressed-tensors'``). Returns the report with
-    ``global_sparsity``, ``layer_sparsity``, ``format``, ``dtype`` and ``checkpoint_bytes``.
+    quantized linears (required for ``fmt='compressed-tensors'``). Returns ``{"global_sparsity",
+    "layer_sparsity", "format", "dtype", "checkpoint_bytes"}`` (report.json is the caller's).
     """
     if fmt not in FORMATS:
         raise PruningConfigError(f"unknown checkpoint format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -200,13 +200,24 @@ def export_checkpoint(
         config = json.loads(config_path.read_text())
         config["quantization_config"] = _compressed_tensors_config(next(iter(quantized.values())).config, ignore)
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    names = list(linears)
+    names = linear_names if linear_names is not None else list(linears)
     global_sparsity, layer = measured_sparsity(folder, names)
+    return {"global_sparsity": global_sparsity, "layer_sparsity": layer, "format": fmt,
+            "dtype": str(dtype).removeprefix("torch."), "checkpoint_bytes": folder_bytes(folder)}
+
+
+def export_checkpoint(
+    model: nn.Module,
+    tokenizer: Any,
+    folder: str | Path,
+    report: dict[str, Any] | None = None,
+    *,
+    fmt: str = "dense",
+    dtype: torch.dtype | None = None,
+    quantized: dict[str, QuantizedWeight] | None = None,
+) -> dict[str, Any]:
+    """``save_checkpoint`` plus report.json holding ``report`` and the measured sparsity; returns the report."""
     out = dict(report or {})
-    out["global_sparsity"] = global_sparsity
-    out["layer_sparsity"] = layer
-    out["format"] = fmt
-    out["dtype"] = str(dtype).removeprefix("torch.")
-    out["checkpoint_bytes"] = folder_bytes(folder)
+    out.update(save_checkpoint(model, tokenizer, folder, fmt=fmt, dtype=dtype, quantized=quantized))
     write_report(folder, out)
     return out

@@ -23,7 +23,15 @@ Work is never repeated:
 
 Exactness: windows are always batched by range ``[lo, hi)`` and split into chunks of
 ``batch_windows`` from ``lo``, so a range reached through reuse runs exactly the same kernels on
-exactly the same inputs as from scratch: the result is bit-identical.
+exactly the same inputs as from scratch: the result is bit-identical. With ``window_bounds`` (the
+window counts of the search's selection stages) the ranges are always cut at those bounds, so a
+score is a pure function of (vector, tokens): any process holding the same model, data and
+database computes the same bits, whatever it scored before. That is what lets a search fan its
+candidates out to several scoring processes (worker/scoring.py) and still equal the one-process
+search exactly (on one device type, with the same torch thread count).
+
+The dense reference (``DenseReference``) is computed once from the dense model before the level
+database touches any weight; a scoring process builds its own from the same windows.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from collections.abc import Sequence
 
 import torch
 from evosparse.pruning.blockwise import capture_block_inputs, head_logits, run_block
+from evosparse.pruning.layers import BlockInfo, find_blocks
 from evosparse.pruning.leveldb import LevelDB, Unit
 from evosparse.search.levels import LevelSpace
 from torch import nn
@@ -42,61 +51,41 @@ Range = tuple[int, int]
 Trace = list[torch.Tensor]  # hidden entering each block, then the last block's output
 
 
-class ProxyFitness:
+class DenseReference:
+    """The dense model's view of the fitness windows: block inputs and next-token distributions.
+
+    Built once, from the dense weights, one window at a time. ``full``: the dense probabilities
+    of every position are kept ([T, V] per window); otherwise only the top-k log-probs and the
+    tail mass (when all windows' probabilities would exceed ``dense_memory_bytes``).
+    """
+
+    @torch.no_grad()
     def __init__(
         self,
         model: nn.Module,
-        calib_tokens: torch.Tensor,
-        db: LevelDB,
-        units: list[Unit],
-        space: LevelSpace,
-        kind: str = "kl",
+        tokens: torch.Tensor,
+        blocks: Sequence[BlockInfo] | None = None,
         topk: int = 256,
         dense_memory_bytes: int = 512 << 20,
-        reuse_prefix: bool = True,
         batch_windows: int = 4,
-        trace_memory_bytes: int = 1 << 30,
     ) -> None:
-        if kind not in ("kl", "ppl"):
-            raise ValueError(f"fitness must be 'kl' or 'ppl', got {kind!r}")
-        if batch_windows < 1:
-            raise ValueError("batch_windows must be at least 1")
-        self.model = model
-        self.db = db
-        self.units = units
-        self.space = space
-        self.kind = kind
-        self.reuse_prefix = reuse_prefix
-        self.batch_windows = batch_windows
-        self.trace_memory = trace_memory_bytes
-        self.tokens = calib_tokens
-        self.n_windows, self.seq_len = calib_tokens.shape
-        self.blocks = [b.module for b in db.blocks]
-        db.restore()
-        inputs = capture_block_inputs(model, calib_tokens)
+        self.tokens = tokens
+        self.n_windows, self.seq_len = tokens.shape
+        self.blocks = [b.module for b in (blocks if blocks is not None else find_blocks(model))]
+        inputs = capture_block_inputs(model, tokens)
         self.inputs = inputs.hidden  # [n_windows, T, d]
         self.kwargs = inputs.kwargs
-        self.unit_blocks = [u.block for u in units]
-        self.window_scores: dict[tuple[int, ...], list[float]] = {}
-        self.parent: tuple[int, ...] | None = None
-        self.parent_trace: dict[Range, Trace] = {}
-        # Candidates' own traces per range, with the bytes they added, least recently scored first.
-        self.recent: OrderedDict[tuple[int, ...], dict[Range, tuple[Trace, int]]] = OrderedDict()
-        self._recent_bytes = 0
-        self.blocks_run = 0  # window-blocks run, for the tests and the benchmark
-        self.windows_scored = 0
-        self._build_reference(topk, dense_memory_bytes)
-
-    def _build_reference(self, topk: int, dense_memory_bytes: int) -> None:
-        """Dense next-token distribution per window, computed once (one window at a time)."""
         self.full = True
+        self.k = 0
         self.dense_p: list[torch.Tensor] = []  # full: probabilities [T, V]; top-k: log-probs [T, k]
         self.dense_negent: list[torch.Tensor] = []  # full: Σ_v p log p per position
         self.dense_idx: list[torch.Tensor] = []
         self.dense_tail: list[torch.Tensor] = []
         for w in range(self.n_windows):
-            h = self._run_from(self.inputs[w : w + 1], 0)
-            logp = torch.log_softmax(head_logits(self.model, h).float(), dim=-1)[0]  # [T, V]
+            h = self.inputs[w : w + 1]
+            for block in self.blocks:
+                h = run_block(block, h, self.kwargs, batch_size=batch_windows)
+            logp = torch.log_softmax(head_logits(model, h).float(), dim=-1)[0]  # [T, V]
             if w == 0:
                 vocab = logp.shape[-1]
                 self.full = self.n_windows * self.seq_len * vocab * 4 <= dense_memory_bytes or topk >= vocab
@@ -110,7 +99,62 @@ class ProxyFitness:
                 self.dense_p.append(vals)
                 self.dense_idx.append(idx)
                 self.dense_tail.append(_log1mexp(torch.logsumexp(vals, dim=-1)))
-        self.blocks_run = 0
+
+    def nbytes(self) -> int:
+        tensors = [self.inputs, *self.dense_p, *self.dense_negent, *self.dense_idx, *self.dense_tail]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class ProxyFitness:
+    def __init__(
+        self,
+        model: nn.Module,
+        reference: DenseReference | torch.Tensor,
+        db: LevelDB,
+        units: list[Unit],
+        space: LevelSpace,
+        kind: str = "kl",
+        topk: int = 256,
+        dense_memory_bytes: int = 512 << 20,
+        reuse_prefix: bool = True,
+        batch_windows: int = 4,
+        trace_memory_bytes: int = 1 << 30,
+        window_bounds: Sequence[int] | None = None,
+    ) -> None:
+        """``reference``: a DenseReference, or calibration windows to build one from (the database is
+        first restored to its lowest counts, dense with the default bounds)."""
+        if kind not in ("kl", "ppl"):
+            raise ValueError(f"fitness must be 'kl' or 'ppl', got {kind!r}")
+        if batch_windows < 1:
+            raise ValueError("batch_windows must be at least 1")
+        if not isinstance(reference, DenseReference):
+            db.restore()
+            reference = DenseReference(model, reference, db.blocks, topk, dense_memory_bytes, batch_windows)
+        self.model = model
+        self.db = db
+        self.units = units
+        self.space = space
+        self.kind = kind
+        self.reuse_prefix = reuse_prefix
+        self.batch_windows = batch_windows
+        self.trace_memory = trace_memory_bytes
+        self.ref = reference
+        self.tokens = reference.tokens
+        self.n_windows, self.seq_len = reference.tokens.shape
+        self.blocks = reference.blocks
+        self.inputs = reference.inputs
+        self.kwargs = reference.kwargs
+        self.full = reference.full
+        self.bounds = sorted({self.windows_for(t) for t in window_bounds}) if window_bounds else []
+        self.unit_blocks = [u.block for u in units]
+        self.window_scores: dict[tuple[int, ...], list[float]] = {}
+        self.parent: tuple[int, ...] | None = None
+        self.parent_trace: dict[Range, Trace] = {}
+        # Candidates' own traces per range, with the bytes they added, least recently scored first.
+        self.recent: OrderedDict[tuple[int, ...], dict[Range, tuple[Trace, int]]] = OrderedDict()
+        self._recent_bytes = 0
+        self.blocks_run = 0  # window-blocks run, for the tests and the benchmark
+        self.windows_scored = 0
 
     # ------------------------------------------------------------------ helpers
     def windows_for(self, tokens: int) -> int:
@@ -181,12 +225,12 @@ class ProxyFitness:
                 nll = lse[:-1] - lg[:-1].gather(1, tgt.unsqueeze(1)).squeeze(1)
                 scores.append(float(nll.mean()))
             elif self.full:
-                cross = torch.einsum("tv,tv->t", self.dense_p[w], lg)
-                scores.append(float((self.dense_negent[w] - cross + lse).mean()))
+                cross = torch.einsum("tv,tv->t", self.ref.dense_p[w], lg)
+                scores.append(float((self.ref.dense_negent[w] - cross + lse).mean()))
             else:
-                q = lg.gather(1, self.dense_idx[w]) - lse.unsqueeze(1)  # log-probs of the dense top-k only
+                q = lg.gather(1, self.ref.dense_idx[w]) - lse.unsqueeze(1)  # log-probs of the dense top-k only
                 q_tail = _log1mexp(torch.logsumexp(q, dim=-1))
-                ref, p_tail = self.dense_p[w], self.dense_tail[w]
+                ref, p_tail = self.ref.dense_p[w], self.ref.dense_tail[w]
                 kl = (ref.exp() * (ref - q)).sum(-1) + p_tail.exp() * (p_tail - q_tail)
                 scores.append(float(kl.mean()))
             self.windows_scored += 1
@@ -204,16 +248,36 @@ class ProxyFitness:
         self.recent.clear()  # children of the old parent: none of them can be adopted any more
         self._recent_bytes = 0
 
+    def _ranges(self, done: int, n: int) -> list[Range]:
+        """The window ranges that take a vector from ``done`` scored windows to ``n``, cut at the bounds."""
+        cuts = [b for b in self.bounds if done < b < n] + [n]
+        return list(zip([done, *cuts[:-1]], cuts, strict=True))
+
     @torch.no_grad()
     def __call__(self, vector: Sequence[int], tokens: int) -> float:
         vector = tuple(vector)
         n = self.windows_for(tokens)
         done = self.window_scores.get(vector, [])
         if len(done) < n:
-            done = done + self._score_range(vector, len(done), n)
+            for lo, hi in self._ranges(len(done), n):
+                done = done + self._score_range(vector, lo, hi)
             self.window_scores[vector] = done
         mean = sum(done[:n]) / n
         return math.exp(mean) if self.kind == "ppl" else mean
+
+    def score_many(self, vectors: Sequence[Sequence[int]], tokens: int) -> list[float]:
+        """Scores of a whole selection stage (here one after another; worker/scoring.py fans out)."""
+        return [self(v, tokens) for v in vectors]
+
+    def known_windows(self, vector: Sequence[int]) -> list[float]:
+        """Per-window scores already computed for ``vector`` (first windows first)."""
+        return list(self.window_scores.get(tuple(vector), []))
+
+    def add_known_windows(self, vector: Sequence[int], scores: Sequence[float]) -> None:
+        """Take per-window scores another process computed (same bits: the ranges are cut alike)."""
+        vector = tuple(vector)
+        if len(scores) > len(self.window_scores.get(vector, [])):
+            self.window_scores[vector] = list(scores)
 
 
 def _logsumexp_rows(x: torch.Tensor, chunk: int = 32) -> torch.Tensor:

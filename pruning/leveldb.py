@@ -6,37 +6,54 @@ count do not depend on what the other layers chose: the search can mix levels fr
 
 - magnitude / Wanda / DaSS: the masks of all counts are nested, so one stable ascending
   ranking per comparison group (row, or column for DaSS gate/up) serves every level. Applying
-  a count zeroes the lowest-ranked entries from the dense weights, the count spread over the
-  groups exactly as ``pruning.pruners.keep_mask_from_scores`` does (same result, bit for bit).
-  Memory: one int16/int32 rank matrix per linear, whatever the number of levels.
+  a count zeroes the lowest-ranked entries, the count spread over the groups exactly as
+  ``pruning.pruners.keep_mask_from_scores`` does (same result, bit for bit).
 - SparseGPT: the reconstructed weights depend on the count, so each (linear, count) is computed
   once on first use from the layer Hessian and kept: in memory up to ``memory_limit_bytes``, then
   under ``cache_dir`` when one is given, else the least recently used levels make room (and are
   recomputed if asked for again).
+
+Memory (ranking pruners). A search only visits counts inside each linear's ``bounds`` (the
+level space's target ± max delta). Entries ranked below the lowest count are pruned at every
+level and entries ranked above the highest are kept at every level, so only the *band* of ranks
+in between is kept: its positions (int16) and its dense values. Below the band the model is
+zeroed once; above it the model's own weights are never touched. With the default bounds (every
+count) the band is the whole matrix; with a search's ±25 % it is half of it, so a scoring
+process holds the model plus 0.75 × its prunable weights instead of two dense copies and a
+ranking. No separate dense copy is kept; the job's dense snapshot lives in the runner.
 
 ``apply(counts)`` only touches the linears whose count differs from the model's current state,
 and for the ranking pruners only the entries whose state flips between the two counts.
 
 N:M levels (``nm_m`` = M, for ``mixed:M`` / ``2:4+dense``): a count of ``size * p / M`` means
 the pattern (M - p):M. For the ranking pruners the N:M masks of one M are nested too (inside
-each group of M the lowest p scores go), so one within-group rank per weight (int8) serves every
-N, the same masks ``keep_mask_from_scores(..., nm)`` gives. SparseGPT runs its own N:M mask
-selection per group of M columns (as in its paper) for each (linear, N), cached like any level.
+each group of M the lowest p scores go), so one within-group rank per weight (int8, derived from
+the same stored ranking) serves every N, the masks ``keep_mask_from_scores(..., nm)`` gives; this
+mode keeps a dense copy instead of a band, since every N touches every group. SparseGPT runs
+its own N:M mask selection per group of M columns (as in its paper) for each (linear, N).
+
+The rankings (or SparseGPT Hessians) are what is expensive to build and what does not depend on
+the level grid, so ``save``/``load`` store exactly those, one safetensors file per block: a job
+on the same model, pruner and calibration data reuses them (worker/leveldb_store.py keys them).
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
+import json
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from evosparse.pruning.blockwise import capture_block_inputs, run_block
 from evosparse.pruning.errors import PruningConfigError
-from evosparse.pruning.layers import find_blocks, weight_matrix
+from evosparse.pruning.layers import BlockInfo, find_blocks, weight_matrix
+from evosparse.search.allocation import split_proportional
 from torch import nn
+
+FORMAT_VERSION = 2  # of the saved rankings / Hessians (part of the stored artifact's key)
+PRUNERS = ("magnitude", "wanda", "sparsegpt", "dass")
 
 
 @dataclass
@@ -53,17 +70,6 @@ class Unit:
         return sum(self.sizes)
 
 
-def split_exact(total: int, widths: list[int]) -> list[int]:
-    """``total`` split over parts proportional to ``widths`` (largest remainder; sums exactly)."""
-    size = sum(widths)
-    raw = [total * w / size for w in widths]
-    out = [math.floor(r) for r in raw]
-    order = sorted(range(len(widths)), key=lambda i: (raw[i] - out[i], -i), reverse=True)
-    for i in order[: total - sum(out)]:
-        out[i] += 1
-    return out
-
-
 def _spread(count: int, groups: int, device: torch.device) -> torch.Tensor:
     base, extra = divmod(count, groups)
     k = torch.full((groups,), base, dtype=torch.long, device=device)
@@ -71,133 +77,215 @@ def _spread(count: int, groups: int, device: torch.device) -> torch.Tensor:
     return k
 
 
-@torch.no_grad()
-def collect_dense_stats(
-    model: nn.Module, tokens: torch.Tensor, want_hessian: bool, batch_size: int = 4
-) -> dict[str, dict[str, torch.Tensor]]:
-    """Per linear: ``sq`` = Σ_tokens x_j² of its input; ``h`` = 2XXᵀ/N when ``want_hessian``.
+def _ranking(scores: torch.Tensor, dim: int) -> torch.Tensor:
+    """Stable ascending order of the scores within each comparison group (int16 where it fits)."""
+    s = scores if dim == 1 else scores.t()
+    idx_dtype = torch.int16 if s.shape[1] < 2**15 else torch.int32
+    return torch.argsort(s, dim=1, stable=True).to(idx_dtype)
 
-    Runs the dense blocks one at a time; each block's dense output feeds the next.
-    """
-    blocks = find_blocks(model)
-    inputs = capture_block_inputs(model, tokens)
-    hidden = inputs.hidden
-    stats: dict[str, dict[str, torch.Tensor]] = {}
-    counts: dict[str, int] = {}
+
+def score_dim(pruner: str, name: str, block: BlockInfo) -> int:
+    """Axis a linear's scores are compared along: 1 within rows, 0 within columns (DaSS gate/up)."""
+    return 0 if pruner == "dass" and block.glu is not None and name in block.glu[:2] else 1
+
+
+def rankings(
+    blocks: Sequence[BlockInfo], pruner: str, stats: Mapping[str, object] | None
+) -> dict[str, torch.Tensor]:
+    """Per linear, the ascending score order per comparison group (magnitude / Wanda / DaSS)."""
+    from evosparse.pruning import pruners
+
+    out: dict[str, torch.Tensor] = {}
     for info in blocks:
-        handles = []
         for name, mod in info.linears.items():
-
-            def hook(_m, args, _out, name=name):
-                x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-                st = stats.setdefault(name, {})
-                st["sq"] = st.get("sq", 0) + (x * x).sum(0)
-                if want_hessian:
-                    st["h"] = st.get("h", 0) + 2 * x.t() @ x
-                counts[name] = counts.get(name, 0) + x.shape[0]
-
-            handles.append(mod.register_forward_hook(hook))
-        try:
-            hidden = run_block(info.module, hidden, inputs.kwargs, batch_size)
-        finally:
-            for h in handles:
-                h.remove()
-        if want_hessian:
-            for name in info.linears:
-                stats[name]["h"] /= counts[name]
-    return stats
+            w = weight_matrix(mod)
+            dim = score_dim(pruner, name, info)
+            if pruner == "magnitude":
+                scores = pruners.magnitude_scores(w)
+            elif dim == 0:
+                scores = pruners.dass_scores(w, stats[info.glu[2]].sq_norms)  # type: ignore[index,union-attr]
+            else:
+                scores = pruners.wanda_scores(w, stats[name].sq_norms)  # type: ignore[index,union-attr]
+            out[name] = _ranking(scores, dim)
+    return out
 
 
 class LevelDB:
-    """Dense weights + per-linear rankings (or lazily computed SparseGPT levels) for one model."""
+    """Per-linear rank bands (or lazily computed SparseGPT levels) for one model and pruner."""
 
     def __init__(
         self,
         model: nn.Module,
         pruner: str,
-        stats: dict[str, dict[str, torch.Tensor]],
+        orders: Mapping[str, torch.Tensor] | None = None,
+        hessians: Mapping[str, torch.Tensor] | None = None,
+        *,
+        blocks: Sequence[BlockInfo] | None = None,
+        bounds: Mapping[str, tuple[int, int]] | None = None,
+        dense: Mapping[str, torch.Tensor] | None = None,
         cache_dir: str | Path | None = None,
         memory_limit_bytes: int = 2 << 30,
         nm_m: int | None = None,
     ) -> None:
-        if pruner not in ("magnitude", "wanda", "sparsegpt", "dass"):
+        """``orders``: rankings (ranking pruners); ``hessians``: layer Hessians (SparseGPT).
+
+        ``bounds``: per linear the (lowest, highest) count that will ever be applied (default: all);
+        ``dense``: the dense weights SparseGPT levels start from (default: a copy of the model's).
+        ``nm_m``: serve N:M levels for this M (counts must be whole N:M patterns; bounds are not used).
+        The model must hold its dense weights when the database is made.
+        """
+        if pruner not in PRUNERS:
             raise PruningConfigError(f"unknown pruner {pruner!r}")
         self.nm_m = nm_m
+        self.nm_rank: dict[str, torch.Tensor] = {}  # N:M mode: rank of each weight inside its group of M
         self.model = model
         self.pruner = pruner
-        self.blocks = find_blocks(model)
+        self.blocks = list(blocks) if blocks is not None else find_blocks(model)
         self.modules: dict[str, nn.Module] = {}
         self.block_of: dict[str, int] = {}
         for info in self.blocks:
             for name, mod in info.linears.items():
                 self.modules[name] = mod
                 self.block_of[name] = info.index
-        self.dense = {n: weight_matrix(m).detach().clone() for n, m in self.modules.items()}
-        self.current = {n: 0 for n in self.modules}  # pruned count each linear holds right now
-        self.order: dict[str, torch.Tensor] = {}  # ascending score order per comparison group
-        self.dim: dict[str, int] = {}
-        self.nm_rank: dict[str, torch.Tensor] = {}  # N:M mode: rank of each weight inside its group of M
+        self.sizes = {n: weight_matrix(m).numel() for n, m in self.modules.items()}
+        self.dim: dict[str, int] = {
+            n: score_dim(pruner, n, self.blocks[self.block_of[n]]) for n in self.modules
+        }
+        self.current: dict[str, int] = {}  # pruned count each linear holds right now
+        self.band_lo: dict[str, int] = {}  # ranks below are pruned at every count within bounds
+        self.band_idx: dict[str, torch.Tensor] = {}  # [groups, hi - lo] positions of the band's ranks
+        self.band_val: dict[str, torch.Tensor] = {}  # [groups, hi - lo] their dense values
+        self.bounds = {n: (0, s) for n, s in self.sizes.items()}
+        self.bounds.update(bounds or {})
         self.hessian: dict[str, torch.Tensor] = {}
-        # SparseGPT weights per (linear, count), least recently used first.
-        self.levels: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
+        self.dense: dict[str, torch.Tensor] = {}
+        self.levels: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()  # SparseGPT, LRU first
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.memory_limit = memory_limit_bytes
         self._level_bytes = 0
-        self._build(stats)
+        if pruner == "sparsegpt":
+            if hessians is None:
+                raise PruningConfigError("SparseGPT levels need the layer Hessians")
+            self.hessian = dict(hessians)
+            self.dense = dict(dense) if dense is not None else {
+                n: weight_matrix(m).detach().clone() for n, m in self.modules.items()}
+            self.current = {n: 0 for n in self.modules}
+        else:
+            if orders is None:
+                raise PruningConfigError(f"{pruner} levels need the score rankings")
+            for name in self.modules:
+                if nm_m is not None:
+                    self._make_nm(name, orders[name], nm_m)
+                else:
+                    self._make_band(name, orders[name])
 
+    # ------------------------------------------------------------------ build / store
     @classmethod
     def build(
-        cls, model: nn.Module, calib_tokens: torch.Tensor, pruner: str, cache_dir: str | Path | None = None,
-        batch_size: int = 4, nm_m: int | None = None,
+        cls,
+        model: nn.Module,
+        calib_tokens: torch.Tensor,
+        pruner: str,
+        cache_dir: str | Path | None = None,
+        batch_size: int = 4,
+        *,
+        blocks: Sequence[BlockInfo] | None = None,
+        stats: Mapping[str, object] | None = None,
+        bounds: Mapping[str, tuple[int, int]] | None = None,
+        dense: Mapping[str, torch.Tensor] | None = None,
+        save_to: str | Path | None = None,
+        nm_m: int | None = None,
     ) -> LevelDB:
-        stats = collect_dense_stats(model, calib_tokens, want_hessian=pruner == "sparsegpt", batch_size=batch_size)
-        return cls(model, pruner, stats, cache_dir=cache_dir, nm_m=nm_m)
+        """Rank (or collect Hessians) on the dense model, optionally saving them to ``save_to``.
 
-    # ------------------------------------------------------------------ build
-    def _scores(self, name: str, stats: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, int]:
-        from evosparse.pruning import pruners
+        ``stats``: dense calibration statistics already collected (with Hessians for SparseGPT);
+        collected here when not given.
+        """
+        from evosparse.pruning.sensitivity import dense_input_stats
 
-        w = self.dense[name]
-        if self.pruner == "magnitude":
-            return pruners.magnitude_scores(w), 1
-        if self.pruner == "dass":
-            info = self.blocks[self.block_of[name]]
-            if info.glu is not None and name in info.glu[:2]:
-                return pruners.dass_scores(w, stats[info.glu[2]]["sq"]), 0
-        return pruners.wanda_scores(w, stats[name]["sq"]), 1
+        if pruner not in PRUNERS:
+            raise PruningConfigError(f"unknown pruner {pruner!r}")
+        blocks = list(blocks) if blocks is not None else find_blocks(model)
+        if stats is None and pruner != "magnitude":
+            stats = dense_input_stats(model, calib_tokens, batch_size=batch_size, hessian=pruner == "sparsegpt",
+                                      blocks=blocks)
+        orders = hessians = None
+        if pruner == "sparsegpt":
+            hessians = {n: stats[n].hessian for b in blocks for n in b.linears}  # type: ignore[index,union-attr]
+        else:
+            orders = rankings(blocks, pruner, stats)
+        if save_to is not None:
+            save_levels(save_to, pruner, blocks, orders if orders is not None else hessians)
+        return cls(model, pruner, orders, hessians, blocks=blocks, bounds=bounds, dense=dense, cache_dir=cache_dir,
+                   nm_m=nm_m)
 
-    def _build(self, stats: dict[str, dict[str, torch.Tensor]]) -> None:
-        for name in self.modules:
-            if self.pruner == "sparsegpt":
-                self.hessian[name] = stats[name]["h"]
-                continue
-            scores, dim = self._scores(name, stats)
-            s = scores if dim == 1 else scores.t()
-            if self.nm_m is not None:
-                m = self.nm_m
-                if s.shape[1] % m:
-                    raise PruningConfigError(f"{name}: N:{m} needs the compared dimension divisible by {m}, "
-                                             f"got {s.shape[1]}")
-                order = torch.argsort(s.reshape(s.shape[0], -1, m), dim=2, stable=True)
-                self.nm_rank[name] = torch.argsort(order, dim=2).reshape(s.shape).to(torch.int8)
-                self.dim[name] = dim
-                continue
-            idx_dtype = torch.int16 if s.shape[1] < 2**15 else torch.int32
-            self.order[name] = torch.argsort(s, dim=1, stable=True).to(idx_dtype)
-            self.dim[name] = dim
+    @classmethod
+    def load(
+        cls,
+        folder: str | Path,
+        model: nn.Module,
+        pruner: str,
+        *,
+        blocks: Sequence[BlockInfo] | None = None,
+        bounds: Mapping[str, tuple[int, int]] | None = None,
+        dense: Mapping[str, torch.Tensor] | None = None,
+        cache_dir: str | Path | None = None,
+        nm_m: int | None = None,
+    ) -> LevelDB:
+        """The database ``save_levels`` stored, for this (dense) model."""
+        blocks = list(blocks) if blocks is not None else find_blocks(model)
+        tensors = load_levels(folder, pruner, blocks, device=weight_matrix(next(iter(blocks[0].linears.values()))).device)
+        kw = {"blocks": blocks, "bounds": bounds, "dense": dense, "cache_dir": cache_dir, "nm_m": nm_m}
+        if pruner == "sparsegpt":
+            return cls(model, pruner, None, tensors, **kw)
+        return cls(model, pruner, tensors, None, **kw)
+
+    def _make_nm(self, name: str, order: torch.Tensor, m: int) -> None:
+        """N:M mode: each weight's rank inside its group of M, from the row ranking (ties by position)."""
+        groups, width = order.shape
+        if width % m:
+            raise PruningConfigError(f"{name}: N:{m} needs the compared dimension divisible by {m}, got {width}")
+        rank_in_row = torch.empty_like(order, dtype=torch.int32)
+        rank_in_row.scatter_(1, order.long(), torch.arange(width, dtype=torch.int32).expand(groups, width).contiguous())
+        within = torch.argsort(rank_in_row.reshape(groups, width // m, m), dim=2, stable=True)
+        rank = torch.argsort(within, dim=2).reshape(groups, width).to(torch.int8)
+        # Both kept as [out, in], like the weights SparseGPT levels start from.
+        self.nm_rank[name] = rank if self.dim[name] == 1 else rank.t().contiguous()
+        self.dense[name] = weight_matrix(self.modules[name]).detach().clone()
+        self.current[name] = 0
+
+    def _make_band(self, name: str, order: torch.Tensor) -> None:
+        """Keep the ranks [lo, hi) any count within bounds can reach; zero the ranks below once."""
+        groups, width = order.shape
+        lo_count, hi_count = self.bounds[name]
+        if not 0 <= lo_count <= hi_count <= self.sizes[name]:
+            raise PruningConfigError(f"{name}: bounds {lo_count}..{hi_count} outside 0..{self.sizes[name]}")
+        lo = lo_count // groups  # the fewest any group prunes at the lowest count
+        hi = min(width, -(-hi_count // groups))  # the most any group prunes at the highest count
+        weight = self._grouped(name)
+        band = order[:, lo:hi]
+        self.band_idx[name] = band.clone()
+        self.band_val[name] = weight.gather(1, band.long()).clone()
+        if lo > 0:
+            weight.scatter_(1, order[:, :lo].long(), 0.0)
+        self.band_lo[name] = lo
+        self.current[name] = lo * groups  # every group at exactly ``lo``
+
+    def _grouped(self, name: str) -> torch.Tensor:
+        """The weight as [groups, compared entries] (a view sharing the module's storage)."""
+        w = weight_matrix(self.modules[name])
+        return w if self.dim[name] == 1 else w.t()
 
     # ------------------------------------------------------------------ units
     def units(self, granularity: str) -> list[Unit]:
         if granularity == "layer":
-            return [
-                Unit(info.name, info.index, list(info.linears), [self.dense[n].numel() for n in info.linears])
-                for info in self.blocks
-            ]
+            return [Unit(info.name, info.index, list(info.linears), [self.sizes[n] for n in info.linears])
+                    for info in self.blocks]
         if granularity == "module":
-            return [Unit(n, self.block_of[n], [n], [self.dense[n].numel()]) for n in self.modules]
+            return [Unit(n, self.block_of[n], [n], [self.sizes[n]]) for n in self.modules]
         raise ValueError(f"granularity must be 'layer' or 'module', got {granularity!r}")
 
-    def linear_counts(self, units: list[Unit], unit_counts: list[int]) -> dict[str, int]:
+    def linear_counts(self, units: list[Unit], unit_counts: Sequence[int]) -> dict[str, int]:
         """Per-linear prune counts: each unit's count split over its linears by size (exact).
 
         N:M mode: a unit pruning p of every M gives each of its linears size * p / M (integers only).
@@ -209,42 +297,35 @@ class LevelDB:
                 p, rem = divmod(c * m, u.size)
                 if rem:
                     raise PruningConfigError(f"{u.name}: count {c} of {u.size} is not an N:{m} pattern")
-                for n, size in zip(u.linears, u.sizes, strict=True):
-                    out[n] = size * p // m
+                out.update({n: size * p // m for n, size in zip(u.linears, u.sizes, strict=True)})
             return out
         for u, c in zip(units, unit_counts, strict=True):
-            for n, k in zip(u.linears, split_exact(c, u.sizes), strict=True):
-                out[n] = k
+            out.update(zip(u.linears, split_proportional(c, u.sizes), strict=True))
         return out
 
     # ------------------------------------------------------------------ levels
     def pruned_weight(self, name: str, count: int) -> torch.Tensor:
         """The linear's weights ([out, in], model dtype) with ``count`` weights pruned."""
-        dense = self.dense[name]
-        if count == 0:
-            return dense.clone()
         if self.pruner == "sparsegpt":
-            return self._sparsegpt_level(name, count).to(dense.dtype)
+            dense = self.dense[name]
+            return dense.clone() if count == 0 else self._sparsegpt_level(name, count).to(dense.dtype)
         if self.nm_m is not None:
-            keep = self.nm_rank[name] >= self.pruned_per_group(name, count)
-            if self.dim[name] == 0:
-                keep = keep.t()
-            return dense * keep.to(dense.dtype)
-        order = self.order[name].long()
-        dim = self.dim[name]
-        rows, cols = order.shape
-        k = _spread(count, rows, order.device)
-        prune_sorted = torch.arange(cols, device=order.device).unsqueeze(0) < k.unsqueeze(1)
-        keep = torch.ones((rows, cols), dtype=torch.bool, device=order.device).scatter(1, order, ~prune_sorted)
-        if dim == 0:
-            keep = keep.t()
-        return dense * keep.to(dense.dtype)
+            return self.dense[name] * (self.nm_rank[name] >= self.pruned_per_group(name, count))
+        lo_count, hi_count = self.bounds[name]
+        if not lo_count <= count <= hi_count:
+            raise PruningConfigError(f"{name}: count {count} outside this database's bounds {lo_count}..{hi_count}")
+        grouped = self._grouped(name).clone()  # above the band and below it: as the model holds them
+        idx, val = self.band_idx[name].long(), self.band_val[name]
+        k = _spread(count, grouped.shape[0], idx.device) - self.band_lo[name]
+        pruned = torch.arange(idx.shape[1], device=idx.device).unsqueeze(0) < k.unsqueeze(1)
+        grouped.scatter_(1, idx, torch.where(pruned, torch.zeros_like(val), val))
+        return grouped if self.dim[name] == 1 else grouped.t()
 
     def pruned_per_group(self, name: str, count: int) -> int:
         """N:M mode: the p of (M - p):M that ``count`` means for this linear."""
         assert self.nm_m is not None
-        p, rem = divmod(count * self.nm_m, self.dense[name].numel())
-        if rem:
+        p, rem = divmod(count * self.nm_m, self.sizes[name])
+        if rem or not 0 <= p < self.nm_m:
             raise PruningConfigError(f"{name}: count {count} is not an N:{self.nm_m} pattern")
         return p
 
@@ -267,7 +348,8 @@ class LevelDB:
                 return torch.load(path)
         from evosparse.pruning.pruners import sparsegpt_prune
 
-        w = sparsegpt_prune(self.dense[name], self.hessian[name], count, self.nm_of(name, count))
+        hessian = self.hessian[name]
+        w = sparsegpt_prune(self.dense[name].to(hessian.device), hessian, count, self.nm_of(name, count))
         nbytes = w.numel() * w.element_size()
         if path is not None and self._level_bytes + nbytes > self.memory_limit:  # memory full: spill to disk
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -282,13 +364,17 @@ class LevelDB:
         return w
 
     @torch.no_grad()
-    def apply(self, counts: dict[str, int]) -> list[str]:
+    def apply(self, counts: Mapping[str, int]) -> list[str]:
         """Put the model in the state ``counts`` (per linear); returns the linears rewritten."""
         changed = [n for n, c in counts.items() if self.current[n] != c]
         for n in changed:
             if self.pruner == "sparsegpt" or self.nm_m is not None:
                 weight_matrix(self.modules[n]).copy_(self.pruned_weight(n, counts[n]))
             else:
+                lo_count, hi_count = self.bounds[n]
+                if not lo_count <= counts[n] <= hi_count:
+                    raise PruningConfigError(f"{n}: count {counts[n]} outside the database's bounds "
+                                             f"{lo_count}..{hi_count}")
                 self._move(n, self.current[n], counts[n])
             self.current[n] = counts[n]
         return changed
@@ -297,37 +383,83 @@ class LevelDB:
         """Nested masks: going from one count to another only flips the entries ranked in between.
 
         Per comparison group the pruned entries are the first k of its ranking, so moving from
-        k_from to k_to zeroes (or restores from the dense copy) ranks [min, max) of each group:
-        a narrow band of the ranking instead of a whole new mask. Same weights as
+        k_from to k_to zeroes (or restores from the band's dense values) ranks [min, max) of each
+        group: a narrow slice of the band instead of a whole new mask. Same weights as
         ``pruned_weight(name, count_to)``.
         """
-        weight = weight_matrix(self.modules[name])
-        order = self.order[name]
-        groups = order.shape[0]
-        k_from = _spread(count_from, groups, order.device)
-        k_to = _spread(count_to, groups, order.device)
-        a, b = torch.minimum(k_from, k_to), torch.maximum(k_from, k_to)
+        grouped = self._grouped(name)
+        idx = self.band_idx[name]
+        groups = idx.shape[0]
+        base = self.band_lo[name]
+        a = torch.minimum(_spread(count_from, groups, idx.device), _spread(count_to, groups, idx.device)) - base
+        b = torch.maximum(_spread(count_from, groups, idx.device), _spread(count_to, groups, idx.device)) - base
         lo, hi = int(a.min()), int(b.max())
         if hi <= lo:
             return
-        band = order[:, lo:hi].long()
-        pos = torch.arange(lo, hi, device=order.device)
+        pos = torch.arange(lo, hi, device=idx.device)
         flip = (pos >= a.unsqueeze(1)) & (pos < b.unsqueeze(1))
-        group = torch.arange(groups, device=order.device).unsqueeze(1).expand_as(band)[flip]
-        other = band[flip]
-        rows, cols = (group, other) if self.dim[name] == 1 else (other, group)
+        group = torch.arange(groups, device=idx.device).unsqueeze(1).expand(groups, hi - lo)[flip]
+        cols = idx[:, lo:hi].long()[flip]
         if count_to > count_from:
-            weight[rows, cols] = 0
+            grouped[group, cols] = 0
         else:
-            weight[rows, cols] = self.dense[name][rows, cols]
+            grouped[group, cols] = self.band_val[name][:, lo:hi][flip]
 
     def restore(self) -> None:
-        """Back to the dense weights."""
-        self.apply({n: 0 for n in self.modules})
+        """Back to the lowest count of every linear: the dense weights when the bounds start at 0."""
+        if self.nm_m is not None:
+            self.apply({n: 0 for n in self.modules})
+            return
+        self.apply({n: lo for n, (lo, _) in self.bounds.items()})
 
     def nbytes(self) -> int:
-        """Memory held by the database (dense copies, rankings, Hessians, cached levels)."""
-        tensors = (list(self.dense.values()) + list(self.order.values()) + list(self.nm_rank.values())
-                   + list(self.hessian.values()))
+        """Memory held by the database (rank bands and their values, Hessians, dense copies, levels)."""
+        tensors = [*self.band_idx.values(), *self.band_val.values(), *self.hessian.values(), *self.dense.values(),
+                   *self.nm_rank.values()]
         return sum(t.numel() * t.element_size() for t in tensors) + self._level_bytes
 
+
+# ---------------------------------------------------------------------- the stored form
+def _block_file(folder: Path, index: int) -> Path:
+    return folder / f"block-{index:05d}.safetensors"
+
+
+def save_levels(
+    folder: str | Path, pruner: str, blocks: Sequence[BlockInfo], tensors: Mapping[str, torch.Tensor]
+) -> None:
+    """Write the rankings (or Hessians) one safetensors file per block, then ``meta.json`` last.
+
+    A folder without ``meta.json`` is incomplete (a writer died) and is never loaded.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for info in blocks:
+        save_file({n: tensors[n].contiguous().cpu() for n in info.linears}, str(_block_file(folder, info.index)))
+    meta = {"format": FORMAT_VERSION, "pruner": pruner, "blocks": len(blocks),
+            "linears": [n for b in blocks for n in b.linears]}
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def load_levels(
+    folder: str | Path, pruner: str, blocks: Sequence[BlockInfo], device: torch.device | None = None
+) -> dict[str, torch.Tensor]:
+    """Read what ``save_levels`` wrote, checking that it belongs to this pruner and model layout."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    meta_path = folder / "meta.json"
+    if not meta_path.is_file():
+        raise PruningConfigError(f"{folder} holds no complete level database")
+    meta = json.loads(meta_path.read_text())
+    names = [n for b in blocks for n in b.linears]
+    if meta.get("format") != FORMAT_VERSION or meta.get("pruner") != pruner or meta.get("linears") != names:
+        raise PruningConfigError(f"the level database in {folder} was built for another model, pruner or format")
+    out: dict[str, torch.Tensor] = {}
+    for info in blocks:
+        with safe_open(str(_block_file(folder, info.index)), framework="pt",
+                       device=str(device) if device is not None else "cpu") as f:
+            for n in info.linears:
+                out[n] = f.get_tensor(n)
+    return out

@@ -8,7 +8,7 @@ the next block. Only one block's activations live at a time.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from evosparse.pruning.blockwise import capture_block_inputs, run_block
@@ -154,9 +154,11 @@ def prune_block(
     return run_block(block.module, hidden, kwargs, batch_size=batch_size)
 
 
-def validate_counts(model: nn.Module, counts: dict[str, int], nm: Patterns = None) -> None:
+def validate_counts(
+    model: nn.Module, counts: dict[str, int], nm: Patterns = None, blocks: Sequence[BlockInfo] | None = None
+) -> None:
     """Reject unknown layer names and counts outside [0, numel] before any weight is touched."""
-    sizes = {n: weight_matrix(m).numel() for b in find_blocks(model) for n, m in b.linears.items()}
+    sizes = {n: weight_matrix(m).numel() for b in blocks or find_blocks(model) for n, m in b.linears.items()}
     unknown = sorted(set(counts) - set(sizes))
     if unknown:
         raise PruningConfigError(f"counts name layers the model does not have: {unknown[:3]}")
@@ -175,6 +177,7 @@ def prune_model(
     progress: Progress | None = None,
     should_cancel: Callable[[], bool] | None = None,
     batch_size: int = 8,
+    blocks: Sequence[BlockInfo] | None = None,
     quant: QuantConfig | None = None,
     scale_dtype: torch.dtype = torch.float32,
 ) -> dict[str, QuantizedWeight]:
@@ -186,9 +189,9 @@ def prune_model(
     """
     if pruner not in PRUNER_NAMES:
         raise PruningConfigError(f"unknown pruner {pruner!r}; choose one of {', '.join(PRUNER_NAMES)}")
-    validate_counts(model, counts, nm)
+    blocks = list(blocks) if blocks is not None else find_blocks(model)
+    validate_counts(model, counts, nm, blocks)
     check_quant_shapes(model, quant)
-    blocks = find_blocks(model)
     quantized: dict[str, QuantizedWeight] = {}
     if pruner == "magnitude" and not needs_hessian(pruner, quant):  # no activations needed: no forward passes
         for i, block in enumerate(blocks):

@@ -20,6 +20,7 @@ import math
 import torch
 from evosparse.pruning.errors import PruningConfigError
 from evosparse.pruning.quantize import QuantConfig, QuantizedWeight, group_params, quantize_codes
+from evosparse.search.allocation import split_proportional
 
 PRUNER_NAMES = ("magnitude", "wanda", "sparsegpt", "dass")
 
@@ -99,17 +100,6 @@ def apply_mask(weight: torch.Tensor, keep: torch.Tensor) -> None:
 def nm_count(shape: tuple[int, int], nm: tuple[int, int]) -> int:
     """Number of weights an N:M pattern prunes in a matrix of this shape."""
     return shape[0] * shape[1] * (nm[1] - nm[0]) // nm[1]
-
-
-def _split_exact(total: int, widths: list[int]) -> list[int]:
-    """``total`` split over parts proportional to ``widths`` (largest remainder, sums exactly)."""
-    size = sum(widths)
-    raw = [total * w / size for w in widths]
-    out = [math.floor(r) for r in raw]
-    order = sorted(range(len(widths)), key=lambda i: raw[i] - out[i], reverse=True)
-    for i in order[: total - sum(out)]:
-        out[i] += 1
-    return out
 
 
 def _inverse_hessian_chol(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -205,8 +195,7 @@ def obs_prune_quantize(
     zeros = torch.zeros((rows, n_groups), device=w.device) if quant is not None and not quant.symmetric else None
     starts = list(range(0, cols, blocksize))
     widths = [min(blocksize, cols - s) for s in starts]
-    block_counts = _split_exact(count, [rows * wd for wd in widths]) if keep is None else [0] * len(starts)
-    scale = zero = None
+    block_counts = split_proportional(count, [rows * wd for wd in widths]) if keep is None else [0] * len(starts)
     for i1, width, bcount in zip(starts, widths, block_counts, strict=True):
         i2 = i1 + width
         w1 = w[:, i1:i2].clone()

@@ -31,10 +31,13 @@ Progress = Callable[[int, int], None]
 
 
 def fisher_traces(
-    model: nn.Module, windows: torch.Tensor, progress: Progress | None = None
+    model: nn.Module,
+    windows: torch.Tensor,
+    progress: Progress | None = None,
+    blocks: Sequence[BlockInfo] | None = None,
 ) -> dict[str, float]:
     """{linear name: Σ_windows ‖∂loss_w/∂W‖² / numel}, loss_w = mean next-token CE of window w."""
-    linears = {n: m for b in find_blocks(model) for n, m in b.linears.items()}
+    linears = {n: m for b in (blocks or find_blocks(model)) for n, m in b.linears.items()}
     saved = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -64,15 +67,25 @@ def fisher_traces(
 
 @torch.no_grad()
 def dense_input_stats(
-    model: nn.Module, windows: torch.Tensor, progress: Progress | None = None, batch_size: int = 8
+    model: nn.Module,
+    windows: torch.Tensor,
+    progress: Progress | None = None,
+    batch_size: int = 4,
+    hessian: bool = False,
+    blocks: Sequence[BlockInfo] | None = None,
 ) -> dict[str, LinearStats]:
-    """Σ x_j² of every linear's input on the dense model, block by block."""
+    """Σ x_j² (and, with ``hessian``, 2XXᵀ/N) of every linear's input on the dense model, block by block.
+
+    The one collector of dense calibration statistics: Wanda/DaSS rankings, SparseGPT levels,
+    OWL ratios and Hessian traces all read what one pass of it returns.
+    """
     inputs = capture_block_inputs(model, windows)
     hidden = inputs.hidden
     out: dict[str, LinearStats] = {}
-    blocks = find_blocks(model)
+    blocks = list(blocks) if blocks is not None else find_blocks(model)
     for i, block in enumerate(blocks):
-        stats, hidden = collect_block_stats(block.module, block.linears, hidden, inputs.kwargs, batch_size=batch_size)
+        stats, hidden = collect_block_stats(block.module, block.linears, hidden, inputs.kwargs, hessian=hessian,
+                                            batch_size=batch_size)
         out.update(stats)
         if progress is not None:
             progress(i + 1, len(blocks))
@@ -84,10 +97,12 @@ def hessian_traces(model: nn.Module, stats: dict[str, LinearStats]) -> dict[str,
     return {n: 2.0 * float(st.sq_norms.sum()) / (st.sq_norms.numel() * max(st.tokens, 1)) for n, st in stats.items()}
 
 
-def owl_ratios(model: nn.Module, stats: dict[str, LinearStats], m: float = 5.0) -> list[float]:
+def owl_ratios(
+    model: nn.Module, stats: dict[str, LinearStats], m: float = 5.0, blocks: Sequence[BlockInfo] | None = None
+) -> list[float]:
     """Per block: share of Wanda scores (all linears pooled) above ``m`` × their mean."""
     ratios = []
-    for block in find_blocks(model):
+    for block in blocks or find_blocks(model):
         scores = torch.cat([wanda_scores(weight_matrix(mod), stats[n].sq_norms).flatten()
                             for n, mod in block.linears.items()])
         ratios.append(float((scores > m * scores.mean()).float().mean()))
@@ -104,21 +119,21 @@ def block_scores(blocks: Sequence[BlockInfo], per_linear: dict[str, float]) -> l
 
 
 def split_block_counts(blocks: Sequence[BlockInfo], block_counts: Sequence[int]) -> dict[str, int]:
-    """Spread each block's prune count over its linears at one common fraction, summing exactly."""
+    """Spread each block's prune count over its linears in proportion to their sizes, summing exactly."""
     counts: dict[str, int] = {}
     for b, c in zip(blocks, block_counts, strict=True):
         names = list(b.linears)
-        sizes = [weight_matrix(b.linears[n]).numel() for n in names]
-        parts = alloc.exact_counts(sizes, [c / sum(sizes)] * len(sizes), c / sum(sizes))
-        if sum(parts) != c:  # exact_counts rounds target * total; guard the float round trip
-            raise RuntimeError(f"block {b.name}: split {sum(parts)} != {c}")
+        parts = alloc.split_proportional(c, [weight_matrix(b.linears[n]).numel() for n in names])
         counts.update(zip(names, parts, strict=True))
     return counts
 
 
-def nm_counts(model: nn.Module, nm: tuple[int, int]) -> dict[str, int]:
+def nm_counts(
+    model: nn.Module, nm: tuple[int, int], blocks: Sequence[BlockInfo] | None = None
+) -> dict[str, int]:
     """N:M everywhere: the count each linear loses under the pattern."""
-    return {n: nm_count(tuple(weight_matrix(m).shape), nm) for b in find_blocks(model) for n, m in b.linears.items()}
+    return {n: nm_count(tuple(weight_matrix(m).shape), nm) for b in blocks or find_blocks(model)
+            for n, m in b.linears.items()}
 
 
 def allocation_counts(
@@ -131,9 +146,10 @@ def allocation_counts(
     hessian: dict[str, float] | None = None,
     owl_lambda: float = 0.08,
     spread: float = 0.1,
+    blocks: Sequence[BlockInfo] | None = None,
 ) -> dict[str, int]:
     """Prune counts per linear for a baseline allocation; unit = block (each linear of a block alike)."""
-    blocks = find_blocks(model)
+    blocks = list(blocks) if blocks is not None else find_blocks(model)
     sizes = [b.numel for b in blocks]
     if allocation == "uniform":
         bc = alloc.uniform(sizes, sparsity)

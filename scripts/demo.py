@@ -136,7 +136,7 @@ class Progress:
         filled = int(round(30 * frac))
         stage = job["status"] if job["status"] != "RUNNING" else (job.get("stage") or "running")
         extra = ""
-        if stage == "search" and job.get("generation") is not None:
+        if stage == "allocation" and job.get("generation") is not None:
             extra = f"  gen {job['generation']}/{job.get('generations_total') or '?'}"
             if job.get("best_fitness") is not None:
                 extra += f"  best KL {job['best_fitness']:.4f}"

@@ -11,6 +11,23 @@ import math
 from collections.abc import Sequence
 
 
+def split_proportional(total: int, widths: Sequence[int]) -> list[int]:
+    """``total`` split over parts proportional to ``widths``, summing exactly (largest remainder).
+
+    The one integer splitter of the project: a unit's count over its linears, a layer's count
+    over column blocks. Ties in the remainder go to the lower index.
+    """
+    size = sum(widths)
+    if size <= 0:
+        raise ValueError("widths must sum to a positive number")
+    raw = [total * w / size for w in widths]
+    out = [math.floor(r) for r in raw]
+    order = sorted(range(len(widths)), key=lambda i: (raw[i] - out[i], -i), reverse=True)
+    for i in order[: total - sum(out)]:
+        out[i] += 1
+    return out
+
+
 def budget(sizes: Sequence[int], target: float) -> int:
     """The exact number of weights the whole model must lose."""
     return round(target * sum(sizes))

@@ -10,9 +10,13 @@ the next parent. The first generation scores the seed, any extra seeds (e.g. the
 sensitivity at other spreads), the uniform vector and perturbations of the seed. Scores are
 cached per (vector, tokens), so a candidate is never scored twice on the same tokens.
 
-The model is seen only through ``fitness(vector, tokens) -> float`` (lower is better). If the
-fitness object has ``set_parent(vector)``, the search calls it whenever the parent changes, so
-it can reuse the parent's intermediate results (pruning/fitness.py does).
+The model is seen only through ``fitness(vector, tokens) -> float`` (lower is better). A fitness
+that also has ``score_many(vectors, tokens) -> list[float]`` gets each selection stage's
+unscored candidates in one call (so it can fan them out to several processes; the single
+call is the special case of one vector). If it has ``set_parent(vector)``, the search calls it
+whenever the parent changes, so it can reuse the parent's intermediate results
+(pruning/fitness.py does). Scores must be a pure function of (vector, tokens): then the search
+is the same whichever process computed them.
 
 All randomness comes from one ``random.Random(seed)``; the whole state (parent, elite pool,
 score cache, generator state, counters, history) serialises to JSON bytes after each
@@ -102,12 +106,21 @@ class EvolutionarySearch:
 
     # ---------------------------------------------------------------- scoring
     def score(self, vector: Vector, tokens: int) -> float:
-        key = (vector, tokens)
-        if key not in self.cache:
-            self.cache[key] = float(self.fitness(vector, tokens))
-            self.candidates_scored += 1
-            self.tokens_evaluated += tokens
-        return self.cache[key]
+        return self.score_stage([vector], tokens)[0]
+
+    def score_stage(self, vectors: Sequence[Vector], tokens: int) -> list[float]:
+        """Scores of ``vectors`` on ``tokens``; the uncached ones go to the fitness in one batch."""
+        todo = [v for v in dict.fromkeys(vectors) if (v, tokens) not in self.cache]
+        if todo:
+            many = getattr(self.fitness, "score_many", None)
+            scores = many(todo, tokens) if many is not None else [self.fitness(v, tokens) for v in todo]
+            if len(scores) != len(todo):
+                raise RuntimeError(f"the fitness returned {len(scores)} scores for {len(todo)} vectors")
+            for v, s in zip(todo, scores, strict=True):
+                self.cache[(v, tokens)] = float(s)
+                self.candidates_scored += 1
+                self.tokens_evaluated += tokens
+        return [self.cache[(v, tokens)] for v in vectors]
 
     def _tell_parent(self) -> None:
         setter = getattr(self.fitness, "set_parent", None)
@@ -124,7 +137,8 @@ class EvolutionarySearch:
             if last and parent is not None and parent not in pool:
                 pool.append(parent)
             # Sort by score, then by the vector itself, so ties break the same way every run.
-            ranked = sorted(((v, self.score(v, tokens)) for v in pool), key=lambda vs: (vs[1], vs[0]))
+            scores = self.score_stage(pool, tokens)
+            ranked = sorted(zip(pool, scores, strict=True), key=lambda vs: (vs[1], vs[0]))
             if last:
                 return ranked
             pool = [v for v, _ in ranked[:survivors]]

@@ -120,7 +120,7 @@ def test_run_job_cancel_and_failure_leave_no_folder(tiny_llama_dir, tmp_path, mo
         (a[2] / "partial.bin").write_text("x")  # something written before the failure
         raise OSError("disk full")
 
-    monkeypatch.setattr(pruning_export, "export_checkpoint", boom)
+    monkeypatch.setattr(pruning_export, "save_checkpoint", boom)
     with pytest.raises(OSError):
         run_job(_spec(tiny_llama_dir), out)
     assert not out.exists() and _siblings(out) == []

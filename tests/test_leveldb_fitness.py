@@ -7,23 +7,27 @@ import torch
 from evosparse.pruning import pruners
 from evosparse.pruning.fitness import ProxyFitness
 from evosparse.pruning.layers import find_blocks, weight_matrix
-from evosparse.pruning.leveldb import LevelDB, collect_dense_stats
+from evosparse.pruning.leveldb import LevelDB, load_levels, rankings, save_levels
 from evosparse.pruning.sensitivity import dense_input_stats
 from evosparse.search.levels import LevelSpace
 
 
-def test_dense_stats_match_the_pruning_core(tiny_llama, tiny_tokens):
-    mine = collect_dense_stats(tiny_llama, tiny_tokens, want_hessian=False)
-    theirs = dense_input_stats(tiny_llama, tiny_tokens)
-    assert set(mine) == set(theirs)
-    for n in mine:
-        torch.testing.assert_close(mine[n]["sq"], theirs[n].sq_norms, rtol=1e-4, atol=1e-5)
+def test_one_collector_gives_sq_norms_and_the_layer_hessian(tiny_llama, tiny_tokens):
+    blocks = find_blocks(tiny_llama)
+    name = next(iter(blocks[1].linears))
+    captured = []
+    handle = blocks[1].linears[name].register_forward_hook(lambda m, a, o: captured.append(a[0].detach()))
+    stats = dense_input_stats(tiny_llama, tiny_tokens, hessian=True)
+    handle.remove()
+    x = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured]).double()
+    torch.testing.assert_close(stats[name].sq_norms.double(), (x * x).sum(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(stats[name].hessian.double(), 2 * x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("pruner", ["magnitude", "wanda", "dass"])
 def test_level_equals_pruning_the_layer_from_scratch(tiny_llama, tiny_tokens, pruner):
     db = LevelDB.build(tiny_llama, tiny_tokens, pruner)
-    stats = collect_dense_stats(tiny_llama, tiny_tokens, want_hessian=False)
+    stats = dense_input_stats(tiny_llama, tiny_tokens)
     blocks = find_blocks(tiny_llama)
     checked = 0
     for name, mod in list(db.modules.items())[:9]:
@@ -33,9 +37,9 @@ def test_level_equals_pruning_the_layer_from_scratch(tiny_llama, tiny_tokens, pr
         if pruner == "magnitude":
             scores = pruners.magnitude_scores(w)
         elif pruner == "dass" and name in info.glu[:2]:
-            scores, dim = pruners.dass_scores(w, stats[info.glu[2]]["sq"]), 0
+            scores, dim = pruners.dass_scores(w, stats[info.glu[2]].sq_norms), 0
         else:
-            scores = pruners.wanda_scores(w, stats[name]["sq"])
+            scores = pruners.wanda_scores(w, stats[name].sq_norms)
         for frac in (0.0, 0.13, 0.5, 0.77, 1.0):
             count = round(frac * w.numel())
             keep = pruners.keep_mask_from_scores(scores, count, dim=dim)
@@ -66,16 +70,17 @@ def test_apply_rewrites_only_changed_linears_and_restores(tiny_llama, tiny_token
 def test_incremental_apply_equals_the_level_computed_whole(tiny_llama, tiny_tokens, pruner):
     import random
 
+    dense = {n: weight_matrix(m).clone() for b in find_blocks(tiny_llama) for n, m in b.linears.items()}
     db = LevelDB.build(tiny_llama, tiny_tokens, pruner)
     rng = random.Random(7)
     for _ in range(12):  # up and down, big and small moves, through 0 and the full count
-        counts = {n: rng.choice([0, w.numel(), rng.randrange(w.numel() + 1)]) for n, w in db.dense.items()}
+        counts = {n: rng.choice([0, w.numel(), rng.randrange(w.numel() + 1)]) for n, w in dense.items()}
         db.apply(counts)
         for n, mod in db.modules.items():
             assert torch.equal(weight_matrix(mod), db.pruned_weight(n, counts[n])), (pruner, n, counts[n])
     db.restore()
     for n, mod in db.modules.items():
-        assert torch.equal(weight_matrix(mod), db.dense[n])
+        assert torch.equal(weight_matrix(mod), dense[n])
 
 
 def test_sparsegpt_level_computed_once_and_equals_the_pruner(tiny_llama, tiny_tokens):
@@ -190,3 +195,53 @@ def test_sparsegpt_levels_stay_within_the_memory_limit_without_a_cache_dir(tiny_
     assert len(db.levels) == 2 and db._level_bytes <= db.memory_limit  # the oldest levels made room
     assert (name, w.numel() // 4) not in db.levels
     assert torch.equal(db.pruned_weight(name, w.numel() // 4), first)  # recomputed, same weights
+
+
+@pytest.mark.parametrize("pruner", ["wanda", "dass"])
+def test_a_banded_database_gives_the_same_levels_with_less_memory(tiny_llama, tiny_tokens, pruner):
+    """Bounds keep only the reachable rank band; every count inside them prunes exactly as before."""
+    import copy
+    import random
+
+    full_model = copy.deepcopy(tiny_llama)
+    full = LevelDB.build(full_model, tiny_tokens, pruner)
+    sizes = full.sizes
+    bounds = {n: (round(0.35 * s), round(0.85 * s)) for n, s in sizes.items()}
+    banded = LevelDB.build(tiny_llama, tiny_tokens, pruner, bounds=bounds)
+    assert banded.nbytes() < 0.85 * full.nbytes()  # indices + values of half the ranks
+    rng = random.Random(11)
+    for _ in range(8):
+        counts = {n: rng.choice([lo, hi, rng.randrange(lo, hi + 1)]) for n, (lo, hi) in bounds.items()}
+        full.apply(counts)
+        banded.apply(counts)
+        for n in sizes:
+            assert torch.equal(weight_matrix(banded.modules[n]), weight_matrix(full.modules[n])), (n, counts[n])
+            assert torch.equal(banded.pruned_weight(n, counts[n]), full.pruned_weight(n, counts[n]))
+    name = next(iter(bounds))
+    with pytest.raises(Exception, match="bounds"):
+        banded.apply({name: bounds[name][1] + 1})
+
+
+@pytest.mark.parametrize("pruner", ["wanda", "sparsegpt"])
+def test_saved_levels_load_into_an_equal_database(tiny_llama, tiny_tokens, tmp_path, pruner):
+    import copy
+
+    other = copy.deepcopy(tiny_llama)
+    built = LevelDB.build(tiny_llama, tiny_tokens, pruner, save_to=tmp_path / "db")
+    loaded = LevelDB.load(tmp_path / "db", other, pruner)
+    counts = {n: s // 2 + 3 for n, s in built.sizes.items()}
+    built.apply(counts)
+    loaded.apply(counts)
+    for n in built.sizes:
+        assert torch.equal(weight_matrix(built.modules[n]), weight_matrix(loaded.modules[n]))
+    (tmp_path / "db" / "meta.json").unlink()  # an interrupted save is never loaded
+    with pytest.raises(Exception, match="no complete level database"):
+        LevelDB.load(tmp_path / "db", other, pruner)
+
+
+def test_stored_levels_refuse_another_pruner(tiny_llama, tiny_tokens, tmp_path):
+    blocks = find_blocks(tiny_llama)
+    save_levels(tmp_path, "magnitude", blocks, rankings(blocks, "magnitude", None))
+    assert set(load_levels(tmp_path, "magnitude", blocks)) == {n for b in blocks for n in b.linears}
+    with pytest.raises(Exception, match="another model, pruner"):
+        load_levels(tmp_path, "wanda", blocks)

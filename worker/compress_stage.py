@@ -66,6 +66,9 @@ class Compression:
         p = mx.plan(model, space, mx.project_linear_counts(model, space, counts), mixed.m)
         return Plan(counts=p.counts, patterns=p.patterns, layer_pattern=p.layer_pattern)
 
+    def prune_kwargs(self) -> dict[str, Any]:
+        return {"quant": self.quant, "scale_dtype": self.dtype}
+
     def report(self) -> dict[str, Any]:
         q = self.spec.quantize
         return {"quantize": q.model_dump() if q is not None else None, "format": self.spec.format,

@@ -1,10 +1,16 @@
 """run_job: one pruning job end to end, the same code behind the CLI and the Celery worker.
 
-load model -> token windows -> dense perplexity -> (sensitivity) -> allocation counts -> prune
-block by block -> pruned perplexity -> export checkpoint + report.json.
+A job is a short list of named stages over one ``Job`` (the model, its block layout computed
+once, one dense snapshot in host memory, the token windows, what each stage found):
 
-The output folder appears only when complete: everything is written to a temporary sibling
-folder that is renamed to ``out_dir`` at the end, and removed if anything fails.
+    load → data → dense_eval → sensitivity → allocation → uniform_baseline → prune → eval → export
+
+``sensitivity`` runs when the allocation (or the search's seed) needs it; ``uniform_baseline``
+only for the evolutionary allocation (the comparison its report shows). Every allocation is one
+``Allocator``: a function of the job that returns per-linear prune counts meeting the global
+target exactly. The output folder appears only when complete: everything is written to a
+temporary sibling folder, renamed to ``out_dir`` at the end and removed if anything fails.
+report.json is written once, last.
 """
 
 from __future__ import annotations
@@ -13,23 +19,23 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from evosparse.jobs.spec import JobSpec
 from evosparse.pruning.errors import CancelledError, PruningConfigError
-from evosparse.worker.compress_stage import Compression
 
 # Share of overall progress per stage; stages a job skips are dropped and the rest rescaled.
-_STAGE_WEIGHTS = {
+STAGE_WEIGHTS = {
     "load": 2.0,
     "data": 1.0,
     "dense_eval": 6.0,
     "sensitivity": 12.0,
-    "search": 50.0,
+    "allocation": 50.0,
     "uniform_baseline": 20.0,
     "prune": 20.0,
     "eval": 6.0,
@@ -56,13 +62,13 @@ class _Progress:
 
     def __init__(self, hooks: RunHooks, stages: list[str]):
         self.hooks = hooks
-        total = sum(_STAGE_WEIGHTS[s] for s in stages)
+        total = sum(STAGE_WEIGHTS[s] for s in stages)
         self.start: dict[str, float] = {}
         acc = 0.0
         for s in stages:
             self.start[s] = acc / total
-            acc += _STAGE_WEIGHTS[s]
-        self.width = {s: _STAGE_WEIGHTS[s] / total for s in stages}
+            acc += STAGE_WEIGHTS[s]
+        self.width = {s: STAGE_WEIGHTS[s] / total for s in stages}
         self.last = 0.0
 
     def __call__(self, stage: str, within: float, message: str = "") -> None:
@@ -70,6 +76,10 @@ class _Progress:
         # never step back (float sums of stage widths can differ in the last bit)
         self.last = min(1.0, max(self.last, self.start[stage] + self.width[stage] * within))
         self.hooks.stage(stage, self.last, message)
+
+    def counter(self, stage: str, what: str = "block") -> Callable[[int, int], None]:
+        """A (done, total) callback for loops inside a stage."""
+        return lambda done, total: self(stage, done / total, f"{what} {done}/{total}")
 
     def check_cancel(self) -> None:
         if self.hooks.should_cancel():
@@ -87,8 +97,8 @@ class _SearchHooks(RunHooks):
         self.inner.stage(name, fraction, message)
 
     def setup(self, message: str) -> None:
-        """Search set-up (level database, sensitivity, dense reference): the message moves, the bar waits."""
-        self.progress("search", 0.0, message)
+        """Search set-up (level database, seeds, dense reference): the message moves, the bar waits."""
+        self.progress("allocation", 0.0, message)
 
     def generation(self, record: dict, state: bytes) -> None:
         self.inner.generation(record, state)
@@ -96,12 +106,201 @@ class _SearchHooks(RunHooks):
         done = gen / self.generations
         if self.time_budget_s:  # whichever limit comes first ends the search
             done = max(done, float(record.get("seconds", 0.0)) / self.time_budget_s)
-        self.progress("search", done, f"generation {gen}/{self.generations}, best {record.get('best', 0):.4g}")
+        self.progress("allocation", done, f"generation {gen}/{self.generations}, best {record.get('best', 0):.4g}")
 
     def should_cancel(self) -> bool:
         return self.inner.should_cancel()
 
 
+@dataclass
+class Job:
+    """What the stages of one job share; each stage fills in what the next ones read."""
+
+    spec: JobSpec
+    hooks: RunHooks
+    progress: _Progress
+    resume_state: bytes | None = None
+    levels: Any = None  # worker.search_stage.LevelSource: level databases kept between jobs
+    scoring: Any = None  # wraps the search's fitness for distributed scoring (worker/scoring.py)
+    model: Any = None
+    tokenizer: Any = None
+    blocks: list = field(default_factory=list)  # the block layout, discovered once
+    dense: Any = None  # pruning.snapshot.DenseWeights: the one dense copy
+    calib: torch.Tensor | None = None
+    evalw: torch.Tensor | None = None
+    stats: dict | None = None  # dense calibration statistics (one collector pass at most)
+    sensitivity: dict[str, Any] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    compression: Any = None  # worker.compress_stage.Compression: N:M plan, quantization, checkpoint dtype/format
+    quantized: dict[str, Any] = field(default_factory=dict)  # integer codes per linear (quantize jobs)
+    perplexities: dict[str, float] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def evolutionary(self) -> bool:
+        return self.spec.allocation == "evolutionary"
+
+    def needs(self) -> set[str]:
+        """The sensitivity measures this job's allocation (or its search's seed) reads."""
+        source = self.spec.search.seed_from if self.evolutionary else self.spec.allocation
+        return {"fisher": {"fisher"}, "hessian": {"hessian"}, "owl": {"owl"}}.get(source, set())
+
+
+# ---------------------------------------------------------------------------------------- stages
+def load(job: Job) -> None:
+    from evosparse.pruning.layers import find_blocks
+    from evosparse.pruning.models import load_model
+    from evosparse.pruning.snapshot import DenseWeights
+    from evosparse.worker.compress_stage import Compression
+
+    job.model, job.tokenizer = load_model(job.spec.model, device=job.spec.device, dtype=job.spec.dtype)
+    job.compression = Compression.prepare(job.spec, job.model)  # shape checks before any expensive stage
+    job.blocks = find_blocks(job.model)
+    job.dense = DenseWeights(job.blocks)
+
+
+def data(job: Job) -> None:
+    from evosparse.pruning.data import get_windows
+
+    s = job.spec
+    job.calib = get_windows(s.calib, job.tokenizer, s.calib_windows, s.seq_len, "calib", s.seed)
+    job.evalw = get_windows(s.eval, job.tokenizer, s.eval_windows, s.seq_len, "eval", s.seed)
+
+
+def dense_eval(job: Job) -> None:
+    from evosparse.pruning.evaluate import perplexity
+
+    job.perplexities["dense"] = perplexity(job.model, job.evalw, progress=job.progress.counter("dense_eval", "batch"))
+
+
+def sensitivity(job: Job) -> None:
+    from evosparse.pruning import sensitivity as sens
+
+    needs = job.needs()
+    if "fisher" in needs:
+        job.sensitivity["fisher"] = sens.fisher_traces(job.model, job.calib, blocks=job.blocks,
+                                                       progress=job.progress.counter("sensitivity", "window"))
+    if needs & {"hessian", "owl"}:
+        # One pass of the collector; with SparseGPT levels to build it gathers their Hessians too.
+        hessian = job.evolutionary and job.spec.pruner == "sparsegpt"
+        job.stats = sens.dense_input_stats(job.model, job.calib, blocks=job.blocks, hessian=hessian,
+                                           progress=job.progress.counter("sensitivity"))
+        if "owl" in needs:
+            job.sensitivity["owl"] = sens.owl_ratios(job.model, job.stats, job.spec.owl_m, blocks=job.blocks)
+        else:
+            job.sensitivity["hessian"] = sens.hessian_traces(job.model, job.stats)
+    # Per-block figures for the report (OWL ratios already are per block).
+    job.report["sensitivity"] = {
+        k: (v if k == "owl" else sens.block_scores(job.blocks, v)) for k, v in job.sensitivity.items()
+    }
+
+
+Allocator = Callable[[Job], dict[str, int]]
+
+
+def _baseline(kind: str) -> Allocator:
+    def allocate(job: Job) -> dict[str, int]:
+        from evosparse.pruning.sensitivity import allocation_counts
+
+        s = job.spec
+        return allocation_counts(job.model, kind, s.sparsity, owl_lambda=s.owl_lambda, spread=s.sensitivity_spread,
+                                 blocks=job.blocks, **{k: v for k, v in job.sensitivity.items() if k == kind})
+    return allocate
+
+
+def _evolutionary(job: Job) -> dict[str, int]:
+    from evosparse.worker.search_stage import run_search
+
+    s = job.spec
+    budget = s.search.time_budget_min * 60 if s.search.time_budget_min is not None else None
+    hooks = _SearchHooks(job.hooks, job.progress, s.search.generations, budget)
+    outcome = run_search(job.model, job.calib, s, hooks, job.resume_state, sensitivity=job.sensitivity,
+                         blocks=job.blocks, dense=job.dense, stats=job.stats, levels=job.levels,
+                         scoring=job.scoring)
+    job.stats = None  # the level database was the last reader
+    job.report["search"] = {
+        "history": list(outcome.history),
+        "units": list(outcome.units),
+        "best_vector": list(outcome.best_vector),
+        "uniform_vector": list(outcome.uniform_vector),
+        "candidates_scored": outcome.candidates_scored,
+        "seconds": outcome.seconds,
+        "stopped_by": outcome.stopped_by,
+        "leveldb": outcome.leveldb,
+        "setup_seconds": {k: round(v, 3) for k, v in outcome.timings.items() if k != "search"},
+    }
+    return dict(outcome.counts)
+
+
+ALLOCATORS: dict[str, Allocator] = {
+    "uniform": _baseline("uniform"),
+    "owl": _baseline("owl"),
+    "fisher": _baseline("fisher"),
+    "hessian": _baseline("hessian"),
+    "evolutionary": _evolutionary,
+}
+
+
+def allocation(job: Job) -> None:
+    from evosparse.pruning.sensitivity import nm_counts
+
+    if job.spec.nm is not None:  # N:M fixes every layer's count; the spec allows only uniform with it
+        job.counts = nm_counts(job.model, job.spec.nm, blocks=job.blocks)
+        return
+    if job.spec.allocation not in ALLOCATORS:
+        raise PruningConfigError(f"unknown allocation {job.spec.allocation!r}")
+    job.counts = ALLOCATORS[job.spec.allocation](job)
+
+
+def uniform_baseline(job: Job) -> None:
+    from evosparse.pruning.evaluate import perplexity
+    from evosparse.pruning.prune import prune_model
+
+    plan = job.compression.plan(job.model, ALLOCATORS["uniform"](job))
+    prune_model(job.model, job.calib, job.spec.pruner, plan.counts, plan.patterns, blocks=job.blocks,
+                progress=job.progress.counter("uniform_baseline"), should_cancel=job.hooks.should_cancel,
+                **job.compression.prune_kwargs())
+    job.perplexities["uniform"] = perplexity(job.model, job.evalw)
+    job.dense.restore()
+
+
+def prune(job: Job) -> None:
+    from evosparse.pruning.prune import prune_model
+
+    plan = job.compression.plan(job.model, job.counts)  # mixed N:M: the per-layer patterns
+    job.quantized = prune_model(job.model, job.calib, job.spec.pruner, plan.counts, plan.patterns, blocks=job.blocks,
+                                progress=job.progress.counter("prune"), should_cancel=job.hooks.should_cancel,
+                                **job.compression.prune_kwargs())
+    job.report["layer_pattern"] = plan.layer_pattern
+    job.dense = None  # nothing restores the dense model after this: free the snapshot
+
+
+def evaluate(job: Job) -> None:
+    from evosparse.pruning.evaluate import perplexity
+
+    job.perplexities["pruned"] = perplexity(job.model, job.evalw, progress=job.progress.counter("eval", "batch"))
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[Job], None]
+    when: Callable[[Job], bool] = lambda job: True
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("load", load),
+    Stage("data", data),
+    Stage("dense_eval", dense_eval),
+    Stage("sensitivity", sensitivity, when=lambda job: bool(job.needs())),
+    Stage("allocation", allocation),
+    Stage("uniform_baseline", uniform_baseline, when=lambda job: job.evolutionary),
+    Stage("prune", prune),
+    Stage("eval", evaluate),
+)  # then "export", which writes the folder (below)
+
+
+# ---------------------------------------------------------------------------------------- output
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists():
         if not out_dir.is_dir():
@@ -126,18 +325,36 @@ def _atomic_folder(out_dir: Path, overwrite: bool) -> Iterator[Path]:
         raise
 
 
-def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    from evosparse.pruning.layers import prunable_linears
+def _export(job: Job, folder: Path, timings: dict[str, float], t_job: float) -> dict[str, Any]:
+    """Weights and tokenizer first; then report.json, once, with the measured sparsity and every timing."""
+    from evosparse.pruning.export import save_checkpoint, write_report
 
-    return {n: m.weight.detach().clone() for n, m in prunable_linears(model).items()}
-
-
-@torch.no_grad()
-def _restore(model: torch.nn.Module, snap: dict[str, torch.Tensor]) -> None:
-    from evosparse.pruning.layers import prunable_linears
-
-    for n, m in prunable_linears(model).items():
-        m.weight.copy_(snap[n])
+    t0 = time.perf_counter()
+    job.progress("export", 0.0)
+    measured = save_checkpoint(job.model, job.tokenizer, folder, [n for b in job.blocks for n in b.linears],
+                               **job.compression.export_kwargs(job.quantized))
+    s = job.spec
+    report = dict(job.report)
+    report.update({
+        "model": s.model,
+        "pruner": s.pruner,
+        "allocation": s.allocation,
+        "pattern": s.pattern,
+        "sparsity_target": s.sparsity,
+        "seed": s.seed,
+        "perplexity": dict(job.perplexities),
+        "eval_tokens": int(job.evalw.numel()),
+        "calib_tokens": int(job.calib.numel()),
+        "spec": s.model_dump(mode="json"),
+        **job.compression.report(),
+        **measured,
+    })
+    timings["export"] = round(time.perf_counter() - t0, 3)
+    timings["total"] = round(time.perf_counter() - t_job, 3)
+    report["timings"] = timings
+    write_report(folder, report)
+    job.progress("export", 1.0)
+    return report
 
 
 def run_job(
@@ -146,144 +363,32 @@ def run_job(
     hooks: RunHooks | None = None,
     resume_state: bytes | None = None,
     overwrite: bool = False,
+    *,
+    levels: Any = None,
+    scoring: Any = None,
 ) -> dict[str, Any]:
-    """Run one job; returns the report dict (also written to ``out_dir/report.json``)."""
-    from evosparse.pruning.data import get_windows
-    from evosparse.pruning.evaluate import perplexity
-    from evosparse.pruning.export import export_checkpoint, write_report
-    from evosparse.pruning.layers import find_blocks
-    from evosparse.pruning.models import load_model
-    from evosparse.pruning.prune import prune_model
-    from evosparse.pruning.sensitivity import (
-        allocation_counts,
-        block_scores,
-        dense_input_stats,
-        fisher_traces,
-        hessian_traces,
-        nm_counts,
-        owl_ratios,
-    )
+    """Run one job; returns the report dict (also written to ``out_dir/report.json``).
 
+    ``levels`` (a search_stage.LevelSource) keeps level databases between jobs; ``scoring`` fans
+    the search's candidates out to scoring workers. Neither changes the result.
+    """
     hooks = hooks or RunHooks()
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
-    nm = spec.nm
-    evolutionary = spec.allocation == "evolutionary"
-    needs_sensitivity = spec.allocation in ("owl", "fisher", "hessian")
-    stages = ["load", "data", "dense_eval"]
-    stages += ["sensitivity"] if needs_sensitivity else []
-    stages += ["search", "uniform_baseline"] if evolutionary else []
-    stages += ["prune", "eval", "export"]
-    progress = _Progress(hooks, stages)
+    job = Job(spec=spec, hooks=hooks, progress=_Progress(hooks, []), resume_state=resume_state,
+              levels=levels, scoring=scoring)
+    stages = [st for st in STAGES if st.when(job)]
+    job.progress = _Progress(hooks, [st.name for st in stages] + ["export"])
     timings: dict[str, float] = {}
     t_job = time.perf_counter()
-
-    @contextmanager
-    def timed(stage: str) -> Iterator[None]:
-        progress.check_cancel()
-        progress(stage, 0.0)
-        t0 = time.perf_counter()
-        yield
-        timings[stage] = round(time.perf_counter() - t0, 3)
-        progress(stage, 1.0)
-
-    def block_progress(stage: str, what: str = "block"):
-        def cb(done: int, total: int) -> None:
-            progress(stage, done / total, f"{what} {done}/{total}")
-        return cb
-
     torch.manual_seed(spec.seed)
-    with timed("load"):
-        model, tokenizer = load_model(spec.model, device=spec.device, dtype=spec.dtype)
-        compression = Compression.prepare(spec, model)  # shape checks before any expensive stage
-    with timed("data"):
-        calib = get_windows(spec.calib, tokenizer, spec.calib_windows, spec.seq_len, "calib", spec.seed)
-        evalw = get_windows(spec.eval, tokenizer, spec.eval_windows, spec.seq_len, "eval", spec.seed)
-    with timed("dense_eval"):
-        dense_ppl = perplexity(model, evalw, progress=block_progress("dense_eval", "batch"))
-
-    report: dict[str, Any] = {}
-    if needs_sensitivity:
-        with timed("sensitivity"):
-            kwargs: dict[str, Any] = {}
-            if spec.allocation == "fisher":
-                kwargs["fisher"] = fisher_traces(model, calib, progress=block_progress("sensitivity", "window"))
-            else:
-                stats = dense_input_stats(model, calib, progress=block_progress("sensitivity"))
-                if spec.allocation == "owl":
-                    kwargs["owl"] = owl_ratios(model, stats, spec.owl_m)
-                else:
-                    kwargs["hessian"] = hessian_traces(model, stats)
-                del stats
-            # Per-block figures for the report (OWL ratios already are per block).
-            report["sensitivity"] = {
-                k: (v if k == "owl" else block_scores(find_blocks(model), v)) for k, v in kwargs.items()
-            }
-            counts = allocation_counts(model, spec.allocation, spec.sparsity, owl_lambda=spec.owl_lambda,
-                                       spread=spec.sensitivity_spread, **kwargs)
-    elif nm is not None:
-        counts = nm_counts(model, nm)
-    elif not evolutionary:
-        counts = allocation_counts(model, "uniform", spec.sparsity)
-
-    perplexities: dict[str, float] = {"dense": dense_ppl}
-    if evolutionary:
-        try:
-            from evosparse.worker.search_stage import run_search
-        except ImportError as exc:
-            raise PruningConfigError("allocation 'evolutionary' is not available in this build yet") from exc
-        dense = _snapshot(model)
-        with timed("search"):
-            budget = spec.search.time_budget_min * 60 if spec.search.time_budget_min is not None else None
-            search_hooks = _SearchHooks(hooks, progress, spec.search.generations, budget)
-            outcome = run_search(model, calib, spec, search_hooks, resume_state)
-        _restore(model, dense)
-        counts = dict(outcome.counts)
-        with timed("uniform_baseline"):
-            base = compression.plan(model, allocation_counts(model, "uniform", spec.sparsity))
-            prune_model(model, calib, spec.pruner, base.counts, base.patterns,
-                        progress=block_progress("uniform_baseline"), should_cancel=hooks.should_cancel,
-                        quant=compression.quant, scale_dtype=compression.dtype)
-            perplexities["uniform"] = perplexity(model, evalw)
-        _restore(model, dense)
-        del dense
-        units = list(outcome.units)
-        report["search"] = {
-            "history": list(outcome.history),
-            "units": units,
-            "best_vector": list(outcome.best_vector),
-            "uniform_vector": list(getattr(outcome, "uniform_vector", [spec.sparsity] * len(units))),
-            "candidates_scored": outcome.candidates_scored,
-            "seconds": outcome.seconds,
-        }
-
-    with timed("prune"):
-        plan = compression.plan(model, counts)
-        quantized = prune_model(model, calib, spec.pruner, plan.counts, plan.patterns, progress=block_progress("prune"),
-                                should_cancel=hooks.should_cancel, quant=compression.quant,
-                                scale_dtype=compression.dtype)
-    with timed("eval"):
-        perplexities["pruned"] = perplexity(model, evalw, progress=block_progress("eval", "batch"))
-
-    report.update({
-        "model": spec.model,
-        "pruner": spec.pruner,
-        "allocation": spec.allocation,
-        "pattern": spec.pattern,
-        "sparsity_target": spec.sparsity,
-        "seed": spec.seed,
-        "perplexity": perplexities,
-        "eval_tokens": int(evalw.numel()),
-        "calib_tokens": int(calib.numel()),
-        "spec": spec.model_dump(mode="json"),
-        "layer_pattern": plan.layer_pattern,
-        **compression.report(),
-    })
-    with timed("export"), _atomic_folder(out_dir, overwrite) as tmp:
-        timings["total"] = round(time.perf_counter() - t_job, 3)
-        report["timings"] = timings
-        report = export_checkpoint(model, tokenizer, tmp, report, **compression.export_kwargs(quantized))
-    # The export time is known only now; rewrite the small report file in place.
-    report["timings"] = dict(timings, total=round(time.perf_counter() - t_job, 3))
-    write_report(out_dir, report)
-    return report
+    for st in stages:
+        job.progress.check_cancel()
+        job.progress(st.name, 0.0)
+        t0 = time.perf_counter()
+        st.run(job)
+        timings[st.name] = round(time.perf_counter() - t0, 3)
+        job.progress(st.name, 1.0)
+    job.progress.check_cancel()
+    with _atomic_folder(out_dir, overwrite) as tmp:
+        return _export(job, tmp, timings, t_job)

@@ -1,25 +1,33 @@
-"""The evolutionary-allocation stage of a job: glue between pruning/ (model, level database,
-proxy fitness, sensitivity) and search/ (the torch-free evolutionary loop).
+"""The evolutionary allocation of a job: glue between pruning/ (model, level database, proxy
+fitness, sensitivity) and search/ (the torch-free evolutionary loop).
 
-``run_search`` builds the level database from the dense model, seeds the population from the
-chosen sensitivity allocation, runs the search, forwards every generation's record and
-serialised state to ``hooks.generation``, stops with ``CancelledError`` when
-``hooks.should_cancel()`` turns true between generations, and resumes from ``resume_state``.
-The model is left dense on return: the job prunes it afterwards with ``prune_model``.
+``run_search`` computes the dense reference on the fitness windows, gets the level database
+(loaded from a ``LevelStore`` when a job on the same model content, pruner and calibration data
+built it before, else built and stored), seeds the population from the sensitivity allocation,
+runs the search, forwards every generation's record and serialised state to
+``hooks.generation``, stops with ``CancelledError`` when ``hooks.should_cancel()`` turns true
+between generations, and resumes from ``resume_state``.
+
+With a dense snapshot (the runner's) the level database keeps only the rank band the level space
+can reach, and the snapshot restores the model afterwards; without one the model is left dense
+by the database itself. ``scoring`` turns the local fitness into one that fans each selection
+stage out to scoring workers (worker/scoring.py); the result is the same.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from evosparse.jobs.spec import JobSpec, parse_selection
 from evosparse.pruning.errors import CancelledError, PruningConfigError
-from evosparse.pruning.fitness import ProxyFitness
+from evosparse.pruning.fitness import DenseReference, ProxyFitness
+from evosparse.pruning.layers import BlockInfo, find_blocks, weight_matrix
 from evosparse.pruning.leveldb import LevelDB, Unit
+from evosparse.pruning.snapshot import DenseWeights
 from evosparse.search import allocation as alloc
 from evosparse.search.evolution import EvolutionarySearch, SearchConfig
 from evosparse.search.levels import LevelSpace, mixed_space
@@ -40,6 +48,7 @@ class SearchOutcome:
     stopped_by: str = ""
     best_fitness: float = float("nan")
     timings: dict[str, float] = field(default_factory=dict)
+    leveldb: str = ""  # "built", "built and stored" or "loaded"
 
 
 def search_config(spec: JobSpec, max_tokens: int) -> SearchConfig:
@@ -54,6 +63,50 @@ def search_config(spec: JobSpec, max_tokens: int) -> SearchConfig:
         time_budget_s=s.time_budget_min * 60 if s.time_budget_min is not None else None,
         patience=s.patience,
     )
+
+
+def search_units(blocks: Sequence[BlockInfo], granularity: str) -> list[Unit]:
+    """The searchable units: one per block (``layer``) or one per linear (``module``)."""
+    if granularity == "layer":
+        return [Unit(b.name, b.index, list(b.linears), [weight_matrix(m).numel() for m in b.linears.values()])
+                for b in blocks]
+    if granularity == "module":
+        return [Unit(n, b.index, [n], [weight_matrix(m).numel()]) for b in blocks for n, m in b.linears.items()]
+    raise ValueError(f"granularity must be 'layer' or 'module', got {granularity!r}")
+
+
+def search_space(spec: JobSpec, units: Sequence[Unit]) -> LevelSpace:
+    """The level space of the job: a step grid around the target, or for a mixed pattern one N:M per unit."""
+    mixed = spec.mixed
+    if mixed is not None:  # budget exact, every unit a whole N:M (search.levels.mixed_space)
+        try:
+            return mixed_space([u.size for u in units], spec.sparsity, mixed.m, mixed.pruned,
+                               spec.search.max_level_delta)
+        except ValueError as exc:
+            raise PruningConfigError(str(exc)) from None
+    return LevelSpace.build([u.size for u in units], spec.sparsity, spec.search.step_fraction,
+                            spec.search.max_level_delta)
+
+
+def leveldb_mode(spec: JobSpec) -> dict[str, Any]:
+    """Level-database arguments the pattern asks for: N:M levels for a mixed pattern."""
+    return {"nm_m": spec.mixed.m if spec.mixed is not None else None}
+
+
+def linear_bounds(units: Sequence[Unit], space: LevelSpace) -> dict[str, tuple[int, int]]:
+    """Per linear, the fewest and most weights any vector of the space prunes in it.
+
+    Every level of every unit is enumerated: the largest-remainder split is not monotone in its
+    total (a part can shrink when the total grows), so the end levels alone would not do.
+    """
+    bounds: dict[str, tuple[int, int]] = {}
+    for i, u in enumerate(units):
+        for level in range(space.lo[i], space.hi[i] + 1):
+            parts = alloc.split_proportional(space.base[i] + level * space.step, u.sizes)
+            for n, c in zip(u.linears, parts, strict=True):
+                lo, hi = bounds.get(n, (c, c))
+                bounds[n] = (min(lo, c), max(hi, c))
+    return bounds
 
 
 def unit_scores(units: list[Unit], per_linear: dict[str, float]) -> list[float]:
@@ -74,11 +127,13 @@ def seed_counts(
     units: list[Unit],
     sensitivity: dict[str, Any] | None = None,
     note: Callable[[str], None] | None = None,
+    blocks: Sequence[BlockInfo] | None = None,
 ) -> list[list[int]]:
     """Per-unit prune counts of the seed allocations (fisher / hessian / owl / uniform).
 
     Fisher and Hessian give one allocation per spread in ``SEED_SPREAD_FACTORS`` (the first at
-    ``spec.sensitivity_spread``); OWL and uniform give one.
+    ``spec.sensitivity_spread``); OWL and uniform give one. ``sensitivity`` carries what the
+    runner's sensitivity stage measured; what is missing is measured here.
     """
     from evosparse.pruning import sensitivity as sens
 
@@ -91,19 +146,38 @@ def seed_counts(
         scores = sensitivity.get(source)
         if scores is None and source == "fisher":
             progress = (lambda i, n: note(f"Fisher sensitivity: window {i}/{n}")) if note is not None else None
-            scores = sens.fisher_traces(model, calib_tokens, progress=progress)
+            scores = sens.fisher_traces(model, calib_tokens, progress=progress, blocks=blocks)
         elif scores is None:
-            scores = sens.hessian_traces(model, sens.dense_input_stats(model, calib_tokens))
+            scores = sens.hessian_traces(model, sens.dense_input_stats(model, calib_tokens, blocks=blocks))
         per_unit = unit_scores(units, scores)
         return [
             alloc.sensitivity_proportional(sizes, spec.sparsity, per_unit, spec.sensitivity_spread * f)
             for f in SEED_SPREAD_FACTORS
         ]
     if source == "owl":
-        ratios = sensitivity.get("owl") or sens.owl_ratios(model, sens.dense_input_stats(model, calib_tokens), spec.owl_m)
+        ratios = sensitivity.get("owl") or sens.owl_ratios(
+            model, sens.dense_input_stats(model, calib_tokens, blocks=blocks), spec.owl_m, blocks=blocks)
         per_unit = [ratios[u.block] for u in units]  # OWL ratios are per block
         return [alloc.owl(sizes, spec.sparsity, per_unit, spec.owl_lambda)]
     raise PruningConfigError(f"unknown seed source {source!r}")
+
+
+def fitness_windows(spec: JobSpec, calib_tokens: torch.Tensor) -> torch.Tensor:
+    """The calibration windows the fitness reads: only as many as the largest stage needs."""
+    cfg = search_config(spec, calib_tokens.numel())
+    need = -(-max(t for t, _ in cfg.stages) // calib_tokens.shape[1])
+    return calib_tokens[:need]
+
+
+class LevelSource:
+    """Where a search gets its level database: built here (this class), or kept between jobs
+    (worker/leveldb_store.py keys them by model content, pruner and calibration data)."""
+
+    def load(self, model: nn.Module, calib: torch.Tensor, pruner: str, **kwargs: Any) -> LevelDB | None:  # noqa: ARG002
+        return None
+
+    def build(self, model: nn.Module, calib: torch.Tensor, pruner: str, **kwargs: Any) -> LevelDB:
+        return LevelDB.build(model, calib, pruner, **kwargs)
 
 
 def run_search(
@@ -116,78 +190,96 @@ def run_search(
     sensitivity: dict[str, Any] | None = None,
     db: LevelDB | None = None,
     fitness_tokens: torch.Tensor | None = None,
+    blocks: Sequence[BlockInfo] | None = None,
+    dense: DenseWeights | None = None,
+    stats: Mapping[str, Any] | None = None,
+    levels: LevelSource | None = None,
+    scoring: Callable[[ProxyFitness], Any] | None = None,
 ) -> SearchOutcome:
     """Search the per-unit sparsity for ``spec``; see the module docstring.
 
     ``sensitivity`` may carry precomputed {"fisher"|"hessian": per-linear traces, "owl": per-block
     ratios}; ``db`` a prebuilt level database for this model and pruner; ``fitness_tokens`` other
-    windows for the fitness than the calibration ones (default: the calibration windows).
+    windows for the fitness than the calibration ones (default: the calibration windows);
+    ``stats`` dense calibration statistics already collected; ``levels`` where level databases are
+    kept between jobs; ``scoring`` wraps the local fitness for distributed scoring.
     """
     if spec.nm is not None:
         raise PruningConfigError("a fixed N:M pattern leaves nothing to search; use 'mixed:M' or '2:4+dense'")
-    mixed = spec.mixed
     setup = getattr(hooks, "setup", None) or (lambda message: None)
     timings: dict[str, float] = {}
+    blocks = list(blocks) if blocks is not None else find_blocks(model)
+    units = search_units(blocks, spec.search.granularity)
+    space = search_space(spec, units)
+
     t0 = time.perf_counter()
-    if db is None:
-        setup(f"building the level database ({spec.pruner})")
-        db = LevelDB.build(model, calib_tokens, spec.pruner, nm_m=mixed.m if mixed is not None else None)
-    timings["leveldb"] = time.perf_counter() - t0
-    if db.nm_m != (mixed.m if mixed is not None else None):
-        raise PruningConfigError("the level database was built for another pattern than the job's")
-    units = db.units(spec.search.granularity)
-    if mixed is not None:  # one N:M per block, budget exact (search.levels.mixed_space)
-        try:
-            space = mixed_space([u.size for u in units], spec.sparsity, mixed.m, mixed.pruned,
-                                spec.search.max_level_delta)
-        except ValueError as exc:
-            raise PruningConfigError(str(exc)) from None
-    else:
-        space = LevelSpace.build(
-            [u.size for u in units], spec.sparsity, spec.search.step_fraction, spec.search.max_level_delta
-        )
-    t1 = time.perf_counter()
     setup(f"{spec.search.seed_from} seed allocations")
-    seeds = [space.from_counts(c) for c in seed_counts(model, calib_tokens, spec, units, sensitivity, setup)]
-    seed = seeds[0]
-    timings["seed"] = time.perf_counter() - t1
-    ftokens = calib_tokens if fitness_tokens is None else fitness_tokens
+    seeds = [space.from_counts(c) for c in seed_counts(model, calib_tokens, spec, units, sensitivity, setup, blocks)]
+    timings["seed"] = time.perf_counter() - t0
+
+    ftokens = fitness_windows(spec, calib_tokens if fitness_tokens is None else fitness_tokens)
     cfg = search_config(spec, ftokens.numel())
-    # The fitness only ever reads the windows the largest stage needs: skip the rest.
-    need = -(-max(t for t, _ in cfg.stages) // ftokens.shape[1])
-    ftokens = ftokens[:need]
+    t1 = time.perf_counter()
+    setup(f"dense reference on {ftokens.shape[0]} windows")
+    reference = DenseReference(model, ftokens, blocks)  # before the level database touches any weight
+    timings["dense_reference"] = time.perf_counter() - t1
+
     t2 = time.perf_counter()
-    setup(f"dense reference on {need} windows")
-    fitness = ProxyFitness(model, ftokens, db, units, space, kind=spec.search.fitness)
-    timings["dense_reference"] = time.perf_counter() - t2
+    how = "given"
+    if db is None:
+        # With the runner's dense snapshot to restore from, keep only the reachable rank band.
+        # (N:M levels touch every group at every N: no band to keep, bounds do not apply.)
+        banded = dense is not None and spec.mixed is None
+        kwargs: dict[str, Any] = {"blocks": blocks, "dense": dense, **leveldb_mode(spec),
+                                  "bounds": linear_bounds(units, space) if banded else None}
+        source = levels or LevelSource()
+        db = source.load(model, calib_tokens, spec.pruner, **kwargs)
+        how = "loaded"
+        if db is None:
+            setup(f"building the level database ({spec.pruner})")
+            db = source.build(model, calib_tokens, spec.pruner, stats=stats, **kwargs)
+            how = "built"
+    timings["leveldb"] = time.perf_counter() - t2
+    if db.nm_m != leveldb_mode(spec)["nm_m"]:
+        raise PruningConfigError("the level database was built for another pattern than the job's")
+
+    local = ProxyFitness(model, reference, db, units, space, kind=spec.search.fitness,
+                         window_bounds=[t for t, _ in cfg.stages])
+    fitness = scoring(local) if scoring is not None else local
 
     def progress(record: dict, state: bytes) -> None:
         if hooks is not None:
             hooks.generation(record, state)
 
     search = EvolutionarySearch(
-        space, fitness, cfg, seed_vector=seed, extra_seeds=seeds[1:], progress=progress, state=resume_state
+        space, fitness, cfg, seed_vector=seeds[0], extra_seeds=seeds[1:], progress=progress, state=resume_state
     )
     cancelled = hooks.should_cancel if hooks is not None else None
     try:
         result = search.run(should_stop=cancelled)
     finally:
-        db.restore()  # the job prunes the dense model afterwards
+        close = getattr(fitness, "close", None)
+        if close is not None:
+            close()
+        if dense is not None:
+            dense.restore()  # the job prunes the dense model afterwards
+        else:
+            db.restore()
     if result.stopped_by == "cancelled":
         raise CancelledError("job cancelled during the evolutionary search")
     timings["search"] = result.seconds
-    counts = db.linear_counts(units, space.counts(result.best))
     return SearchOutcome(
-        counts=counts,
+        counts=db.linear_counts(units, space.counts(result.best)),
         history=result.history,
         units=[u.name for u in units],
         best_vector=space.fractions(result.best),
         candidates_scored=result.candidates_scored,
         seconds=result.seconds,
         uniform_vector=space.fractions(space.zero()),
-        seed_vector=space.fractions(seed),
+        seed_vector=space.fractions(seeds[0]),
         best_levels=list(result.best),
         stopped_by=result.stopped_by,
         best_fitness=result.best_score,
         timings=timings,
+        leveldb=how,
     )

@@ -184,7 +184,10 @@ def execute(claim: repo.Claim, settings: Settings) -> str:
         if claim.resume_state is not None:
             log.info("job %s attempt %d resumes after generation %s", claim.job_id, claim.attempt,
                      claim.resume_generation)
-        report = run_job(spec, work / "out", hooks, resume_state=claim.resume_state)
+        levels = level_store(settings)
+        report = run_job(spec, work / "out", hooks, resume_state=claim.resume_state, levels=levels,
+                         scoring=scoring_for(f"evosparse:score:{claim.job_id}:{claim.attempt}", spec, settings,
+                                             levels))
         if hooks.lost:
             return "lost"
         hooks.stage("upload", 0.99, "publishing artifacts")
@@ -212,6 +215,53 @@ def execute(claim: repo.Claim, settings: Settings) -> str:
                                artifact_prefix=prefix):
             return "lost"
     return status
+
+
+def level_store(settings: Settings):  # noqa: ANN201 - worker.leveldb_store.LevelStore (imports torch)
+    """Level databases in the object store, with a local copy per machine under the work folder."""
+    from evosparse.worker.leveldb_store import LevelStore
+
+    return LevelStore(store_from_settings(settings), settings.resolved_work_dir / "leveldb")
+
+
+def scoring_for(namespace: str, spec: JobSpec, settings: Settings, levels):  # noqa: ANN001, ANN201
+    """A factory that fans the job's search out to scoring workers, or None for in-process scoring.
+
+    ``namespace`` names this job attempt in Redis (scorers key their warm state by it).
+    """
+    if spec.allocation != "evolutionary" or spec.search.workers <= 1:
+        return None
+    from evosparse.worker.scoring import DistributedFitness, redis_from_url
+
+    def make(local):  # noqa: ANN001, ANN202
+        if levels.last_key is None:  # nothing stored for scorers to load: score here
+            return local
+        connection = app.connection_for_write(settings.broker_url)
+
+        def send(context: dict, batch: str) -> None:
+            app.send_task("evosparse.score", args=[context, batch], queue=settings.score_queue,
+                          connection=connection)
+
+        context = {"namespace": namespace, "spec": spec.model_dump(mode="json"), "leveldb_key": levels.last_key}
+        return DistributedFitness(local, redis_from_url(settings.broker_url), namespace, context,
+                                  spec.search.workers, send, settings.scoring_lease_s, on_close=connection.release)
+
+    return make
+
+
+@app.task(name="evosparse.score", acks_late=False, ignore_result=True)
+def score_task(context: dict, batch: str) -> int:
+    """Wake-up of a scoring worker: score candidates of one selection stage (worker/scoring.py)."""
+    from evosparse.worker.scoring import redis_from_url, score_batch
+
+    settings = get_settings()
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    with job_context(str(context.get("namespace", "")).removeprefix("evosparse:score:").split(":")[0] or None):
+        return score_batch(context, batch, redis_from_url(settings.broker_url), level_store(settings),
+                           settings.scoring_lease_s)
 
 
 def _lower_priority(settings: Settings) -> None:

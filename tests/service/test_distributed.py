@@ -1,0 +1,176 @@
+"""One search on several processes: real `celery worker` scoring subprocesses on the embedded Redis.
+
+The coordinator runs in this process (run_search with the service's scoring factory and level
+store); the scorers are real Celery workers started from `evosparse serve`'s own command line.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from evosparse.jobs.settings import Settings
+from evosparse.jobs.spec import JobSpec
+from evosparse.jobs.store import store_from_settings
+from evosparse.pruning.data import get_windows
+from evosparse.pruning.layers import find_blocks
+from evosparse.pruning.models import load_model
+from evosparse.pruning.snapshot import DenseWeights
+from evosparse.worker.leveldb_store import LevelStore
+from evosparse.worker.scoring import redis_from_url
+from evosparse.worker.search_stage import run_search
+from evosparse.worker.tasks import scoring_for
+
+from tests.service.servers import stop_process, wait_until
+
+
+@pytest.fixture(scope="module")
+def scoring_env(broker, model_root, tmp_path_factory):
+    root = tmp_path_factory.mktemp("scoring")
+    env = {
+        "EVOSPARSE_BROKER_URL": broker,
+        "EVOSPARSE_DATA_DIR": str(root / "data"),
+        "EVOSPARSE_STORE_URL": f"file://{root / 'store'}",
+        "EVOSPARSE_WORK_DIR": str(root / "work"),
+        "EVOSPARSE_SCORE_QUEUE": f"evs-score-{uuid.uuid4().hex[:8]}",
+        "EVOSPARSE_QUEUE": f"evs-{uuid.uuid4().hex[:8]}",
+        "EVOSPARSE_TORCH_THREADS": "1",
+        "EVOSPARSE_SCORING_LEASE_S": "2",
+        "EVOSPARSE_ALLOWED_MODEL_ROOTS": str(model_root),
+    }
+    return root, env
+
+
+class Scorers:
+    def __init__(self, root: Path, env: dict[str, str], n: int):
+        from evosparse.cli.service_cmd import scorer_worker_cmd
+
+        full = {k: v for k, v in os.environ.items() if not k.startswith("EVOSPARSE_")}
+        full.update(env)
+        full["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+        self.logs = [open(root / f"scorer-{i}.log", "a") for i in range(n)]
+        self.names = [f"scorer{i}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}" for i in range(n)]
+        self.procs = [subprocess.Popen(scorer_worker_cmd(env["EVOSPARSE_SCORE_QUEUE"], name), env=full, stdout=log,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+                      for name, log in zip(self.names, self.logs, strict=True)]
+        self._wait_ready(env)
+
+    def _wait_ready(self, env: dict[str, str]) -> None:
+        from evosparse.worker.celery_app import make_celery
+
+        app = make_celery(Settings(broker_url=env["EVOSPARSE_BROKER_URL"]))
+        wait_until(lambda: len(app.control.ping(destination=self.names, timeout=1.0)) == len(self.names),
+                   90, "scoring workers to answer a ping")
+
+    def stop(self) -> None:
+        for p in self.procs:
+            stop_process(p, grace=10)
+        for log in self.logs:
+            log.close()
+
+
+def _spec(model_root: Path, workers: int, generations: int = 6) -> JobSpec:
+    return JobSpec(model=str(model_root / "tiny"), sparsity=0.6, pruner="wanda", allocation="evolutionary",
+                   calib_windows=8, seq_len=32, seed=3,
+                   search={"generations": generations, "offspring": 8, "selection": "64:3,256:1",
+                           "seed_from": "uniform", "granularity": "module", "workers": workers,
+                           "time_budget_min": None})
+
+
+def _coordinate(spec: JobSpec, settings: Settings, namespace: str, killer=None):  # noqa: ANN001, ANN202
+    """What the job task does for the search: model, windows, snapshot, level store, scoring factory."""
+    torch.set_num_threads(1)
+    model, tok = load_model(spec.model)
+    blocks = find_blocks(model)
+    calib = get_windows(spec.calib, tok, spec.calib_windows, spec.seq_len, "calib", spec.seed)
+    levels = LevelStore(store_from_settings(settings), settings.resolved_work_dir / "leveldb")
+    made = []
+
+    def scoring(local):  # noqa: ANN001, ANN202
+        factory = scoring_for(namespace, spec, settings, levels)
+        fitness = factory(local) if factory is not None else local
+        made.append(fitness)
+        if spec.search.workers > 1:  # the test waits for warm scorers (a job would start scoring alone)
+            r = redis_from_url(settings.broker_url)
+            wait_until(lambda: len(list(r.scan_iter(match=f"{namespace}:warm:*"))) == spec.search.workers - 1,
+                       120, "scorers to load the job")
+        if killer is not None:
+            killer.start()
+        return fitness
+
+    out = run_search(model, calib, spec, None, blocks=blocks, dense=DenseWeights(blocks), levels=levels,
+                     scoring=scoring)
+    return out, levels, made[0]
+
+
+def _same(a, b) -> None:  # noqa: ANN001
+    assert a.best_levels == b.best_levels
+    assert [r["best"] for r in a.history] == [r["best"] for r in b.history]
+    assert [r["mean"] for r in a.history] == [r["mean"] for r in b.history]
+    assert [r["candidates_scored"] for r in a.history] == [r["candidates_scored"] for r in b.history]
+    assert a.counts == b.counts
+
+
+def test_two_scoring_workers_give_exactly_the_one_process_search_and_reuse_the_stored_levels(
+        scoring_env, model_root, monkeypatch):
+    root, env = scoring_env
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    settings = Settings()
+    scorers = Scorers(root, env, 2)
+    try:
+        alone, levels1, _ = _coordinate(_spec(model_root, workers=1), settings, "evosparse:score:t1:1")
+        assert alone.leveldb == "built" and levels1.built == 1
+        # A second job on the same model content, pruner and calibration data loads what the first stored.
+        fanned, levels3, fitness = _coordinate(_spec(model_root, workers=3), settings, "evosparse:score:t3:1")
+        assert fanned.leveldb == "loaded" and levels3.loaded == 1 and levels3.built == 0
+        assert fitness.remote_scored > 0, "the scoring workers scored nothing"
+        _same(fanned, alone)
+        # When the job is over the scorers' warm state is released (the alive key is gone).
+        assert not redis_from_url(env["EVOSPARSE_BROKER_URL"]).exists("evosparse:score:t3:1:alive")
+    finally:
+        scorers.stop()
+
+
+def test_a_scorer_killed_mid_candidate_changes_nothing(scoring_env, model_root, monkeypatch):
+    root, env = scoring_env
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    settings = Settings()
+    r = redis_from_url(env["EVOSPARSE_BROKER_URL"])
+    scorers = Scorers(root, env, 2)
+    victim = scorers.procs[0]
+    killed = threading.Event()
+
+    def kill_when_it_holds_a_lease() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed.is_set():
+            for key in r.scan_iter(match="evosparse:score:tk:1:*:lease:*", count=1000):
+                holder = r.get(key)
+                if holder is not None and holder.decode().endswith(f":{victim.pid}"):
+                    os.killpg(victim.pid, signal.SIGKILL)  # mid-candidate: no ack, no result, no cleanup
+                    killed.set()
+                    return
+            time.sleep(0.0005)
+
+    try:
+        alone, _, _ = _coordinate(_spec(model_root, workers=1, generations=10), settings, "evosparse:score:tk0:1")
+        killer = threading.Thread(target=kill_when_it_holds_a_lease, daemon=True)
+        fanned, _, fitness = _coordinate(_spec(model_root, workers=3, generations=10), settings,
+                                         "evosparse:score:tk:1", killer=killer)
+        killer.join(timeout=5)
+        assert killed.is_set(), "the scorer was never caught holding a candidate"
+        assert victim.poll() is not None
+        assert fitness.requeued >= 1  # its candidate was scored again by another process
+        _same(fanned, alone)
+    finally:
+        killed.set()
+        scorers.stop()

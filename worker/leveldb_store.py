@@ -1,0 +1,105 @@
+"""Level databases as stored artifacts, reused by later jobs and loaded by every scoring worker.
+
+A level database's expensive part (the score rankings, or SparseGPT's layer Hessians) depends on
+the model's weights, the pruner and the calibration windows, and on nothing else: not on the
+target sparsity or the level grid (a job's grid only selects the rank band it keeps in memory).
+So the key is sha256 of (format version, model content fingerprint, pruner, calibration-token
+fingerprint, device type) and a job on the same model content reuses what an earlier job built,
+whatever its sparsity. Stored under ``leveldb/<key>/`` in the object store (local folder or
+S3), published with the store's completion marker, so a half-written database is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from evosparse.jobs.store import Store
+from evosparse.pruning.leveldb import FORMAT_VERSION, LevelDB
+from evosparse.pruning.snapshot import model_fingerprint, tokens_fingerprint
+from evosparse.worker.search_stage import LevelSource
+from torch import nn
+
+log = logging.getLogger("evosparse.leveldb")
+
+
+def leveldb_key(model_hash: str, pruner: str, calib_hash: str, device_type: str) -> str:
+    parts = {"format": FORMAT_VERSION, "model": model_hash, "pruner": pruner, "calib": calib_hash,
+             "device": device_type}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:40]
+
+
+class LevelStore(LevelSource):
+    """Loads level databases from ``store`` when present; builds, then publishes them otherwise."""
+
+    def __init__(self, store: Store, scratch: str | Path) -> None:
+        self.store = store
+        self.scratch = Path(scratch)
+        self.last_key: str | None = None  # the key of the database the last load/build served
+        self.built = 0
+        self.loaded = 0
+        self._keys: dict[tuple[int, int, str], str] = {}
+
+    def key_for(self, model: nn.Module, calib: torch.Tensor, pruner: str, dense: Any = None) -> str:
+        """The database key of this model content, pruner and calibration data (hashed once per job)."""
+        memo = (id(model), id(calib), pruner)
+        if memo not in self._keys:
+            device = next(model.parameters()).device.type
+            self._keys[memo] = leveldb_key(model_fingerprint(model, dense), pruner, tokens_fingerprint(calib), device)
+        return self._keys[memo]
+
+    @staticmethod
+    def prefix(key: str) -> str:
+        return f"leveldb/{key}"
+
+    def _local(self, key: str) -> Path | None:
+        """A local copy of the stored database, downloaded once per machine."""
+        folder = self.scratch / key
+        if (folder / "meta.json").is_file():
+            return folder
+        if not self.store.is_complete(self.prefix(key)):
+            return None
+        tmp = self.scratch / f".{key}.{uuid.uuid4().hex[:8]}"
+        try:
+            self.store.download_dir(self.prefix(key), tmp)
+            try:
+                tmp.rename(folder)
+            except OSError:  # another process on this machine got there first
+                shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return folder
+
+    def load_key(self, key: str, model: nn.Module, pruner: str, **kwargs: Any) -> LevelDB | None:
+        folder = self._local(key)
+        if folder is None:
+            return None
+        self.last_key = key
+        self.loaded += 1
+        return LevelDB.load(folder, model, pruner, **kwargs)
+
+    def load(self, model: nn.Module, calib: torch.Tensor, pruner: str, **kwargs: Any) -> LevelDB | None:
+        return self.load_key(self.key_for(model, calib, pruner, kwargs.get("dense")), model, pruner, **kwargs)
+
+    def build(self, model: nn.Module, calib: torch.Tensor, pruner: str, **kwargs: Any) -> LevelDB:
+        key = self.key_for(model, calib, pruner, kwargs.get("dense"))
+        tmp = self.scratch / f".{key}.{uuid.uuid4().hex[:8]}"
+        try:
+            db = LevelDB.build(model, calib, pruner, save_to=tmp, **kwargs)
+            if not self.store.is_complete(self.prefix(key)):
+                self.store.put_dir(tmp, self.prefix(key))
+            folder = self.scratch / key
+            if not folder.exists():
+                tmp.rename(folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.last_key = key
+        self.built += 1
+        log.info("level database %s built and stored", key)
+        return db

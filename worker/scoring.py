@@ -1,0 +1,324 @@
+"""Distributed scoring: one search, its selection stages fanned out to scoring workers over Celery + Redis.
+
+The task that runs the job owns the search state (the *coordinator*). For each selection stage
+with ``search.workers`` > 1 it writes the stage's unscored candidates to Redis as a batch, sends
+``workers - 1`` wake-up tasks to the scoring queue, and scores candidates itself too. Everyone
+takes candidates from the batch's list one at a time (LPOP, atomic), holds a lease on the one it
+is scoring (a key that expires unless its holder refreshes it), and writes back the score with
+its per-window scores. So:
+
+- *work stealing*: a fast or warm process takes more; a job never waits for a scorer that is
+  busy or still loading (the coordinator alone can finish every batch);
+- *a scorer killed mid-task* (SIGKILL) stops refreshing its lease; once it has expired the
+  coordinator puts the candidate back on the list and someone else scores it;
+- *same result*: a score is a pure function of (vector, tokens) — the fitness cuts window
+  ranges at the stage bounds and takes the per-window scores already known for a vector —
+  so which process computed it changes nothing: bit-identical on one device type with the
+  same torch thread count;
+- *warm scorers*: a scoring process keeps the job's model, dense reference and level database
+  (loaded from the object store, never rebuilt) between tasks, keyed by the job attempt; it
+  drops them when the coordinator's ``alive`` key disappears (the job ended, was cancelled, or
+  its coordinator died), checked every few seconds, or when a task of another job arrives;
+- *queues*: jobs go to the ``queue`` setting, wake-ups to ``score_queue``, served by separate
+  scoring workers (``evosparse serve --scoring-workers N``; compose's ``scorer`` service). A job
+  sends at most ``workers - 1`` wake-ups per stage, and stages of different jobs interleave
+  on the scoring queue in FIFO order, so one job's scorers cannot hold another team's job:
+  at worst that job's coordinator scores its stages alone.
+
+Cancel is checked by the coordinator between generations; a cancelled job sends no further
+batch, and its scorers free their memory at the next janitor pass.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("evosparse.scoring")
+
+ALIVE_TTL_S = 120.0  # the coordinator refreshes its alive key at every stage
+BATCH_TTL_S = 6 * 3600  # safety net: a dead coordinator's batch keys vanish on their own
+
+
+def redis_from_url(url: str) -> Any:
+    """A redis-py client for a broker URL (also kombu's ``redis+socket://`` form of the embedded Redis)."""
+    import redis
+
+    if url.startswith("redis+socket://"):
+        path = url[len("redis+socket://"):].split("?", 1)[0]
+        return redis.Redis(unix_socket_path=path)
+    return redis.Redis.from_url(url)
+
+
+def _keys(batch: str, i: int | None = None) -> dict[str, str]:
+    k = {"items": f"{batch}:items", "todo": f"{batch}:todo", "done": f"{batch}:done", "meta": f"{batch}:meta"}
+    if i is not None:
+        k["lease"] = f"{batch}:lease:{i}"
+    return k
+
+
+class _Lease(threading.Thread):
+    """Keeps a lease key alive while its holder works; the key expires lease_s after the holder dies."""
+
+    def __init__(self, r: Any, key: str, holder: str, lease_s: float) -> None:
+        super().__init__(daemon=True, name="evosparse-lease")
+        self.r, self.key, self.lease_s = r, key, lease_s
+        self.stop = threading.Event()
+        r.set(key, holder, px=int(lease_s * 1000))
+
+    def run(self) -> None:
+        while not self.stop.wait(self.lease_s / 3):
+            try:
+                self.r.pexpire(self.key, int(self.lease_s * 1000))
+            except Exception:  # a broker blip: the next refresh tries again
+                log.warning("lease refresh failed", exc_info=True)
+
+    def release(self) -> None:
+        self.stop.set()
+        self.r.delete(self.key)
+
+
+class DistributedFitness:
+    """The coordinator's fitness: ``score_many`` fans a stage out; everything else is the local fitness."""
+
+    def __init__(
+        self,
+        local: Any,
+        r: Any,
+        namespace: str,
+        context: dict[str, Any],
+        workers: int,
+        send: Callable[[dict[str, Any], str], None],
+        lease_s: float = 10.0,
+        poll_s: float = 0.02,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self.local, self.r, self.ns, self.context = local, r, namespace, context
+        self.workers, self.send, self.lease_s, self.poll_s = workers, send, lease_s, poll_s
+        self.parent: tuple[int, ...] | None = None
+        self.batches = 0
+        self.remote_scored = 0  # candidates scored by other processes (the benchmark reads it)
+        self.requeued = 0  # candidates put back after their scorer's lease expired
+        self.holder = f"coordinator@{socket.gethostname()}:{os.getpid()}"
+        self.on_close = on_close
+        self._alive()
+        # Scorers load the job while the coordinator computes generation 0: a wake-up with no batch.
+        for _ in range(workers - 1):
+            send(context, "")
+
+    def _alive(self) -> None:
+        self.r.set(f"{self.ns}:alive", "1", px=int(ALIVE_TTL_S * 1000))
+
+    def set_parent(self, vector: Sequence[int]) -> None:
+        self.parent = tuple(vector)
+        self.local.set_parent(vector)
+
+    def __call__(self, vector: Sequence[int], tokens: int) -> float:
+        return self.score_many([vector], tokens)[0]
+
+    def score_many(self, vectors: Sequence[Sequence[int]], tokens: int) -> list[float]:
+        vectors = [tuple(v) for v in vectors]
+        if self.workers <= 1 or len(vectors) <= 1:
+            return self.local.score_many(vectors, tokens)
+        self.batches += 1
+        batch = f"{self.ns}:b{self.batches}"
+        k = _keys(batch)
+        pipe = self.r.pipeline()
+        pipe.hset(k["items"], mapping={str(i): json.dumps({"v": v, "known": self.local.known_windows(v)})
+                                       for i, v in enumerate(vectors)})
+        pipe.set(k["meta"], json.dumps({"tokens": tokens, "parent": self.parent}))
+        pipe.rpush(k["todo"], *range(len(vectors)))
+        for key in k.values():
+            pipe.expire(key, int(BATCH_TTL_S))
+        pipe.set(f"{self.ns}:alive", "1", px=int(ALIVE_TTL_S * 1000))
+        pipe.execute()
+        for _ in range(min(self.workers - 1, len(vectors) - 1)):
+            self.send(self.context, batch)
+        try:
+            return self._gather(batch, vectors, tokens)
+        finally:
+            self.r.delete(*_keys(batch).values())
+
+    def _gather(self, batch: str, vectors: list[tuple[int, ...]], tokens: int) -> list[float]:
+        k = _keys(batch)
+        results: dict[int, float] = {}
+        missing_since: dict[int, float] = {}
+        while len(results) < len(vectors):
+            item = self.r.lpop(k["todo"])
+            if item is not None:  # score one ourselves, under a lease like everyone else
+                i = int(item)
+                if i not in results:
+                    lease = _Lease(self.r, _keys(batch, i)["lease"], self.holder, self.lease_s)
+                    lease.start()
+                    try:
+                        results[i] = self.local(vectors[i], tokens)
+                    finally:
+                        lease.release()
+                continue
+            for key, raw in self.r.hgetall(k["done"]).items():
+                i = int(key)
+                if i not in results:
+                    got = json.loads(raw)
+                    results[i] = float(got["s"])
+                    self.local.add_known_windows(vectors[i], got["w"])
+                    self.remote_scored += 1
+            pending = [i for i in range(len(vectors)) if i not in results]
+            if not pending:
+                break
+            leases = self.r.mget([_keys(batch, i)["lease"] for i in pending])
+            now = time.monotonic()
+            for i, held in zip(pending, leases, strict=True):
+                if held is not None:
+                    missing_since.pop(i, None)
+                    continue
+                # Off the list, no lease, no result: its scorer died (or is between LPOP and lease).
+                if now - missing_since.setdefault(i, now) > min(2.0, self.lease_s):
+                    if not self.r.hexists(k["done"], str(i)):
+                        self.r.rpush(k["todo"], i)
+                        self.requeued += 1
+                        log.warning("candidate %d of %s lost its scorer; scoring it again", i, batch)
+                    missing_since.pop(i, None)
+            time.sleep(self.poll_s)
+        return [results[i] for i in range(len(vectors))]
+
+    def close(self) -> None:
+        """The job's search is over: scorers drop its model at their next janitor pass."""
+        try:
+            self.r.delete(f"{self.ns}:alive")
+        except Exception:
+            log.warning("could not clear the scoring alive key of %s", self.ns, exc_info=True)
+        if self.on_close is not None:
+            self.on_close()
+
+
+# ------------------------------------------------------------------------------------ scorer side
+@dataclass
+class ScorerState:
+    key: str  # the coordinator's namespace: one job attempt
+    fitness: Any
+    model: Any
+
+
+_state: ScorerState | None = None
+_state_lock = threading.Lock()
+_janitor: threading.Thread | None = None
+
+
+def _drop_state() -> None:
+    """Free the warm job (model, level database, reference): its job ended or another job came."""
+    global _state
+    if _state is None:
+        return
+    log.info("scorer: releasing job %s", _state.key)
+    _state = None
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - freeing is best effort
+        pass
+
+
+def _janitor_loop(r: Any, interval_s: float) -> None:
+    while True:
+        time.sleep(interval_s)
+        with _state_lock:
+            if _state is not None and not r.exists(f"{_state.key}:alive"):
+                _drop_state()
+
+
+def build_scorer_fitness(context: dict[str, Any], levels: Any) -> tuple[Any, Any]:
+    """Rebuild the coordinator's fitness in this process: same model, windows, reference and levels."""
+    from evosparse.jobs.spec import JobSpec
+    from evosparse.pruning.data import get_windows
+    from evosparse.pruning.fitness import DenseReference, ProxyFitness
+    from evosparse.pruning.layers import find_blocks
+    from evosparse.pruning.models import load_model
+    from evosparse.worker.search_stage import (
+        fitness_windows,
+        leveldb_mode,
+        linear_bounds,
+        search_config,
+        search_space,
+        search_units,
+    )
+
+    spec = JobSpec.model_validate(context["spec"])
+    model, tokenizer = load_model(spec.model, device=spec.device, dtype=spec.dtype)
+    blocks = find_blocks(model)
+    calib = get_windows(spec.calib, tokenizer, spec.calib_windows, spec.seq_len, "calib", spec.seed)
+    ftokens = fitness_windows(spec, calib)
+    units = search_units(blocks, spec.search.granularity)
+    space = search_space(spec, units)
+    reference = DenseReference(model, ftokens, blocks)
+    # No dense copy here: a scorer never restores the model, so it keeps only the reachable rank band.
+    bounds = linear_bounds(units, space) if spec.pruner != "sparsegpt" and spec.mixed is None else None
+    db = levels.load_key(context["leveldb_key"], model, spec.pruner, blocks=blocks, bounds=bounds,
+                         **leveldb_mode(spec))
+    if db is None:
+        raise RuntimeError(f"level database {context['leveldb_key']} is not in the store")
+    cfg = search_config(spec, ftokens.numel())
+    fitness = ProxyFitness(model, reference, db, units, space, kind=spec.search.fitness,
+                           window_bounds=[t for t, _ in cfg.stages])
+    return fitness, model
+
+
+def score_batch(context: dict[str, Any], batch: str, r: Any, levels: Any, lease_s: float,
+                janitor_s: float = 2.0) -> int:
+    """Score candidates of ``batch`` until its list is empty; returns how many this process scored."""
+    global _state, _janitor
+    k = _keys(batch)
+    if batch and not r.exists(k["meta"]):
+        return 0  # the stage is over (the coordinator finished it alone)
+    holder = f"scorer@{socket.gethostname()}:{os.getpid()}"
+    with _state_lock:
+        if _janitor is None:
+            _janitor = threading.Thread(target=_janitor_loop, args=(r, janitor_s), daemon=True,
+                                        name="evosparse-scorer-janitor")
+            _janitor.start()
+        if _state is None or _state.key != context["namespace"]:
+            _drop_state()
+            if not r.exists(f"{context['namespace']}:alive"):
+                return 0
+            t0 = time.perf_counter()
+            fitness, model = build_scorer_fitness(context, levels)
+            _state = ScorerState(context["namespace"], fitness, model)
+            log.info("scorer: job %s warm in %.1f s", context["namespace"], time.perf_counter() - t0)
+            r.set(f"{context['namespace']}:warm:{holder}", "1", px=int(ALIVE_TTL_S * 1000))
+        if not batch:
+            return 0  # a warm-up call
+        state = _state
+        raw_meta = r.get(k["meta"])
+        if raw_meta is None:
+            return 0
+        meta = json.loads(raw_meta)
+        if meta.get("parent") is not None:
+            state.fitness.set_parent(meta["parent"])
+        scored = 0
+        while (item := r.lpop(k["todo"])) is not None:
+            i = int(item)
+            lease = _Lease(r, _keys(batch, i)["lease"], holder, lease_s)
+            lease.start()
+            try:
+                raw = r.hget(k["items"], str(i))
+                if raw is None:
+                    break  # the batch was cleaned up meanwhile
+                got = json.loads(raw)
+                v = tuple(got["v"])
+                state.fitness.add_known_windows(v, got["known"])
+                score = state.fitness(v, meta["tokens"])
+                r.hset(k["done"], str(i), json.dumps({"s": score, "w": state.fitness.known_windows(v)}))
+                scored += 1
+            finally:
+                lease.release()
+        return scored
