@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 
 from evosparse.api.metrics import MetricsMiddleware
-from evosparse.api.routes import health, jobs
+from evosparse.api.routes import dashboard, health, jobs
 from evosparse.jobs.log import configure_logging
 from evosparse.jobs.settings import Settings, get_settings
 from fastapi import FastAPI, Request
@@ -86,12 +85,7 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
     app.state.settings = settings
     app.include_router(health.router)
     app.include_router(jobs.router)
-    try:  # the dashboard (GET /) is an optional module written separately
-        dashboard = importlib.import_module("evosparse.api.routes.dashboard")
-        app.include_router(dashboard.router)
-    except ModuleNotFoundError as exc:
-        if exc.name != "evosparse.api.routes.dashboard":
-            raise
+    app.include_router(dashboard.router)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -32,7 +32,8 @@ class _JobStatusCollector:
 
     def collect(self):  # noqa: ANN201
         from evosparse.jobs.db import sessionmaker_for
-        from evosparse.jobs.models import STATUSES, Job
+        from evosparse.jobs.models import Job
+        from evosparse.jobs.status import STATUSES
         from sqlalchemy import func, select
 
         g = GaugeMetricFamily("evosparse_jobs", "Jobs by status", labels=["status"])

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from evosparse.jobs.spec import JobSpec
+from evosparse.jobs.status import Status
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-Status = Literal["QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"]
 
 
 class JobSubmit(JobSpec):

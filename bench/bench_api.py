@@ -30,7 +30,6 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def pct(values: list[float], q: float) -> float:
@@ -181,8 +180,7 @@ def main() -> int:
     from evosparse.cli.service_cmd import celery_worker_cmd, start_embedded_redis, stop_processes
     from evosparse.jobs import repo
     from evosparse.jobs.db import migrate, session_scope
-
-    from tests.tiny_models import save_tiny_llama
+    from evosparse.pruning.tiny import save_tiny_llama
 
     tmp = Path(tempfile.mkdtemp(prefix="evs-bench-"))
     models = tmp / "models"
@@ -193,8 +191,7 @@ def main() -> int:
     redis, broker = start_embedded_redis(data / "redis.db")
     env = dict(os.environ, EVOSPARSE_DATA_DIR=str(data), EVOSPARSE_DATABASE_URL=db_url, EVOSPARSE_BROKER_URL=broker,
                EVOSPARSE_ALLOWED_MODEL_ROOTS=str(models), EVOSPARSE_MAX_GENERATIONS="100000",
-               EVOSPARSE_TORCH_THREADS=str(args.torch_threads),
-               PYTHONPATH=str(ROOT))
+               EVOSPARSE_TORCH_THREADS=str(args.torch_threads))
     log = open(tmp / "service.log", "w")
     worker = subprocess.Popen(celery_worker_cmd("evosparse", "bench@%h"), env=env, stdout=log, stderr=log,
                               cwd=tmp)

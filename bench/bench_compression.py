@@ -36,7 +36,7 @@ OUT_MD = ROOT / "results" / "compression.md"
 
 def setup(args):
     from evosparse.pruning.data import get_windows
-    from evosparse.pruning.models import load_model
+    from evosparse.pruning.loading import load_model
 
     torch.manual_seed(0)
     model, tok = load_model(args.model, device="cpu", dtype="float32")

@@ -14,20 +14,16 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from evosparse.pruning.data import get_windows  # noqa: E402
-from evosparse.pruning.evaluate import perplexity  # noqa: E402
-from evosparse.pruning.layers import prunable_linears  # noqa: E402
-from evosparse.pruning.models import load_model  # noqa: E402
-from evosparse.pruning.prune import prune_model  # noqa: E402
-from evosparse.pruning.sensitivity import allocation_counts, dense_input_stats, fisher_traces, owl_ratios  # noqa: E402
+from evosparse.pruning.data import get_windows
+from evosparse.pruning.evaluate import perplexity
+from evosparse.pruning.layers import prunable_linears
+from evosparse.pruning.loading import load_model
+from evosparse.pruning.prune import prune_model
+from evosparse.pruning.sensitivity import allocation_counts, dense_input_stats, fisher_traces, owl_ratios
 
 PRUNERS = ("magnitude", "wanda", "sparsegpt", "dass")
 SPARSITIES = (0.5, 0.6, 0.7)

@@ -21,7 +21,6 @@ import argparse
 import json
 import random
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -50,7 +49,7 @@ def current_rss_mb() -> float:
 
 def setup(args):
     from evosparse.pruning.data import get_windows
-    from evosparse.pruning.models import load_model
+    from evosparse.pruning.loading import load_model
 
     torch.manual_seed(0)
     model, tok = load_model(args.model, device="cpu", dtype="float32")
@@ -350,5 +349,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT.parent))
     main()

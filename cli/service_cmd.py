@@ -12,7 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-from evosparse.jobs.spec import ALLOCATIONS, PRUNERS, SEED_SOURCES
+import httpx
+from evosparse.cli.spec_flags import add_spec_arguments, build_spec
+from evosparse.jobs.client import ApiError, Client, ClientSettings, WaitTimeout
+from evosparse.jobs.spec import JobSpec
+from evosparse.pruning.errors import EvosparseError
 
 EXIT_OK, EXIT_FAILED, EXIT_CANCELLED, EXIT_TIMEOUT = 0, 1, 3, 4
 
@@ -34,33 +38,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--broker-url", help="use this Redis instead of the embedded one")
     s.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("submit", help="submit a pruning job to a server (optionally wait and download)")
-    p.add_argument("model", help="'smollm2-135m', a hub id, or an absolute path the server may read")
-    p.add_argument("--sparsity", type=float, required=True)
-    p.add_argument("--pruner", choices=PRUNERS, default="wanda")
-    p.add_argument("--allocation", choices=ALLOCATIONS, default="uniform")
-    p.add_argument("--pattern", default="unstructured")
-    p.add_argument("--calib", default="pydoc")
-    p.add_argument("--eval", default="pydoc")
-    p.add_argument("--calib-windows", type=int, default=32)
-    p.add_argument("--eval-windows", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--owl-m", type=float, default=5.0)
-    p.add_argument("--owl-lambda", type=float, default=0.08)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    g = p.add_argument_group("evolutionary search (--allocation evolutionary)")
-    g.add_argument("--generations", type=int)
-    g.add_argument("--offspring", type=int)
-    g.add_argument("--selection")
-    g.add_argument("--seed-from", choices=SEED_SOURCES)
-    g.add_argument("--granularity", choices=("layer", "module"))
-    g.add_argument("--fitness", choices=("kl", "ppl"))
-    g.add_argument("--time-budget", type=float, help="minutes")
+    p = sub.add_parser("submit", help="submit a pruning job to a server (optionally wait and download)",
+                       description="Submit one pruning job to an evosparse server. Every job-spec field is a "
+                                   "flag (the same fields POST /v1/jobs takes).")
+    add_spec_arguments(p, help_overrides={"model": "'smollm2-135m', a hub id, or a path the server may read "
+                                                    "(a local path is sent absolute)"})
     c = p.add_argument_group("server")
-    c.add_argument("--server", default=os.environ.get("EVOSPARSE_SERVER", "http://127.0.0.1:8000"))
-    c.add_argument("--key", default=os.environ.get("EVOSPARSE_API_KEY"), help="API key (or $EVOSPARSE_API_KEY)")
+    env = ClientSettings.from_env()
+    c.add_argument("--server", default=env.server, help="server URL (default: $EVOSPARSE_SERVER or %(default)s)")
+    c.add_argument("--key", default=env.api_key, help="API key (default: $EVOSPARSE_API_KEY)")
     c.add_argument("--wait", action="store_true", help="wait for the job; exit 0 done, 1 failed, 3 cancelled, "
                                                       "4 timeout")
     c.add_argument("--timeout", type=float, help="seconds to wait (with --wait)")
@@ -106,44 +92,52 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 # --- submit -------------------------------------------------------------------------------------
 
-def cmd_submit(args: argparse.Namespace) -> int:
-    from evosparse.cli.prune_cmd import build_spec
-    from evosparse.jobs.client import ApiError, Client, WaitTimeout
+class SubmitError(EvosparseError):
+    """`evosparse submit` cannot go on: no key, the server refused the job or cannot be reached."""
 
+
+def cmd_submit(args: argparse.Namespace) -> int:
     if not args.key:
-        raise ValueError("no API key: pass --key or set EVOSPARSE_API_KEY (create one with "
-                         "`evosparse keys create --team NAME`)")
+        raise SubmitError("no API key: pass --key or set EVOSPARSE_API_KEY (create one with "
+                          "`evosparse keys create --team NAME`)")
     local = Path(args.model).expanduser()
     if local.exists():  # the server needs an absolute path (it checks it against its allowed folders)
         args.model = str(local.resolve())
     spec = build_spec(args)
-    with Client(args.server, args.key) as client:
-        try:
-            sub = client.submit(spec, idempotency_key=args.idempotency_key, webhook_url=args.webhook_url)
-        except ApiError as exc:
-            raise ValueError(f"server refused the job: {exc}") from None
-        print(f"job {sub['id']} {sub['status']}", file=sys.stderr)
-        if not (args.wait or args.out):
-            print(sub["id"])
-            return EXIT_OK
-        bar = None if args.quiet else _ProgressBar()
-        try:
-            job = client.wait(sub["id"], timeout=args.timeout, on_update=bar.update if bar else None)
-        except WaitTimeout as exc:
-            print(f"evosparse: {exc}", file=sys.stderr)
-            return EXIT_TIMEOUT
-        finally:
-            if bar:
-                bar.close()
-        print(json.dumps({k: job[k] for k in ("id", "status", "error", "attempts")}))
-        if job["status"] == "FAILED":
-            print(f"evosparse: job failed: {job['error']}", file=sys.stderr)
-            return EXIT_FAILED
-        if job["status"] == "CANCELLED":
-            return EXIT_CANCELLED
-        if args.out:
-            dest = client.download(sub["id"], args.out)
-            print(f"artifact downloaded to {dest}", file=sys.stderr)
+    try:
+        with Client(args.server, args.key) as client:
+            return _submit_and_follow(client, spec, args)
+    except httpx.TransportError as exc:
+        raise SubmitError(f"cannot reach the server at {args.server}: {exc}") from None
+
+
+def _submit_and_follow(client: Client, spec: JobSpec, args: argparse.Namespace) -> int:
+    try:
+        sub = client.submit(spec, idempotency_key=args.idempotency_key, webhook_url=args.webhook_url)
+    except ApiError as exc:
+        raise SubmitError(f"server refused the job: {exc}") from None
+    print(f"job {sub['id']} {sub['status']}", file=sys.stderr)
+    if not (args.wait or args.out):
+        print(sub["id"])
+        return EXIT_OK
+    bar = None if args.quiet else _ProgressBar()
+    try:
+        job = client.wait(sub["id"], timeout=args.timeout, on_update=bar.update if bar else None)
+    except WaitTimeout as exc:
+        print(f"evosparse: {exc}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    finally:
+        if bar:
+            bar.close()
+    print(json.dumps({k: job[k] for k in ("id", "status", "error", "attempts")}))
+    if job["status"] == "FAILED":
+        print(f"evosparse: job failed: {job['error']}", file=sys.stderr)
+        return EXIT_FAILED
+    if job["status"] == "CANCELLED":
+        return EXIT_CANCELLED
+    if args.out:
+        dest = client.download(sub["id"], args.out)
+        print(f"artifact downloaded to {dest}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -12,16 +12,36 @@ retry because every submission carries an Idempotency-Key.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+from evosparse.jobs.status import TERMINAL
 
-TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Where a client connects, and with which key: ``EVOSPARSE_SERVER`` and ``EVOSPARSE_API_KEY``.
+
+    The client-side counterpart of jobs/settings.py (which needs the [server] extra): these two
+    variables are read here and nowhere else, by ``Client.from_env`` and ``evosparse submit``.
+    """
+
+    server: str = DEFAULT_SERVER
+    api_key: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ClientSettings:
+        env = os.environ if environ is None else environ
+        return cls(server=env.get("EVOSPARSE_SERVER") or DEFAULT_SERVER, api_key=env.get("EVOSPARSE_API_KEY") or None)
 
 
 class ApiError(RuntimeError):
@@ -41,6 +61,14 @@ class Client:
         self.http = httpx.Client(base_url=server.rstrip("/"), timeout=timeout, transport=transport,
                                  headers={"Authorization": f"Bearer {key}", "User-Agent": "evosparse-client/1"})
         self.retries, self.backoff_s = retries, backoff_s
+
+    @classmethod
+    def from_env(cls, **kw: Any) -> Client:
+        """A client of $EVOSPARSE_SERVER (default http://127.0.0.1:8000) with the key $EVOSPARSE_API_KEY."""
+        settings = ClientSettings.from_env()
+        if not settings.api_key:
+            raise ValueError("EVOSPARSE_API_KEY is not set")
+        return cls(settings.server, settings.api_key, **kw)
 
     def close(self) -> None:
         self.http.close()

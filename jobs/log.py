@@ -5,9 +5,9 @@
     with job_context(job_id):                 # everything logged inside carries job_id
         log.info("pruning started")
 
-Format and level come from the environment: ``EVOSPARSE_LOG_FORMAT`` = ``json`` (default for
-services; what log collectors want) or ``text`` (for a terminal), ``EVOSPARSE_LOG_LEVEL``
-(default ``INFO``). A record's ``extra={...}`` fields become JSON keys.
+Format and level come from the settings (jobs/settings.py): ``EVOSPARSE_LOG_FORMAT`` = ``json``
+(default for services; what log collectors want) or ``text`` (for a terminal),
+``EVOSPARSE_LOG_LEVEL`` (default ``INFO``). A record's ``extra={...}`` fields become JSON keys.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import contextvars
 import datetime as dt
 import json
 import logging
-import os
 import sys
 from collections.abc import Iterator
 
@@ -87,10 +86,14 @@ class TextFormatter(logging.Formatter):
 
 def configure_logging(fmt: str | None = None, level: str | int | None = None, stream=None) -> logging.Handler:  # noqa: ANN001
     """Install (or replace) evosparse's handler on the root logger; safe to call more than once."""
-    fmt = (fmt or os.environ.get("EVOSPARSE_LOG_FORMAT") or "json").lower()
+    if fmt is None or level is None:  # EVOSPARSE_LOG_FORMAT / EVOSPARSE_LOG_LEVEL, through the settings
+        from evosparse.jobs.settings import get_settings
+
+        settings = get_settings()
+        fmt, level = fmt or settings.log_format, level or settings.log_level
+    fmt = fmt.lower()
     if fmt not in ("json", "text"):
-        raise ValueError(f"EVOSPARSE_LOG_FORMAT must be 'json' or 'text', got {fmt!r}")
-    level = level or os.environ.get("EVOSPARSE_LOG_LEVEL") or "INFO"
+        raise ValueError(f"log format (EVOSPARSE_LOG_FORMAT) must be 'json' or 'text', got {fmt!r}")
     root = logging.getLogger()
     for h in list(root.handlers):
         if h.get_name() == _HANDLER_NAME:

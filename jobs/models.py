@@ -8,6 +8,9 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 
+# Re-exported for the modules that read them beside the tables; defined in jobs/status.py.
+from evosparse.jobs.status import STATUSES as STATUSES
+from evosparse.jobs.status import TERMINAL as TERMINAL
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -24,9 +27,6 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-
-STATUSES = ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
-TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 
 
 def utcnow() -> dt.datetime:

@@ -11,7 +11,7 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     webhook_attempts: int = Field(5, ge=1, description="Delivery attempts per webhook.")
     webhook_backoff_s: float = Field(1.0, ge=0, description="First retry delay; doubles each attempt.")
     webhook_timeout_s: float = Field(5.0, gt=0, description="Timeout of one webhook request.")
+
+    # --- logs ---------------------------------------------------------------------------------
+    log_format: Literal["json", "text"] = Field("json", description=(
+        "json: one JSON object per line, with the job id (for log collectors); text: readable lines."))
+    log_level: str = Field("INFO", description="Level of the root logger (DEBUG, INFO, WARNING, ERROR).")
 
     @field_validator("allowed_model_roots", "allowed_data_roots", mode="before")
     @classmethod

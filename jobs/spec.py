@@ -9,16 +9,17 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
+from evosparse.search import defaults as search_defaults
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-PRUNERS = ("magnitude", "wanda", "sparsegpt", "dass")
-ALLOCATIONS = ("uniform", "owl", "fisher", "hessian", "evolutionary")
-SEED_SOURCES = ("fisher", "hessian", "owl", "uniform")
 
 Pruner = Literal["magnitude", "wanda", "sparsegpt", "dass"]
 Allocation = Literal["uniform", "owl", "fisher", "hessian", "evolutionary"]
+SeedSource = Literal["fisher", "hessian", "owl", "uniform"]
+PRUNERS: tuple[str, ...] = get_args(Pruner)
+ALLOCATIONS: tuple[str, ...] = get_args(Allocation)
+SEED_SOURCES: tuple[str, ...] = get_args(SeedSource)
 
 _NM_RE = re.compile(r"^(\d+):(\d+)$")
 _MIXED_RE = re.compile(r"^mixed:(\d+)$")
@@ -96,22 +97,30 @@ class SearchSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # Defaults sized for SmolLM2-135M on a 2-core CPU (bench/bench_search.py): many cheap
-    # generations on few tokens beat few expensive ones; the time budget caps the run.
-    generations: int = Field(60, ge=1, le=100_000)
-    offspring: int = Field(8, ge=1, le=4096)
-    selection: str = "256:2,1024:1"
-    seed_from: Literal["fisher", "hessian", "owl", "uniform"] = "fisher"
-    granularity: Literal["layer", "module"] = "layer"
-    fitness: Literal["kl", "ppl"] = "kl"
-    time_budget_min: float | None = Field(15.0, gt=0)
-    patience: int | None = Field(None, ge=1)
-    # One level step moves this fraction of the smallest unit's weights (same count in every unit).
-    step_fraction: float = Field(0.02, gt=0, lt=0.5)
-    max_level_delta: float = Field(0.25, gt=0, lt=1)  # per-unit sparsity stays within target ± this
-    # Processes scoring this job's candidates, its own included (1: in-process). With more, each
-    # selection stage is fanned out to scoring workers (worker/scoring.py); the result is the same.
-    workers: int = Field(1, ge=1, le=1024)
+    # The defaults are the search's own (search/defaults.py): a job and a search built in code agree.
+    generations: int = Field(search_defaults.GENERATIONS, ge=1, le=100_000,
+                             description="generations of the evolutionary loop")
+    offspring: int = Field(search_defaults.OFFSPRING, ge=1, le=4096,
+                           description="children bred per generation")
+    selection: str = Field(search_defaults.format_stages(search_defaults.STAGES), description=(
+        "multi-fidelity stages tokens:survivors, growing tokens and shrinking survivors, e.g. 512:16,2048:4,8192:1"))
+    seed_from: SeedSource = Field("fisher", description="allocation the first population is seeded from")
+    granularity: Literal["layer", "module"] = Field(
+        "layer", description="one sparsity level per block (layer) or per linear (module)")
+    fitness: Literal["kl", "ppl"] = Field(
+        "kl", description="kl: divergence from the dense next-token distribution; ppl: perplexity")
+    time_budget_min: float | None = Field(
+        None if search_defaults.TIME_BUDGET_S is None else search_defaults.TIME_BUDGET_S / 60, gt=0,
+        description="stop the search after this many minutes")
+    patience: int | None = Field(search_defaults.PATIENCE, ge=1,
+                                 description="stop after this many generations without improvement")
+    step_fraction: float = Field(search_defaults.STEP_FRACTION, gt=0, lt=0.5, description=(
+        "one level step moves this fraction of the smallest unit's weights (the same count in every unit)"))
+    max_level_delta: float = Field(search_defaults.MAX_LEVEL_DELTA, gt=0, lt=1,
+                                   description="every unit's sparsity stays within target ± this")
+    workers: int = Field(1, ge=1, le=1024, description=(
+        "processes scoring this job's candidates, its own included (1: in-process); with more, each "
+        "selection stage is fanned out to scoring workers and the result is the same"))
 
     @field_validator("selection")
     @classmethod
@@ -125,18 +134,13 @@ class QuantizeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    bits: int = Field(4, ge=2, le=8, description="Bits per kept weight, 2 to 8.")
-    group_size: int = Field(
-        128, ge=8, le=8192,
-        description="Input columns sharing one scale; must divide every pruned linear's input dimension "
-                    "(SmolLM2-135M: 32, 64 or 192).",
-    )
-    method: Literal["gptq", "rtn"] = Field(
-        "gptq",
-        description="'rtn': round to nearest per group; 'gptq': error feedback through the layer Hessian "
-                    "(with pruner sparsegpt, pruning and quantization happen jointly in one pass).",
-    )
-    symmetric: bool = Field(True, description="Symmetric grid (zero point 0) or asymmetric (integer zero point).")
+    bits: int = Field(4, ge=2, le=8, description="bits per kept weight, 2 to 8")
+    group_size: int = Field(128, ge=8, le=8192, description=(
+        "input columns sharing one scale; must divide every linear's input dimension (SmolLM2-135M: 32, 64 or 192)"))
+    method: Literal["gptq", "rtn"] = Field("gptq", description=(
+        "rtn: round to nearest per group; gptq: error feedback through the layer Hessian "
+        "(with pruner sparsegpt, pruning and quantization are one joint pass)"))
+    symmetric: bool = Field(True, description="symmetric grid (zero point 0) or asymmetric (integer zero point)")
 
 
 class JobSpec(BaseModel):
@@ -144,35 +148,37 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = "smollm2-135m"
-    sparsity: float
-    pruner: Pruner = "wanda"
-    allocation: Allocation = "uniform"
-    pattern: str = "unstructured"
-    calib: str = "pydoc"
-    eval: str = "pydoc"
-    calib_windows: int = Field(32, ge=1, le=4096)
-    eval_windows: int = Field(32, ge=1, le=4096)
-    seq_len: int = Field(256, ge=8, le=8192)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    owl_m: float = Field(5.0, gt=0)
-    owl_lambda: float = Field(0.08, ge=0, lt=1)
-    sensitivity_spread: float = Field(0.1, ge=0, lt=1)  # ± around the target for fisher/hessian
-    search: SearchSettings = Field(default_factory=SearchSettings)
-    device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    quantize: QuantizeSettings | None = Field(
-        None, description="Quantize the pruned linears ({bits, group_size, method, symmetric}); none by default."
-    )
-    format: Literal["dense", "compressed-tensors"] = Field(
-        "dense",
-        description="Checkpoint layout: 'dense' (Hugging Face folder, zeros stored) or 'compressed-tensors' "
-                    "(packed integer weights; needs quantize).",
-    )
-    export_dtype: Literal["source", "float32", "bfloat16", "float16"] = Field(
-        "source",
-        description="Float dtype of the saved checkpoint: 'source' keeps the dtype the model was published in.",
-    )
+    model: str = Field("smollm2-135m", description=(
+        "Hugging Face folder, hub id, GGUF file, or the built-in 'smollm2-135m'"))
+    sparsity: float = Field(description="global target sparsity, 0 < s < 1, counted in parameters (e.g. 0.6)")
+    pruner: Pruner = Field("wanda", description="how one layer is pruned at a given sparsity")
+    allocation: Allocation = Field("uniform", description="how the global target is split across layers")
+    pattern: str = Field("unstructured", description=(
+        "'unstructured', N:M such as 2:4 (allocation 'uniform' only), 'mixed:M' (each layer its own N:M "
+        "for that M, e.g. mixed:8) or '2:4+dense' (each layer 2:4 or dense)"))
+    calib: str = Field("pydoc", description=(
+        "calibration source: pydoc, a text file or folder, or a dataset (wikitext2, c4); its first half is used"))
+    eval: str = Field("pydoc", description="evaluation source (its second half is used)")
+    calib_windows: int = Field(32, ge=1, le=4096, description="calibration windows")
+    eval_windows: int = Field(32, ge=1, le=4096, description="evaluation windows")
+    seq_len: int = Field(256, ge=8, le=8192, description="tokens per window")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="the whole job is deterministic for a seed")
+    owl_m: float = Field(5.0, gt=0, description="OWL outlier threshold M (× mean score)")
+    owl_lambda: float = Field(0.08, ge=0, lt=1, description="OWL sparsity spread λ")
+    sensitivity_spread: float = Field(0.1, ge=0, lt=1, description=(
+        "± around the target for the fisher/hessian allocations (and the search's seed)"))
+    search: SearchSettings = Field(default_factory=SearchSettings,
+                                   description="evolutionary search settings (allocation 'evolutionary')")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on GPUs (float16 without bf16), float32 on CPU")
+    quantize: QuantizeSettings | None = Field(None, description=(
+        "quantize the pruned linears on top of sparsity, pruned weights kept 0 (none by default)"))
+    format: Literal["dense", "compressed-tensors"] = Field("dense", description=(
+        "checkpoint layout: dense (HF folder, zeros stored) or compressed-tensors (packed integer codes; "
+        "needs symmetric quantize)"))
+    export_dtype: Literal["source", "float32", "bfloat16", "float16"] = Field("source", description=(
+        "float dtype of the saved checkpoint; source: the dtype the model was published in"))
 
     @field_validator("sparsity")
     @classmethod

@@ -60,10 +60,6 @@ class Store(ABC):
     url: str
 
     @abstractmethod
-    def put_file(self, local: str | Path, key: str) -> StoredObject:
-        """Upload one file; the key appears only once fully written."""
-
-    @abstractmethod
     def put_bytes(self, data: bytes, key: str) -> StoredObject: ...
 
     @abstractmethod
@@ -143,12 +139,6 @@ class LocalStore(Store):
         tmp.mkdir(parents=True)
         return tmp
 
-    def put_file(self, local: str | Path, key: str) -> StoredObject:
-        target = self._path(key)
-        tmp = self._tmp() / "f"
-        shutil.copyfile(local, tmp)
-        return self._commit_file(tmp, target, key)
-
     def put_bytes(self, data: bytes, key: str) -> StoredObject:
         target = self._path(key)
         tmp = self._tmp() / "f"
@@ -227,20 +217,6 @@ class S3Store(Store):
     def _k(self, key: str) -> str:
         key = _check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
-
-    def ensure_bucket(self) -> None:
-        from botocore.exceptions import ClientError
-
-        try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except ClientError:
-            self.client.create_bucket(Bucket=self.bucket)
-
-    def put_file(self, local: str | Path, key: str) -> StoredObject:
-        # A single S3 PUT (or multipart upload) becomes visible only when complete.
-        self.client.upload_file(str(local), self.bucket, self._k(key))
-        return StoredObject(key.rsplit("/", 1)[-1], key, self.uri(key), Path(local).stat().st_size,
-                            _sha256_file(Path(local)))
 
     def put_bytes(self, data: bytes, key: str) -> StoredObject:
         self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data)

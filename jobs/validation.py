@@ -16,7 +16,7 @@ from pathlib import Path
 from evosparse.jobs.settings import Settings
 from evosparse.jobs.spec import JobSpec, parse_mixed, parse_pattern, parse_selection
 
-BUILTIN_MODELS = frozenset({"smollm2-135m"})  # keep in step with pruning.models.BUILTIN_MODELS
+BUILTIN_MODELS = frozenset({"smollm2-135m"})  # the names of pruning.loading.BUILTIN_MODELS (tests/test_loading.py)
 BUILTIN_DATA = frozenset({"pydoc"})
 # Input dimensions of the built-in models' prunable linears (SmolLM2-135M: hidden 576, MLP 1536),
 # so a group size or N:M group is checked in the request path without loading the model.

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from evosparse.pruning.errors import ModelLoadError
 from evosparse.pruning.layers import block_list
 from torch import nn
 
@@ -104,7 +105,7 @@ def final_norm_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
                 break
         if obj is not None:
             return obj, head
-    raise ValueError(f"unsupported architecture {type(model).__name__}: final norm not found")
+    raise ModelLoadError(f"unsupported architecture {type(model).__name__}: final norm not found")
 
 
 @torch.no_grad()

@@ -59,15 +59,11 @@ def _hf_text(name: str) -> str:
     offline = hub_offline()
     try:
         import datasets
+        import huggingface_hub.constants as hub_constants
 
         if offline:  # read only the local cache: fail at once instead of retrying the network
             datasets.config.HF_DATASETS_OFFLINE = True
-            try:
-                import huggingface_hub.constants as hub_constants
-
-                hub_constants.HF_HUB_OFFLINE = True
-            except ImportError:
-                pass
+            hub_constants.HF_HUB_OFFLINE = True
         streaming = name == "c4"
         ds = datasets.load_dataset(path, config, split=split, streaming=streaming)
         parts: list[str] = []

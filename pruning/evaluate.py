@@ -1,4 +1,4 @@
-"""Quality measures: perplexity over token windows and KL(dense ‖ pruned) of next-token distributions."""
+"""Quality measure of a model: perplexity over token windows (the search's KL fitness is pruning/fitness.py)."""
 
 from __future__ import annotations
 
@@ -37,27 +37,3 @@ def perplexity(
             progress(min(i + batch_size, n), n)
     mean = total_nll / max(total_tokens, 1)
     return math.exp(mean) if mean < 700 else float("inf")
-
-
-@torch.no_grad()
-def log_probs(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
-    """Next-token log-probabilities [n, T, vocab] (float32, on CPU) — the dense reference for KL."""
-    outs = [F.log_softmax(_logits(model, windows[i : i + batch_size]), dim=-1).cpu()
-            for i in range(0, windows.shape[0], batch_size)]
-    return torch.cat(outs, dim=0)
-
-
-@torch.no_grad()
-def kl_divergence(
-    model: nn.Module, windows: torch.Tensor, dense_log_probs: torch.Tensor, batch_size: int = 4
-) -> float:
-    """Mean over tokens of KL(p_dense ‖ p_model) of the next-token distributions."""
-    total = 0.0
-    count = 0
-    for i in range(0, windows.shape[0], batch_size):
-        lq = F.log_softmax(_logits(model, windows[i : i + batch_size]), dim=-1)
-        lp = dense_log_probs[i : i + batch_size].to(lq.device)
-        kl = (lp.exp() * (lp - lq)).sum(dim=-1)
-        total += float(kl.sum())
-        count += kl.numel()
-    return total / max(count, 1)

@@ -6,13 +6,14 @@ network retries (tens of seconds), so both model and data loading ask this first
 
 from __future__ import annotations
 
-import os
 import socket
+
+from evosparse.pruning.config import offline_requested
 
 
 def hub_offline(timeout: float = 3.0) -> bool:
     """True when HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set or huggingface.co:443 does not answer."""
-    if any(os.environ.get(v, "") not in ("", "0") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+    if offline_requested():
         return True
     try:
         with socket.create_connection(("huggingface.co", 443), timeout=timeout):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from evosparse.pruning.errors import ModelLoadError
 from torch import nn
 
 # Where each family keeps its list of decoder blocks, tried in order.
@@ -65,7 +66,7 @@ def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
         blocks = _get_path(model, path)
         if blocks is not None:
             return path, blocks
-    raise ValueError(
+    raise ModelLoadError(
         f"unsupported architecture {type(model).__name__}: no decoder block list found at any of {_BLOCK_PATHS}"
     )
 
@@ -85,7 +86,7 @@ def find_blocks(model: nn.Module) -> list[BlockInfo]:
             info.glu = (f"{prefix}.mlp.gate_proj", f"{prefix}.mlp.up_proj", f"{prefix}.mlp.down_proj")
         infos.append(info)
     if not infos:
-        raise ValueError(f"model {type(model).__name__} has no decoder blocks")
+        raise ModelLoadError(f"model {type(model).__name__} has no decoder blocks")
     return infos
 
 
@@ -95,13 +96,3 @@ def prunable_linears(model: nn.Module) -> dict[str, nn.Module]:
     for info in find_blocks(model):
         out.update(info.linears)
     return out
-
-
-def module_kind(name: str) -> str:
-    """Short kind of a linear from its full name, e.g. 'self_attn.q_proj' or 'mlp.c_fc'."""
-    parts = name.split(".")
-    # Names look like <blocks path>.<index>.<sub path>; the sub path follows the first integer part.
-    for i, p in enumerate(parts):
-        if p.isdigit():
-            return ".".join(parts[i + 1 :])
-    return name

@@ -173,11 +173,8 @@ class LevelDB:
         else:
             if orders is None:
                 raise PruningConfigError(f"{pruner} levels need the score rankings")
-            for name in self.modules:
-                if nm_m is not None:
-                    self._make_nm(name, orders[name], nm_m)
-                else:
-                    self._make_band(name, orders[name])
+            for name, order in orders.items():  # build() hands them over block by block instead
+                self._add_ranking(name, order)
 
     # ------------------------------------------------------------------ build / store
     @classmethod
@@ -209,15 +206,24 @@ class LevelDB:
         if stats is None and pruner != "magnitude":
             stats = dense_input_stats(model, calib_tokens, batch_size=batch_size, hessian=pruner == "sparsegpt",
                                       blocks=blocks)
-        orders = hessians = None
         if pruner == "sparsegpt":
             hessians = {n: stats[n].hessian for b in blocks for n in b.linears}  # type: ignore[index,union-attr]
-        else:
-            orders = rankings(blocks, pruner, stats)
+            if save_to is not None:
+                save_levels(save_to, pruner, blocks, hessians)
+            return cls(model, pruner, None, hessians, blocks=blocks, bounds=bounds, dense=dense, cache_dir=cache_dir,
+                       nm_m=nm_m)
+        # Rank, store and band one block at a time: the full rankings of the whole model never
+        # sit in memory together (on a GPU that is the difference between 2x and 3x the model).
+        db = cls(model, pruner, {}, None, blocks=blocks, bounds=bounds, dense=dense, cache_dir=cache_dir, nm_m=nm_m)
+        for info in blocks:
+            orders = rankings([info], pruner, stats)
+            if save_to is not None:
+                save_block(save_to, info, orders)
+            for name, order in orders.items():
+                db._add_ranking(name, order)
         if save_to is not None:
-            save_levels(save_to, pruner, blocks, orders if orders is not None else hessians)
-        return cls(model, pruner, orders, hessians, blocks=blocks, bounds=bounds, dense=dense, cache_dir=cache_dir,
-                   nm_m=nm_m)
+            save_meta(save_to, pruner, blocks)
+        return db
 
     @classmethod
     def load(
@@ -234,11 +240,24 @@ class LevelDB:
     ) -> LevelDB:
         """The database ``save_levels`` stored, for this (dense) model."""
         blocks = list(blocks) if blocks is not None else find_blocks(model)
-        tensors = load_levels(folder, pruner, blocks, device=weight_matrix(next(iter(blocks[0].linears.values()))).device)
-        kw = {"blocks": blocks, "bounds": bounds, "dense": dense, "cache_dir": cache_dir, "nm_m": nm_m}
+        device = weight_matrix(next(iter(blocks[0].linears.values()))).device
         if pruner == "sparsegpt":
-            return cls(model, pruner, None, tensors, **kw)
-        return cls(model, pruner, tensors, None, **kw)
+            hessians = load_levels(folder, pruner, blocks, device=device)
+            return cls(model, pruner, None, hessians, blocks=blocks, bounds=bounds, dense=dense, cache_dir=cache_dir,
+                       nm_m=nm_m)
+        check_levels(folder, pruner, blocks)
+        db = cls(model, pruner, {}, None, blocks=blocks, bounds=bounds, dense=dense, cache_dir=cache_dir, nm_m=nm_m)
+        for info in blocks:  # one block's rankings in memory at a time, as in build()
+            for name, order in load_levels(folder, pruner, [info], device=device, checked=True).items():
+                db._add_ranking(name, order)
+        return db
+
+    def _add_ranking(self, name: str, order: torch.Tensor) -> None:
+        """One linear's ranking in: a rank band, or in N:M mode the within-group ranks."""
+        if self.nm_m is not None:
+            self._make_nm(name, order, self.nm_m)
+        else:
+            self._make_band(name, order)
 
     def _make_nm(self, name: str, order: torch.Tensor, m: int) -> None:
         """N:M mode: each weight's rank inside its group of M, from the row ranking (ties by position)."""
@@ -424,30 +443,32 @@ def _block_file(folder: Path, index: int) -> Path:
     return folder / f"block-{index:05d}.safetensors"
 
 
+def save_block(folder: str | Path, info: BlockInfo, tensors: Mapping[str, torch.Tensor]) -> None:
+    """One block's rankings (or Hessians) as one safetensors file."""
+    from safetensors.torch import save_file
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    save_file({n: tensors[n].contiguous().cpu() for n in info.linears}, str(_block_file(Path(folder), info.index)))
+
+
+def save_meta(folder: str | Path, pruner: str, blocks: Sequence[BlockInfo]) -> None:
+    """Written last: a folder without ``meta.json`` is incomplete (a writer died) and never loaded."""
+    meta = {"format": FORMAT_VERSION, "pruner": pruner, "blocks": len(blocks),
+            "linears": [n for b in blocks for n in b.linears]}
+    (Path(folder) / "meta.json").write_text(json.dumps(meta))
+
+
 def save_levels(
     folder: str | Path, pruner: str, blocks: Sequence[BlockInfo], tensors: Mapping[str, torch.Tensor]
 ) -> None:
-    """Write the rankings (or Hessians) one safetensors file per block, then ``meta.json`` last.
-
-    A folder without ``meta.json`` is incomplete (a writer died) and is never loaded.
-    """
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write the rankings (or Hessians) one safetensors file per block, then ``meta.json`` last."""
     for info in blocks:
-        save_file({n: tensors[n].contiguous().cpu() for n in info.linears}, str(_block_file(folder, info.index)))
-    meta = {"format": FORMAT_VERSION, "pruner": pruner, "blocks": len(blocks),
-            "linears": [n for b in blocks for n in b.linears]}
-    (folder / "meta.json").write_text(json.dumps(meta))
+        save_block(folder, info, tensors)
+    save_meta(folder, pruner, blocks)
 
 
-def load_levels(
-    folder: str | Path, pruner: str, blocks: Sequence[BlockInfo], device: torch.device | None = None
-) -> dict[str, torch.Tensor]:
-    """Read what ``save_levels`` wrote, checking that it belongs to this pruner and model layout."""
-    from safetensors import safe_open
-
+def check_levels(folder: str | Path, pruner: str, blocks: Sequence[BlockInfo]) -> None:
+    """Refuse a folder that is incomplete or was stored for another pruner, model layout or format."""
     folder = Path(folder)
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
@@ -456,9 +477,20 @@ def load_levels(
     names = [n for b in blocks for n in b.linears]
     if meta.get("format") != FORMAT_VERSION or meta.get("pruner") != pruner or meta.get("linears") != names:
         raise PruningConfigError(f"the level database in {folder} was built for another model, pruner or format")
+
+
+def load_levels(
+    folder: str | Path, pruner: str, blocks: Sequence[BlockInfo], device: torch.device | None = None,
+    checked: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Read what ``save_levels`` wrote for ``blocks`` (all blocks must have been stored)."""
+    from safetensors import safe_open
+
+    if not checked:
+        check_levels(folder, pruner, blocks)
     out: dict[str, torch.Tensor] = {}
     for info in blocks:
-        with safe_open(str(_block_file(folder, info.index)), framework="pt",
+        with safe_open(str(_block_file(Path(folder), info.index)), framework="pt",
                        device=str(device) if device is not None else "cpu") as f:
             for n in info.linears:
                 out[n] = f.get_tensor(n)

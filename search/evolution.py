@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from evosparse.search import defaults
 from evosparse.search.levels import LevelSpace, Vector
 from evosparse.search.operators import crossover, mutate
 
@@ -41,12 +42,12 @@ STATE_VERSION = 1
 
 @dataclass
 class SearchConfig:
-    generations: int = 40
-    offspring: int = 16
-    stages: list[tuple[int, int]] = field(default_factory=lambda: [(512, 8), (2048, 2), (8192, 1)])
+    generations: int = defaults.GENERATIONS
+    offspring: int = defaults.OFFSPRING
+    stages: list[tuple[int, int]] = field(default_factory=lambda: list(defaults.STAGES))
     seed: int = 0
-    time_budget_s: float | None = None
-    patience: int | None = None
+    time_budget_s: float | None = defaults.TIME_BUDGET_S
+    patience: int | None = defaults.PATIENCE
     elite: int = 6  # size of the pool that crossover draws its second parent from
     crossover_rate: float = 0.25
     init_switches: int = 4  # the initial population perturbs the seed by up to this many switches

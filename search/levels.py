@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from evosparse.search import allocation
+from evosparse.search import allocation, defaults
 
 Vector = tuple[int, ...]
 
@@ -33,7 +33,11 @@ class LevelSpace:
 
     @classmethod
     def build(
-        cls, sizes: Sequence[int], target: float, step_fraction: float = 0.02, max_level_delta: float = 0.25
+        cls,
+        sizes: Sequence[int],
+        target: float,
+        step_fraction: float = defaults.STEP_FRACTION,
+        max_level_delta: float = defaults.MAX_LEVEL_DELTA,
     ) -> LevelSpace:
         if not sizes or any(n <= 0 for n in sizes):
             raise ValueError("every unit needs a positive size")

@@ -54,6 +54,6 @@ def tiny_tokens():
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """A tiny Llama + tokenizer saved as a Hugging Face folder (built once per test session)."""
-    from tests.tiny_models import save_tiny_llama
+    from evosparse.pruning.tiny import save_tiny_llama
 
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

@@ -49,7 +49,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
-    from tests.tiny_models import save_tiny_llama
+    from evosparse.pruning.tiny import save_tiny_llama
 
     with tempfile.TemporaryDirectory() as tmp:
         out = run_golden(save_tiny_llama(Path(tmp) / "m"))

@@ -61,8 +61,7 @@ def test_cli_prune_writes_checkpoint_and_report(tiny_llama_dir, tmp_path, capsys
         (["--sparsity", "0.6", "--pattern", "2:4"], "2:4"),
         (["--sparsity", "0.5", "--calib", "/nonexistent/text.txt"], "not found"),
         (["--sparsity", "0.5", "--eval-windows", "4000"], "too short"),
-        (["--sparsity", "0.5", "--quantize-bits", "9"], "quantize.bits"),
-        (["--sparsity", "0.5", "--quantize-group", "32"], "need --quantize-bits"),
+        (["--sparsity", "0.5", "--quantize-bits", "9"], "--quantize-bits"),
         (["--sparsity", "0.5", "--quantize-bits", "4", "--quantize-group", "64"], "does not divide"),
         (["--sparsity", "0.5", "--format", "compressed-tensors"], "give quantize"),
         (["--sparsity", "0.61", "--pattern", "mixed:8"], "not reachable exactly"),
@@ -130,6 +129,98 @@ def test_run_job_rejects_bad_data_before_writing(tiny_llama_dir, tmp_path):
     with pytest.raises(DataSourceError):
         run_job(_spec(tiny_llama_dir, eval=str(tmp_path / "missing.txt")), tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_every_spec_field_is_a_flag_of_prune_and_submit():
+    """The flags are generated from JobSpec: a field added to the spec is a flag without a CLI edit."""
+    import argparse
+
+    from evosparse.cli.main import build_parser
+    from evosparse.cli.spec_flags import spec_flags
+    from evosparse.jobs.spec import QuantizeSettings, SearchSettings
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    fields = ({n for n in JobSpec.model_fields if n not in ("search", "quantize")}
+              | {f"search.{n}" for n in SearchSettings.model_fields}
+              | {f"quantize.{n}" for n in QuantizeSettings.model_fields})
+    assert {f.dest for f in spec_flags()} == fields
+    for command in ("prune", "submit"):
+        dests = {a.dest for a in sub.choices[command]._actions}
+        assert fields <= dests, f"{command} lacks {fields - dests}"
+    # the spellings the README, scripts and older tests use stay exactly as they were
+    flags = {f.dest: f.flag for f in spec_flags()}
+    assert flags["search.time_budget_min"] == "--time-budget" and flags["search.seed_from"] == "--seed-from"
+    assert flags["calib_windows"] == "--calib-windows" and flags["search.max_level_delta"] == "--max-level-delta"
+    assert flags["quantize.bits"] == "--quantize-bits" and flags["quantize.group_size"] == "--quantize-group"
+
+
+def test_flags_reach_the_spec_with_its_types_defaults_and_choices(capsys):
+    from evosparse.cli.main import build_parser, main
+    from evosparse.cli.spec_flags import build_spec
+
+    parser = build_parser()
+    args = parser.parse_args(["prune", "m", "--sparsity", "0.6", "--allocation", "evolutionary", "--patience", "3",
+                              "--step-fraction", "0.05", "--max-level-delta", "0.2", "--sensitivity-spread", "0.15",
+                              "--time-budget", "none", "--selection", "64:2,128:1"])
+    spec = build_spec(args)
+    assert (spec.search.patience, spec.search.step_fraction, spec.search.max_level_delta) == (3, 0.05, 0.2)
+    assert spec.sensitivity_spread == 0.15 and spec.search.time_budget_min is None
+    assert spec.search.selection == "64:2,128:1"
+    # flags not given are not sent: the spec's own defaults apply
+    untouched = build_spec(parser.parse_args(["submit", "m", "--sparsity", "0.5"]))
+    assert untouched == JobSpec(model="m", sparsity=0.5)
+    # pydantic's bounds come back as one line naming the flag
+    assert main(["prune", "m", "--sparsity", "0.5", "--generations", "0"]) == 2
+    assert "invalid --generations" in capsys.readouterr().err
+    # Literal fields are argparse choices; help shows the spec's descriptions and defaults
+    with pytest.raises(SystemExit):
+        parser.parse_args(["prune", "m", "--sparsity", "0.5", "--seed-from", "random"])
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--patience PATIENCE stop after this many generations without improvement (default: none" in text
+    assert "(default: 256:2,1024:1)" in text and "{fisher,hessian,owl,uniform}" in text
+
+
+def test_an_unsupported_architecture_is_a_one_line_model_error(tmp_path, capsys):
+    from evosparse.pruning.tiny import make_tokenizer
+    from transformers import MptConfig, MptForCausalLM
+
+    folder = tmp_path / "mpt"  # blocks at transformer.blocks: no path the layer discovery knows
+    tokenizer = make_tokenizer()
+    MptForCausalLM(MptConfig(d_model=32, n_heads=2, n_layers=2, vocab_size=len(tokenizer), max_seq_len=64)
+                   ).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "out"
+    assert main(["prune", str(folder), "--sparsity", "0.5", *SMALL, "--out", str(out)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "unsupported architecture MptForCausalLM" in err[0]
+    assert not out.exists() and _siblings(out) == []
+
+
+def test_only_the_users_mistakes_are_one_line_errors(tiny_llama_dir, tmp_path, monkeypatch):
+    from evosparse.pruning import export as pruning_export
+
+    def bug(*a, **k):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(pruning_export, "save_checkpoint", bug)
+    with pytest.raises(ValueError, match="internal bug"):  # a bug keeps its traceback
+        main(["prune", str(tiny_llama_dir), "--sparsity", "0.5", *SMALL, "--out", str(tmp_path / "o")])
+    # an OSError about a path the user named (or a file in it, or a folder above it) is the user's
+    from argparse import Namespace
+
+    from evosparse.cli.main import is_users_path_error
+
+    args = Namespace(model=str(tiny_llama_dir), out=str(tmp_path / "a" / "out"), calib="pydoc", seed=0)
+    mine = [PermissionError(13, "Permission denied", str(tmp_path / "a")),
+            FileNotFoundError(2, "No such file", str(tiny_llama_dir / "config.json"))]
+    not_mine = [FileNotFoundError(2, "No such file", "/usr/lib/some/internal.so"),
+                PermissionError(13, "Permission denied", "/"), OSError(28, "No space left", str(tmp_path / "a"))]
+    assert all(is_users_path_error(e, args) for e in mine)
+    assert not any(is_users_path_error(e, args) for e in not_mine)
 
 
 def test_cli_quantize_and_format_flags(tiny_llama_dir, tmp_path, capsys):

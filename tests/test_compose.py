@@ -124,14 +124,12 @@ def test_dockerfiles_are_honest(name: str, extra: str, torch_index: str | None) 
 
 
 def test_compose_env_vars_are_settings_the_service_reads(compose: dict) -> None:
-    try:
-        from evosparse.jobs.settings import Settings
-    except ImportError:
-        pytest.skip("jobs/settings.py has not landed yet (service issue)")
+    from evosparse.jobs.settings import Settings
+
     prefix = Settings.model_config.get("env_prefix", "EVOSPARSE_").upper()
     known = {prefix + name.upper() for name in Settings.model_fields}
     for service in ("api", "worker"):
         env = compose["services"][service]["environment"]
         ours = {k for k in env if k.startswith(prefix)}
-        unknown = sorted(ours - known - {"EVOSPARSE_CACHE"})  # EVOSPARSE_CACHE is read by pruning/models.py
+        unknown = sorted(ours - known - {"EVOSPARSE_CACHE"})  # EVOSPARSE_CACHE is read by pruning/config.py
         assert not unknown, f"{service} sets {unknown}, which jobs.settings.Settings does not read"

@@ -245,3 +245,25 @@ def test_stored_levels_refuse_another_pruner(tiny_llama, tiny_tokens, tmp_path):
     assert set(load_levels(tmp_path, "magnitude", blocks)) == {n for b in blocks for n in b.linears}
     with pytest.raises(Exception, match="another model, pruner"):
         load_levels(tmp_path, "wanda", blocks)
+
+
+def test_full_kl_equals_torch_kl_div_of_the_pruned_model(tiny_llama, tiny_tokens):
+    """The fitness's KL (full dense reference) is KL(p_dense ‖ p_pruned) averaged over every token."""
+    import random
+
+    import torch.nn.functional as F
+    from evosparse.search.operators import mutate
+
+    with torch.no_grad():
+        dense = F.log_softmax(tiny_llama(input_ids=tiny_tokens).logits.float(), dim=-1)
+    fit, space = make_fitness(tiny_llama, tiny_tokens)
+    assert fit.full
+    v = mutate(space, space.zero(), random.Random(1), switches=3)
+    kl = fit(v, tiny_tokens.numel())
+    fit.db.apply(fit.db.linear_counts(fit.units, space.counts(v)))
+    with torch.no_grad():
+        pruned = F.log_softmax(tiny_llama(input_ids=tiny_tokens).logits.float(), dim=-1)
+    fit.db.restore()
+    ref = F.kl_div(pruned, dense, log_target=True, reduction="none").sum(-1).mean()
+    assert kl > 1e-4
+    assert kl == pytest.approx(float(ref), rel=1e-4)

@@ -72,3 +72,24 @@ def test_no_shadowing_either_way(venv: Path, tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60)
     assert cli.returncode == 0, cli.stderr
     assert "prune" in cli.stdout and "submit" in cli.stdout
+
+
+def test_base_install_cli_generates_flags_and_names_the_missing_extra(venv: Path, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    exe = str(venv / "bin" / "evosparse")
+    helped = subprocess.run([exe, "submit", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert helped.returncode == 0, helped.stderr
+    assert "--sensitivity-spread" in helped.stdout and "--max-level-delta" in helped.stdout
+    # `prune` needs torch: without the [worker] extra it says so in one line, no traceback
+    run = subprocess.run([exe, "prune", "smollm2-135m", "--sparsity", "0.5", "--out", str(tmp_path / "o")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2, run.stderr
+    assert "evosparse[worker]" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "o").exists()
+    # `evosparse submit --wait` draws its progress bar with the base install alone
+    bar = subprocess.run([str(venv / "bin" / "python"), "-c",
+                          "from evosparse.cli.service_cmd import _ProgressBar\n"
+                          "b = _ProgressBar(); b.update({'status': 'RUNNING', 'progress': 0.5}); b.close()"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert bar.returncode == 0, bar.stderr

@@ -15,13 +15,44 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 
-def test_search_package_is_torch_free():
+def test_search_package_is_torch_free_and_knows_no_jobs():
     code = (
-        "import sys, search, search.levels, search.operators, search.evolution, search.allocation\n"
+        "import sys, evosparse\n"
+        "before = set(sys.modules)  # the public surface (evosparse/__init__) brings the client and spec\n"
+        "import evosparse.search.allocation, evosparse.search.defaults, evosparse.search.evolution\n"
+        "import evosparse.search.levels, evosparse.search.operators\n"
         "assert 'torch' not in sys.modules, 'search/ imported torch'\n"
         "assert 'transformers' not in sys.modules\n"
+        "new = set(sys.modules) - before\n"
+        "assert not [m for m in new if m.startswith('evosparse.') and not m.startswith('evosparse.search')]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+    # evosparse/__init__ has loaded jobs.spec already, so also read search/'s own imports
+    import ast
+    from pathlib import Path
+
+    for path in (Path(__file__).resolve().parents[1] / "search").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            bad = [n for n in names if n.split(".")[0] in ("torch", "transformers") or n.startswith("evosparse.")
+                   and not n.startswith("evosparse.search")]
+            assert not bad, f"{path.name} imports {bad}"
+
+
+def test_search_defaults_are_the_job_specs():
+    """One source of truth: a search built in code and a submitted job start from the same numbers."""
+    import inspect
+
+    from evosparse.jobs.spec import SearchSettings, parse_selection
+
+    cfg, job = SearchConfig(), SearchSettings()
+    assert (cfg.generations, cfg.offspring, cfg.patience) == (job.generations, job.offspring, job.patience)
+    assert cfg.stages == parse_selection(job.selection)
+    assert cfg.time_budget_s == job.time_budget_min * 60
+    build = inspect.signature(LevelSpace.build).parameters
+    assert build["step_fraction"].default == job.step_fraction
+    assert build["max_level_delta"].default == job.max_level_delta
 
 
 @st.composite

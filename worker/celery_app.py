@@ -44,4 +44,3 @@ def make_celery(settings: Settings | None = None) -> Celery:
 
 
 app = make_celery()
-celery = app

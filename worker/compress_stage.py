@@ -35,8 +35,8 @@ class Compression:
 
     @classmethod
     def prepare(cls, spec: JobSpec, model: nn.Module) -> Compression:
+        from evosparse.pruning.loading import source_dtype
         from evosparse.pruning.mixed import check_nm_shapes
-        from evosparse.pruning.models import source_dtype
         from evosparse.pruning.prune import check_quant_shapes
 
         q = spec.quantize

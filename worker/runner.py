@@ -149,7 +149,7 @@ class Job:
 # ---------------------------------------------------------------------------------------- stages
 def load(job: Job) -> None:
     from evosparse.pruning.layers import find_blocks
-    from evosparse.pruning.models import load_model
+    from evosparse.pruning.loading import load_model
     from evosparse.pruning.snapshot import DenseWeights
     from evosparse.worker.compress_stage import Compression
 

@@ -243,7 +243,7 @@ def build_scorer_fitness(context: dict[str, Any], levels: Any) -> tuple[Any, Any
     from evosparse.pruning.data import get_windows
     from evosparse.pruning.fitness import DenseReference, ProxyFitness
     from evosparse.pruning.layers import find_blocks
-    from evosparse.pruning.models import load_model
+    from evosparse.pruning.loading import load_model
     from evosparse.worker.search_stage import (
         fitness_windows,
         leveldb_mode,

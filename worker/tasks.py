@@ -37,7 +37,7 @@ from evosparse.jobs.log import configure_logging, job_context
 from evosparse.jobs.models import TERMINAL, Job, utcnow
 from evosparse.jobs.settings import Settings, get_settings
 from evosparse.jobs.spec import JobSpec
-from evosparse.jobs.store import store_from_settings
+from evosparse.jobs.store import Store, store_from_settings
 from evosparse.jobs.validation import SpecRejected, check_spec
 from evosparse.pruning.errors import CancelledError, EvosparseError
 from evosparse.worker.celery_app import app
@@ -51,11 +51,35 @@ except ImportError:  # pragma: no cover - runner not installed yet
     RunHooks = object  # type: ignore[misc,assignment]
 
 
-class ServiceHooks(RunHooks):  # type: ignore[misc,valid-type]
-    """RunHooks that persist progress/generations and read the cancel flag, under this attempt's lease."""
+# The job row's search_state holds this prefix + the object-store key of the state, not the state:
+# the state (with the whole score cache) goes to the object store, one object per generation.
+STATE_REF = b"evosparse-store:"
 
-    def __init__(self, claim: repo.Claim, settings: Settings, min_interval_s: float = 0.5):
+
+def state_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}/search-state"
+
+
+def resume_state(raw: bytes | None, store: Store) -> bytes | None:
+    """The search state a claim resumes from: read from the store (older rows hold the bytes themselves)."""
+    if raw is None or not raw.startswith(STATE_REF):
+        return raw
+    return store.get(raw[len(STATE_REF):].decode())
+
+
+class ServiceHooks(RunHooks):  # type: ignore[misc,valid-type]
+    """RunHooks that persist progress/generations and read the cancel flag, under this attempt's lease.
+
+    Each generation: its state object is written to the store first, then the generation row and
+    the state's key in one transaction, then the previous state object is deleted. So the row
+    always names a state that exists, and the store holds at most two states per job.
+    """
+
+    def __init__(self, claim: repo.Claim, settings: Settings, min_interval_s: float = 0.5,
+                 store: Store | None = None):
         self.claim = claim
+        self.store = store
+        self._state_key: str | None = None
         self.sessions = sessionmaker_for(settings.resolved_database_url)
         self.min_interval_s = min_interval_s
         self.lost = False  # another attempt took the job over: stop without touching it
@@ -75,9 +99,19 @@ class ServiceHooks(RunHooks):  # type: ignore[misc,valid-type]
                 self.lost = True
 
     def generation(self, record: dict, state: bytes) -> None:
+        key = None
+        if self.store is not None:
+            gen = int(record.get("generation", 0))
+            key = f"{state_prefix(self.claim.job_id)}/{self.claim.attempt}-{gen:06d}"
+            self.store.put_bytes(state, f"{key}/state.json")
+            state = STATE_REF + f"{key}/state.json".encode()
         with self.sessions() as db:
             if not repo.record_generation(db, self.claim, record, state):
                 self.lost = True
+                return
+        if self._state_key is not None and self.store is not None:
+            self.store.delete_prefix(self._state_key)
+        self._state_key = key
 
     def should_cancel(self) -> bool:
         if self.lost:
@@ -171,7 +205,8 @@ def execute(claim: repo.Claim, settings: Settings) -> str:
 
     sessions = sessionmaker_for(settings.resolved_database_url)
     _lower_priority(settings)
-    hooks = ServiceHooks(claim, settings)
+    store = store_from_settings(settings)
+    hooks = ServiceHooks(claim, settings, store=store)
     beat = Heartbeat(hooks, settings.heartbeat_s)
     beat.start()
     work = settings.resolved_work_dir / f"{claim.job_id}-{claim.attempt}-{uuid.uuid4().hex[:8]}"
@@ -185,14 +220,15 @@ def execute(claim: repo.Claim, settings: Settings) -> str:
             log.info("job %s attempt %d resumes after generation %s", claim.job_id, claim.attempt,
                      claim.resume_generation)
         levels = level_store(settings)
-        report = run_job(spec, work / "out", hooks, resume_state=claim.resume_state, levels=levels,
+        report = run_job(spec, work / "out", hooks, resume_state=resume_state(claim.resume_state, store),
+                         levels=levels,
                          scoring=scoring_for(f"evosparse:score:{claim.job_id}:{claim.attempt}", spec, settings,
                                              levels))
         if hooks.lost:
             return "lost"
         hooks.stage("upload", 0.99, "publishing artifacts")
         prefix = f"jobs/{claim.job_id}/attempt-{claim.attempt}"
-        objects = store_from_settings(settings).put_dir(work / "out", prefix)
+        objects = store.put_dir(work / "out", prefix)
         status, report = "SUCCEEDED", _json_safe(report)
     except CancelledError as exc:
         if hooks.lost:
@@ -214,6 +250,10 @@ def execute(claim: repo.Claim, settings: Settings) -> str:
         if not repo.finish_job(db, claim, status, error=error, report=report, artifacts=objects,
                                artifact_prefix=prefix):
             return "lost"
+    try:  # a finished job resumes no more: its search states go (the generations stay in the database)
+        store.delete_prefix(state_prefix(claim.job_id))
+    except Exception:  # noqa: BLE001 - leftover state objects are harmless
+        log.warning("could not delete the search states of job %s", claim.job_id, exc_info=True)
     return status
 
 

@@ -22,7 +22,7 @@ from evosparse.jobs.spec import JobSpec
 from evosparse.jobs.store import store_from_settings
 from evosparse.pruning.data import get_windows
 from evosparse.pruning.layers import find_blocks
-from evosparse.pruning.models import load_model
+from evosparse.pruning.loading import load_model
 from evosparse.pruning.snapshot import DenseWeights
 from evosparse.worker.leveldb_store import LevelStore
 from evosparse.worker.scoring import redis_from_url

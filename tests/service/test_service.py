@@ -7,7 +7,6 @@ Every test runs twice, through the `stack` fixture: "sqlite-local" and "postgres
 from __future__ import annotations
 
 import http.server
-import importlib.util
 import json
 import math
 import threading
@@ -18,9 +17,6 @@ from evosparse.jobs.client import ApiError
 from evosparse.jobs.webhook import verify
 
 from tests.service.conftest import wait_status, wait_until
-
-needs_search = pytest.mark.skipif(importlib.util.find_spec("evosparse.worker.search_stage") is None,
-                                  reason="evosparse.worker.search_stage (the evolutionary search) has not landed yet")
 
 
 class WebhookReceiver:
@@ -242,7 +238,6 @@ def test_list_filter_and_pagination(stack, done_job):
     assert client.http.get("/v1/jobs", params={"limit": 0}).status_code == 422
 
 
-@needs_search
 def test_cancel_mid_search_keeps_history(stack):
     client = stack.client("cancel")
     sub = client.submit(stack.evo_spec(generations=150))
@@ -269,7 +264,6 @@ def undisturbed_report(model_root, tmp_path_factory):
     return run_job(spec, tmp_path_factory.mktemp("undisturbed") / "out")
 
 
-@needs_search
 def test_sigkill_mid_search_resumes_on_another_worker_with_the_same_result(stack, undisturbed_report):
     for w in list(stack.workers):  # exactly one worker, which the test will kill
         w.stop()
@@ -281,6 +275,17 @@ def test_sigkill_mid_search_resumes_on_another_worker_with_the_same_result(stack
     victim.sigkill()
     killed_at = client.get(sub["id"])["generation"]
     assert client.get(sub["id"])["status"] == "RUNNING"  # nobody has noticed yet
+    # The row names the last generation's search state; the state itself is in the object store.
+    from evosparse.jobs.db import session_scope
+    from evosparse.jobs.models import Job
+    from evosparse.jobs.store import store_from_settings
+    from evosparse.worker.tasks import STATE_REF, resume_state, state_prefix
+
+    with session_scope(stack.settings.resolved_database_url) as db:
+        row = db.get(Job, sub["id"])
+        ref_bytes, ref_gen = row.search_state, row.search_state_generation
+    assert ref_bytes.startswith(STATE_REF) and state_prefix(sub["id"]).encode() in ref_bytes
+    assert json.loads(resume_state(ref_bytes, store_from_settings(stack.settings)))["generation"] == ref_gen
     stack.workers.remove(victim)
     stack.start_worker("rescuer")
     job = wait_status(client, sub["id"], ("SUCCEEDED", "FAILED", "CANCELLED"), timeout=300, stack=stack)
@@ -297,6 +302,7 @@ def test_sigkill_mid_search_resumes_on_another_worker_with_the_same_result(stack
     assert [g["best"] for g in gens] == pytest.approx([h["best"] for h in ref["search"]["history"]], rel=1e-9)
     assert got["layer_sparsity"] == pytest.approx(ref["layer_sparsity"], abs=1e-12)
     assert math.isclose(got["perplexity"]["pruned"], ref["perplexity"]["pruned"], rel_tol=1e-6)
+    assert not store_from_settings(stack.settings).exists(ref_bytes[len(STATE_REF):].decode())  # cleaned up
 
 
 def test_redelivered_task_for_a_finished_job_does_nothing(stack, done_job):

