@@ -65,7 +65,7 @@ class Service:
     """The pieces a distributed search needs: embedded Redis, a local object store, scoring workers."""
 
     def __init__(self, root: Path, scorers: int) -> None:
-        from evosparse.cli.service_cmd import scorer_worker_cmd, start_embedded_redis
+        from evosparse.cli.service_cmd import start_embedded_redis
 
         self.redis, broker = start_embedded_redis(root / "redis.db")
         self.env = {
@@ -81,10 +81,21 @@ class Service:
         from evosparse.jobs.settings import get_settings
 
         get_settings.cache_clear()
+        self.root = root
+        self.logs: list = []
+        self.procs: list[subprocess.Popen] = []
+        self.start_scorers(scorers)
+
+    def start_scorers(self, n: int) -> None:
+        from evosparse.cli.service_cmd import scorer_worker_cmd
+
         env = dict(os.environ, PYTHONPATH=str(ROOT.parent), OMP_NUM_THREADS="1")
-        self.logs = [open(root / f"scorer{i}.log", "w") for i in range(scorers)]
-        self.procs = [subprocess.Popen(scorer_worker_cmd(self.env["EVOSPARSE_SCORE_QUEUE"], f"scorer{i}@%h"), env=env,
-                                       stdout=log, stderr=subprocess.STDOUT) for i, log in enumerate(self.logs)]
+        for _ in range(n):
+            i = len(self.procs)
+            log = open(self.root / f"scorer{i}.log", "w")
+            self.logs.append(log)
+            self.procs.append(subprocess.Popen(scorer_worker_cmd(self.env["EVOSPARSE_SCORE_QUEUE"], f"scorer{i}@%h"),
+                                               env=env, stdout=log, stderr=subprocess.STDOUT))
 
     def peak_rss_mb(self, i: int = 0) -> float:
         for line in Path(f"/proc/{self.procs[i].pid}/status").read_text().splitlines():
@@ -104,7 +115,7 @@ class Service:
 
 
 def run_one(model_path: str, sparsity: float, workers: int, generations: int, offspring: int, selection: str,
-            namespace: str, wait_warm: bool = True) -> dict:
+            namespace: str, wait_warm: bool = True, calib_windows: int = 32) -> dict:
     """One search as the job task runs it (level store + scoring factory); returns figures."""
     import torch
     from evosparse.jobs.settings import get_settings
@@ -122,6 +133,7 @@ def run_one(model_path: str, sparsity: float, workers: int, generations: int, of
     torch.set_num_threads(1)
     settings = get_settings()
     spec = JobSpec(model=model_path, sparsity=sparsity, pruner="wanda", allocation="evolutionary", seed=0,
+                   calib_windows=calib_windows,
                    search={"generations": generations, "offspring": offspring, "selection": selection,
                            "seed_from": "uniform", "workers": workers, "time_budget_min": None})
     t0 = time.perf_counter()
@@ -182,21 +194,101 @@ def cmd_throughput(args: argparse.Namespace) -> dict:
     return result
 
 
+def _drive_scorer(r, namespace: str, context: dict, batches: list[tuple[list[tuple[int, ...]], int]],
+                  timeout_s: float = 3600) -> int:
+    """A coordinator that holds no model: it only hands batches to the scoring worker and waits."""
+    from evosparse.worker.scoring import _keys
+
+    scored = 0
+    for n, (vectors, tokens) in enumerate(batches):
+        batch = f"{namespace}:b{n}"
+        k = _keys(batch)
+        r.set(f"{namespace}:alive", "1", ex=600)
+        r.hset(k["items"], mapping={str(i): json.dumps({"v": list(v), "known": []}) for i, v in enumerate(vectors)})
+        r.set(k["meta"], json.dumps({"tokens": tokens, "parent": None, "size": len(vectors), "workers": 2}))
+        r.rpush(k["todo"], *range(len(vectors)))
+        _send_score_task(context, batch)
+        deadline = time.monotonic() + timeout_s
+        while r.hlen(k["done"]) < len(vectors):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the scoring worker did not finish {batch}")
+            time.sleep(0.2)
+        scored += len(vectors)
+        r.delete(*k.values())
+    r.delete(f"{namespace}:alive")
+    return scored
+
+
+def _send_score_task(context: dict, batch: str) -> None:
+    from evosparse.jobs.settings import get_settings
+    from evosparse.worker.celery_app import make_celery
+
+    settings = get_settings()
+    make_celery(settings).send_task("evosparse.score", args=[context, batch], queue=settings.score_queue)
+
+
 def cmd_memory(args: argparse.Namespace) -> dict:
+    """Build and store the level database here, free it, then let one scoring worker score on its own."""
+    import gc
+    import random
+
     cache = Path(args.cache)
-    model = str(synthetic_model_dir(args.synthetic, cache)) if args.synthetic else args.model
+    model_path = str(synthetic_model_dir(args.synthetic, cache)) if args.synthetic else args.model
     with tempfile.TemporaryDirectory() as tmp:
-        svc = Service(Path(tmp), scorers=1)
+        svc = Service(Path(tmp), scorers=0)
         try:
-            run = run_one(model, args.sparsity, 2, 2, args.offspring, args.selection, "mem")
+            import torch
+            from evosparse.jobs.settings import get_settings
+            from evosparse.jobs.spec import JobSpec
+            from evosparse.jobs.store import store_from_settings
+            from evosparse.pruning.data import get_windows
+            from evosparse.pruning.layers import find_blocks
+            from evosparse.pruning.loading import load_model
+            from evosparse.search.operators import mutate
+            from evosparse.worker.leveldb_store import LevelStore
+            from evosparse.worker.scoring import redis_from_url
+            from evosparse.worker.search_stage import linear_bounds, search_space, search_units
+
+            torch.set_num_threads(2)
+            settings = get_settings()
+            spec = JobSpec(model=model_path, sparsity=args.sparsity, pruner="wanda", allocation="evolutionary",
+                           calib_windows=args.calib_windows, seed=0,
+                           search={"offspring": args.offspring, "selection": args.selection, "seed_from": "uniform",
+                                   "workers": 2})
+            model, tok = load_model(model_path, device="cpu", dtype="float32")
+            model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+            blocks = find_blocks(model)
+            calib = get_windows("pydoc", tok, spec.calib_windows, spec.seq_len, "calib", seed=0)
+            units = search_units(blocks, spec.search.granularity)
+            space = search_space(spec, units)
+            levels = LevelStore(store_from_settings(settings), settings.resolved_work_dir / "leveldb")
+            t0 = time.perf_counter()
+            levels.build(model, calib, "wanda", blocks=blocks, bounds=linear_bounds(units, space))
+            build_s = time.perf_counter() - t0
+            key = levels.last_key
+            del model, blocks, levels
+            gc.collect()
+            rng = random.Random(0)
+            batches = []
+            for _ in range(args.generations):
+                vectors = [mutate(space, space.zero(), rng, switches=3) for _ in range(args.offspring)]
+                batches += [(vectors, 256), (vectors[:2], 1024)]
+            namespace = "evosparse:score:mem:1"
+            context = {"namespace": namespace, "spec": spec.model_dump(mode="json"), "leveldb_key": key}
+            svc.start_scorers(1)
+            t1 = time.perf_counter()
+            scored = _drive_scorer(redis_from_url(settings.broker_url), namespace, context, batches)
+            score_s = time.perf_counter() - t1
             peak = svc.peak_rss_mb(0)
         finally:
             svc.stop()
     result = {"bench": "memory", "model": args.synthetic or args.model, "scorer_peak_rss_mb": round(peak, 1),
-              "model_param_mb": run["model_param_mb"], "ratio": round(peak / run["model_param_mb"], 3),
-              "remote_scored": run["remote_scored"], "setup_seconds": run["setup_seconds"]}
-    print(f"scoring worker peak RSS {peak:.0f} MB for a {run['model_param_mb']:.0f} MB model: "
-          f"{result['ratio']:.2f}x (it scored {run['remote_scored']} candidates)")
+              "model_param_mb": round(model_mb, 1), "ratio": round(peak / model_mb, 3), "candidates": scored,
+              "leveldb_build_s": round(build_s, 1), "scoring_s": round(score_s, 1),
+              "calib_windows": args.calib_windows, "generations": args.generations}
+    print(f"scoring worker peak RSS {peak:.0f} MB for a {model_mb:.0f} MB model (float32 parameters): "
+          f"{result['ratio']:.2f}x, {scored} candidates scored in {score_s:.0f} s (level database built in "
+          f"{build_s:.0f} s by the coordinator and loaded by the scorer)")
     return result
 
 
@@ -224,9 +316,10 @@ def main() -> None:
     p.add_argument("--synthetic", choices=sorted(SYNTHETIC), help="memory: a synthetic Llama instead of --model")
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "evosparse-bench-models"))
     p.add_argument("--sparsity", type=float, default=0.7)
-    p.add_argument("--generations", type=int, default=15)
+    p.add_argument("--generations", type=int, default=15, help="memory: batches of offspring to score (default 15)")
     p.add_argument("--offspring", type=int, default=8)
     p.add_argument("--selection", default="256:2,1024:1")
+    p.add_argument("--calib-windows", type=int, default=32, help="memory: calibration windows of 256 tokens")
     args = p.parse_args()
     result = {"cmd": " ".join(sys.argv), **{"throughput": cmd_throughput, "memory": cmd_memory,
                                              "reuse": cmd_reuse}[args.command](args)}

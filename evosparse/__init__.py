@@ -15,15 +15,24 @@ folders of the same names.
 
 from __future__ import annotations
 
-from importlib import metadata
+from importlib import import_module, metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evosparse.jobs.client import ApiError, Client, WaitTimeout
-from evosparse.jobs.spec import JobSpec
-
 if TYPE_CHECKING:
+    from evosparse.jobs.client import ApiError, Client, WaitTimeout
+    from evosparse.jobs.spec import JobSpec
     from evosparse.worker.runner import RunHooks
+
+# Imported on first use, so `import evosparse.search` (torch-free, dependency-free) stays light.
+_LAZY = {"ApiError": "evosparse.jobs.client", "Client": "evosparse.jobs.client",
+         "WaitTimeout": "evosparse.jobs.client", "JobSpec": "evosparse.jobs.spec"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'evosparse' has no attribute {name!r}")
 
 try:
     __version__ = metadata.version("evosparse")
@@ -44,6 +53,7 @@ def prune(
     ``spec`` is a JobSpec or its dict form (the same JSON the REST API takes). The output folder
     appears only when the job completed; on any error nothing is left behind.
     """
+    from evosparse.jobs.spec import JobSpec
     from evosparse.worker.runner import run_job  # torch: imported only when a job runs
 
     job = spec if isinstance(spec, JobSpec) else JobSpec.model_validate(spec)

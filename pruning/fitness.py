@@ -215,7 +215,7 @@ class ProxyFitness:
 
     def _score_windows(self, lo: int, hidden: torch.Tensor) -> list[float]:
         logits = head_logits(self.model, hidden).float()  # [b, T, V]
-        scores = []
+        scores = []  # 0-d tensors, read back once: one device round trip per range, not per window
         for i in range(logits.shape[0]):
             w = lo + i
             lg = logits[i]
@@ -223,18 +223,18 @@ class ProxyFitness:
             if self.kind == "ppl":
                 tgt = self.tokens[w, 1:].to(lg.device)
                 nll = lse[:-1] - lg[:-1].gather(1, tgt.unsqueeze(1)).squeeze(1)
-                scores.append(float(nll.mean()))
+                scores.append(nll.mean())
             elif self.full:
                 cross = torch.einsum("tv,tv->t", self.ref.dense_p[w], lg)
-                scores.append(float((self.ref.dense_negent[w] - cross + lse).mean()))
+                scores.append((self.ref.dense_negent[w] - cross + lse).mean())
             else:
                 q = lg.gather(1, self.ref.dense_idx[w]) - lse.unsqueeze(1)  # log-probs of the dense top-k only
                 q_tail = _log1mexp(torch.logsumexp(q, dim=-1))
                 ref, p_tail = self.ref.dense_p[w], self.ref.dense_tail[w]
                 kl = (ref.exp() * (ref - q)).sum(-1) + p_tail.exp() * (p_tail - q_tail)
-                scores.append(float(kl.mean()))
+                scores.append(kl.mean())
             self.windows_scored += 1
-        return scores
+        return torch.stack(scores).tolist()
 
     # ------------------------------------------------------------------ API
     def set_parent(self, vector: Sequence[int]) -> None:

@@ -410,19 +410,22 @@ class LevelDB:
         idx = self.band_idx[name]
         groups = idx.shape[0]
         base = self.band_lo[name]
-        a = torch.minimum(_spread(count_from, groups, idx.device), _spread(count_to, groups, idx.device)) - base
-        b = torch.maximum(_spread(count_from, groups, idx.device), _spread(count_to, groups, idx.device)) - base
-        lo, hi = int(a.min()), int(b.max())
+        # The slice of ranks any group flips, from the counts alone (no device round trip on a GPU):
+        # a group prunes count // groups or one more.
+        (f0, fx), (t0, tx) = divmod(count_from, groups), divmod(count_to, groups)
+        lo = min(f0, t0) - base
+        hi = max(f0 + (fx > 0), t0 + (tx > 0)) - base
         if hi <= lo:
             return
+        k_from = _spread(count_from, groups, idx.device) - base
+        k_to = _spread(count_to, groups, idx.device) - base
         pos = torch.arange(lo, hi, device=idx.device)
-        flip = (pos >= a.unsqueeze(1)) & (pos < b.unsqueeze(1))
-        group = torch.arange(groups, device=idx.device).unsqueeze(1).expand(groups, hi - lo)[flip]
-        cols = idx[:, lo:hi].long()[flip]
-        if count_to > count_from:
-            grouped[group, cols] = 0
-        else:
-            grouped[group, cols] = self.band_val[name][:, lo:hi][flip]
+        flip = (pos >= torch.minimum(k_from, k_to).unsqueeze(1)) & (pos < torch.maximum(k_from, k_to).unsqueeze(1))
+        cols = idx[:, lo:hi].long()
+        # Rewrite the whole slice: flipped entries take their new value, the rest their current one
+        # (a masked write without boolean indexing, which would wait for the device to count).
+        new = torch.zeros_like(self.band_val[name][:, lo:hi]) if count_to > count_from else self.band_val[name][:, lo:hi]
+        grouped.scatter_(1, cols, torch.where(flip, new, grouped.gather(1, cols)))
 
     def restore(self) -> None:
         """Back to the lowest count of every linear: the dense weights when the bounds start at 0."""

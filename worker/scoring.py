@@ -25,6 +25,11 @@ its per-window scores. So:
   on the scoring queue in FIFO order, so one job's scorers cannot hold another team's job:
   at worst that job's coordinator scores its stages alone.
 
+Cost beyond the one-process search: a process that did not score the new parent itself builds
+the parent's hidden-state trace for a window range on first need (one forward of those windows)
+and keeps it for every later child of that parent, so the price is paid per parent change, not
+per candidate.
+
 Cancel is checked by the coordinator between generations; a cancelled job sends no further
 batch, and its scorers free their memory at the next janitor pass.
 """
@@ -318,6 +323,7 @@ def score_batch(context: dict[str, Any], batch: str, r: Any, levels: Any, lease_
                 state.fitness.add_known_windows(v, got["known"])
                 score = state.fitness(v, meta["tokens"])
                 r.hset(k["done"], str(i), json.dumps({"s": score, "w": state.fitness.known_windows(v)}))
+                r.expire(k["done"], int(BATCH_TTL_S))  # the coordinator may have deleted the batch meanwhile
                 scored += 1
             finally:
                 lease.release()

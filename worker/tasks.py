@@ -279,8 +279,9 @@ def scoring_for(namespace: str, spec: JobSpec, settings: Settings, levels):  # n
         connection = app.connection_for_write(settings.broker_url)
 
         def send(context: dict, batch: str) -> None:
+            # A wake-up nobody took within the lease's reach is stale: the coordinator scored that stage.
             app.send_task("evosparse.score", args=[context, batch], queue=settings.score_queue,
-                          connection=connection)
+                          connection=connection, expires=max(60.0, 30 * settings.scoring_lease_s))
 
         context = {"namespace": namespace, "spec": spec.model_dump(mode="json"), "leveldb_key": levels.last_key}
         return DistributedFitness(local, redis_from_url(settings.broker_url), namespace, context,

@@ -151,6 +151,9 @@ def _bad_inputs(model_root):  # noqa: ANN001, ANN202
         ("N:M garbage", {**ok, "pattern": "2-4"}, 422),
         ("unknown pruner", {**ok, "pruner": "scissors"}, 422),
         ("unknown allocation", {**ok, "allocation": "random"}, 422),
+        ("search workers zero", {**ok, "allocation": "evolutionary", "search": {"workers": 0}}, 422),
+        ("search workers negative", {**ok, "allocation": "evolutionary", "search": {"workers": -2}}, 422),
+        ("search workers above the server's bound", {**ok, "allocation": "evolutionary", "search": {"workers": 9}}, 400),
         ("unknown field", {**ok, "sparsity_target": 0.5}, 422),
         ("missing sparsity", {"model": tiny}, 422),
         ("model outside roots", {**ok, "model": "/etc"}, 400),
@@ -183,7 +186,7 @@ def _bad_inputs(model_root):  # noqa: ANN001, ANN202
     ]
 
 
-@pytest.mark.parametrize("case", range(42))
+@pytest.mark.parametrize("case", range(45))
 def test_bad_input_is_refused_and_creates_no_job(stack, case):
     name, body, status = _bad_inputs(stack.model_root)[case]
     client = stack.client("bad-input")
@@ -198,7 +201,7 @@ def test_bad_input_is_refused_and_creates_no_job(stack, case):
 
 
 def test_bad_input_table_is_complete(model_root):
-    assert len(_bad_inputs(model_root)) == 42
+    assert len(_bad_inputs(model_root)) == 45
 
 
 def test_oversized_chunked_body_is_refused(stack):
