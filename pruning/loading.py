@@ -147,7 +147,8 @@ def source_dtype(spec: str) -> torch.dtype:
         from transformers import AutoConfig
 
         try:
-            name = str(getattr(AutoConfig.from_pretrained(target), "dtype", "") or "").removeprefix("torch.")
+            config_obj = AutoConfig.from_pretrained(target, local_files_only=hub_offline())
+            name = str(getattr(config_obj, "dtype", "") or "").removeprefix("torch.")
         except (OSError, ValueError):
             name = None
     if isinstance(name, str) and name in _DTYPES:
