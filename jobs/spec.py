@@ -14,7 +14,9 @@ from typing import Literal, get_args
 from evosparse.search import defaults as search_defaults
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Pruner = Literal["magnitude", "wanda", "sparsegpt", "dass"]
+Pruner = Literal["magnitude", "wanda", "sparsegpt", "dass", "goa"]
+# Pruners that remove whole attention heads and MLP channels (pattern "structured").
+STRUCTURED_PRUNERS = ("goa", "magnitude")
 Allocation = Literal["uniform", "owl", "fisher", "hessian", "evolutionary"]
 SeedSource = Literal["fisher", "hessian", "owl", "uniform"]
 PRUNERS: tuple[str, ...] = get_args(Pruner)
@@ -23,7 +25,7 @@ SEED_SOURCES: tuple[str, ...] = get_args(SeedSource)
 
 _NM_RE = re.compile(r"^(\d+):(\d+)$")
 _MIXED_RE = re.compile(r"^mixed:(\d+)$")
-PATTERN_SPELLINGS = "'unstructured', 'N:M' (e.g. 2:4), 'mixed:M' (e.g. mixed:8) or '2:4+dense'"
+PATTERN_SPELLINGS = "'unstructured', 'structured', 'N:M' (e.g. 2:4), 'mixed:M' (e.g. mixed:8) or '2:4+dense'"
 FORMATS = ("dense", "compressed-tensors")
 _SELECTION_RE = re.compile(r"^\d+:\d+(,\d+:\d+)*$")
 
@@ -66,8 +68,8 @@ def parse_mixed(pattern: str) -> MixedPattern | None:
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """Return (N, M) for a fixed N:M pattern, None for unstructured or a mixed pattern; ValueError otherwise."""
-    if pattern == "unstructured" or parse_mixed(pattern) is not None:
+    """Return (N, M) for a fixed N:M pattern; None for unstructured, structured or a mixed pattern."""
+    if pattern in ("unstructured", "structured") or parse_mixed(pattern) is not None:
         return None
     m = _NM_RE.match(pattern)
     if not m:
@@ -151,11 +153,13 @@ class JobSpec(BaseModel):
     model: str = Field("smollm2-135m", description=(
         "Hugging Face folder, hub id, GGUF file, or the built-in 'smollm2-135m'"))
     sparsity: float = Field(description="global target sparsity, 0 < s < 1, counted in parameters (e.g. 0.6)")
-    pruner: Pruner = Field("wanda", description="how one layer is pruned at a given sparsity")
+    pruner: Pruner = Field("wanda", description=(
+        "how one layer is pruned at a given sparsity; goa: whole heads and channels (pattern 'structured')"))
     allocation: Allocation = Field("uniform", description="how the global target is split across layers")
     pattern: str = Field("unstructured", description=(
         "'unstructured', N:M such as 2:4 (allocation 'uniform' only), 'mixed:M' (each layer its own N:M "
-        "for that M, e.g. mixed:8) or '2:4+dense' (each layer 2:4 or dense)"))
+        "for that M, e.g. mixed:8), '2:4+dense' (each layer 2:4 or dense), or 'structured' (whole attention "
+        "heads with their KV group and MLP channels removed; pruner goa or magnitude)"))
     calib: str = Field("pydoc", description=(
         "calibration source: pydoc, a text file or folder, or a dataset (wikitext2, c4); its first half is used"))
     eval: str = Field("pydoc", description="evaluation source (its second half is used)")
@@ -194,6 +198,23 @@ class JobSpec(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _check_structured(self) -> JobSpec:
+        if self.pruner == "goa" and not self.structured:
+            raise ValueError(f"pruner 'goa' removes whole heads and channels: it needs pattern 'structured', "
+                             f"not {self.pattern!r}")
+        if self.structured:
+            if self.pruner not in STRUCTURED_PRUNERS:
+                raise ValueError(f"pattern 'structured' needs pruner 'goa' or 'magnitude', got {self.pruner!r}")
+            if self.allocation == "evolutionary" and self.search.granularity != "layer":
+                raise ValueError("structured widths are searched per layer: search.granularity must be 'layer'")
+            if self.allocation == "evolutionary" and self.search.workers > 1:
+                raise ValueError("structured widths are searched in one process: search.workers must be 1")
+            if self.quantize is not None or self.format != "dense":
+                raise ValueError("pattern 'structured' is exported as a smaller dense model: quantize and "
+                                 "format 'compressed-tensors' are not supported with it yet")
+        return self
+
+    @model_validator(mode="after")
     def _check_pattern_vs_sparsity(self) -> JobSpec:
         mixed = parse_mixed(self.pattern)
         if mixed is not None:
@@ -228,6 +249,11 @@ class JobSpec(BaseModel):
             raise ValueError("format 'compressed-tensors' needs symmetric quantization (quantize.symmetric: true); "
                              "asymmetric codes are written with format 'dense'")
         return self
+
+    @property
+    def structured(self) -> bool:
+        """Whole heads and channels removed (the model gets physically smaller)."""
+        return self.pattern == "structured"
 
     @property
     def nm(self) -> tuple[int, int] | None:

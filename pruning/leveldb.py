@@ -110,6 +110,25 @@ def rankings(
     return out
 
 
+def split_counts(units: Sequence[Unit], unit_counts: Sequence[int]) -> dict[str, int]:
+    """Per-linear prune counts: each unit's count split over its linears by size (exact)."""
+    out: dict[str, int] = {}
+    for u, c in zip(units, unit_counts, strict=True):
+        out.update(zip(u.linears, split_proportional(c, u.sizes), strict=True))
+    return out
+
+
+def nm_split_counts(units: Sequence[Unit], unit_counts: Sequence[int], m: int) -> dict[str, int]:
+    """N:M mode: a unit pruning p of every M gives each of its linears size * p / M (integers only)."""
+    out: dict[str, int] = {}
+    for u, c in zip(units, unit_counts, strict=True):
+        p, rem = divmod(c * m, u.size)
+        if rem:
+            raise PruningConfigError(f"{u.name}: count {c} of {u.size} is not an N:{m} pattern")
+        out.update({n: size * p // m for n, size in zip(u.linears, u.sizes, strict=True)})
+    return out
+
+
 class LevelDB:
     """Per-linear rank bands (or lazily computed SparseGPT levels) for one model and pruner."""
 
@@ -305,22 +324,10 @@ class LevelDB:
         raise ValueError(f"granularity must be 'layer' or 'module', got {granularity!r}")
 
     def linear_counts(self, units: list[Unit], unit_counts: Sequence[int]) -> dict[str, int]:
-        """Per-linear prune counts: each unit's count split over its linears by size (exact).
-
-        N:M mode: a unit pruning p of every M gives each of its linears size * p / M (integers only).
-        """
-        out: dict[str, int] = {}
+        """Per-linear prune counts of per-unit counts (``split_counts``, or ``nm_split_counts`` in N:M mode)."""
         if self.nm_m is not None:
-            m = self.nm_m
-            for u, c in zip(units, unit_counts, strict=True):
-                p, rem = divmod(c * m, u.size)
-                if rem:
-                    raise PruningConfigError(f"{u.name}: count {c} of {u.size} is not an N:{m} pattern")
-                out.update({n: size * p // m for n, size in zip(u.linears, u.sizes, strict=True)})
-            return out
-        for u, c in zip(units, unit_counts, strict=True):
-            out.update(zip(u.linears, split_proportional(c, u.sizes), strict=True))
-        return out
+            return nm_split_counts(units, unit_counts, self.nm_m)
+        return split_counts(units, unit_counts)
 
     # ------------------------------------------------------------------ levels
     def pruned_weight(self, name: str, count: int) -> torch.Tensor:

@@ -167,7 +167,12 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> tuple[nn
     local_only = not Path(target).is_dir() and hub_offline()
     try:
         tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=local_only)
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype, local_files_only=local_only)
+        from evosparse.pruning.structured_export import is_layer_widths_checkpoint, load_structured
+
+        if Path(target).is_dir() and is_layer_widths_checkpoint(target):  # structured, per-layer widths
+            model = load_structured(target, dtype=torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype, local_files_only=local_only)
     except OSError as exc:
         where = "folder" if Path(target).is_dir() else "Hugging Face hub id"
         raise ModelLoadError(

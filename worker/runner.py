@@ -156,6 +156,11 @@ def load(job: Job) -> None:
     job.model, job.tokenizer = load_model(job.spec.model, device=job.spec.device, dtype=job.spec.dtype)
     job.compression = Compression.prepare(job.spec, job.model)  # shape checks before any expensive stage
     job.blocks = find_blocks(job.model)
+    if job.spec.structured:  # a target that needs every head of a layer removed fails now, before any work
+        from evosparse.pruning.sensitivity import allocation_counts
+        from evosparse.pruning.structured import check_structured
+
+        check_structured(job.model, allocation_counts(job.model, "uniform", job.spec.sparsity, blocks=job.blocks))
     job.dense = DenseWeights(job.blocks)
 
 
@@ -256,7 +261,19 @@ def uniform_baseline(job: Job) -> None:
     from evosparse.pruning.evaluate import perplexity
     from evosparse.pruning.prune import prune_model
 
-    plan = job.compression.plan(job.model, ALLOCATORS["uniform"](job))
+    counts = ALLOCATORS["uniform"](job)
+    if job.spec.structured:
+        # Structured pruning changes the shapes: the baseline runs on a copy instead of being undone.
+        import copy
+
+        from evosparse.pruning.structured import prune_structured
+
+        base = copy.deepcopy(job.model)
+        prune_structured(base, job.calib, job.spec.pruner, counts, progress=job.progress.counter("uniform_baseline"),
+                         should_cancel=job.hooks.should_cancel)
+        job.perplexities["uniform"] = perplexity(base, job.evalw)
+        return
+    plan = job.compression.plan(job.model, counts)
     prune_model(job.model, job.calib, job.spec.pruner, plan.counts, plan.patterns, blocks=job.blocks,
                 progress=job.progress.counter("uniform_baseline"), should_cancel=job.hooks.should_cancel,
                 **job.compression.prune_kwargs())
@@ -267,11 +284,17 @@ def uniform_baseline(job: Job) -> None:
 def prune(job: Job) -> None:
     from evosparse.pruning.prune import prune_model
 
-    plan = job.compression.plan(job.model, job.counts)  # mixed N:M: the per-layer patterns
-    job.quantized = prune_model(job.model, job.calib, job.spec.pruner, plan.counts, plan.patterns, blocks=job.blocks,
-                                progress=job.progress.counter("prune"), should_cancel=job.hooks.should_cancel,
-                                **job.compression.prune_kwargs())
-    job.report["layer_pattern"] = plan.layer_pattern
+    if job.spec.structured:
+        from evosparse.pruning.structured import prune_structured
+
+        prune_structured(job.model, job.calib, job.spec.pruner, job.counts, progress=job.progress.counter("prune"),
+                         should_cancel=job.hooks.should_cancel)
+    else:
+        plan = job.compression.plan(job.model, job.counts)  # mixed N:M: the per-layer patterns
+        job.quantized = prune_model(job.model, job.calib, job.spec.pruner, plan.counts, plan.patterns,
+                                    blocks=job.blocks, progress=job.progress.counter("prune"),
+                                    should_cancel=job.hooks.should_cancel, **job.compression.prune_kwargs())
+        job.report["layer_pattern"] = plan.layer_pattern
     job.dense = None  # nothing restores the dense model after this: free the snapshot
 
 
@@ -331,8 +354,14 @@ def _export(job: Job, folder: Path, timings: dict[str, float], t_job: float) -> 
 
     t0 = time.perf_counter()
     job.progress("export", 0.0)
-    measured = save_checkpoint(job.model, job.tokenizer, folder, [n for b in job.blocks for n in b.linears],
-                               **job.compression.export_kwargs(job.quantized))
+    if job.spec.structured:  # smaller shapes: sparsity is measured as weights removed, not zeros
+        from evosparse.pruning.structured_export import save_structured
+
+        job.model.to(job.compression.dtype)  # the source dtype here too (export is the model's last use)
+        measured = save_structured(job.model, job.tokenizer, folder)
+    else:
+        measured = save_checkpoint(job.model, job.tokenizer, folder, [n for b in job.blocks for n in b.linears],
+                                   **job.compression.export_kwargs(job.quantized))
     s = job.spec
     report = dict(job.report)
     report.update({

@@ -211,6 +211,10 @@ def run_search(
     blocks = list(blocks) if blocks is not None else find_blocks(model)
     units = search_units(blocks, spec.search.granularity)
     space = search_space(spec, units)
+    if spec.structured:  # widths: no block may be pushed past its last KV group and channel
+        from evosparse.pruning.structured_leveldb import structured_space
+
+        space = structured_space(spec.sparsity, spec.search.step_fraction, spec.search.max_level_delta, units, blocks)
 
     t0 = time.perf_counter()
     setup(f"{spec.search.seed_from} seed allocations")
@@ -226,6 +230,13 @@ def run_search(
 
     t2 = time.perf_counter()
     how = "given"
+    if db is None and spec.structured:  # its own database (rankings and Gram matrices), built per job
+        from evosparse.pruning.structured_leveldb import StructuredLevelDB
+
+        setup(f"building the structured level database ({spec.pruner})")
+        db = StructuredLevelDB.build(model, calib_tokens, spec.pruner,
+                                     max_fraction=spec.sparsity + spec.search.max_level_delta)
+        how = "built"
     if db is None:
         # With the runner's dense snapshot to restore from, keep only the reachable rank band.
         # (N:M levels touch every group at every N: no band to keep, bounds do not apply.)
@@ -240,7 +251,7 @@ def run_search(
             db = source.build(model, calib_tokens, spec.pruner, stats=stats, **kwargs)
             how = "built"
     timings["leveldb"] = time.perf_counter() - t2
-    if db.nm_m != leveldb_mode(spec)["nm_m"]:
+    if getattr(db, "nm_m", None) != leveldb_mode(spec)["nm_m"]:  # (a structured database has no N:M mode)
         raise PruningConfigError("the level database was built for another pattern than the job's")
 
     local = ProxyFitness(model, reference, db, units, space, kind=spec.search.fitness,
