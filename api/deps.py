@@ -1,4 +1,4 @@
-"""Per-request dependencies: settings, a database session, the object store, the Celery app."""
+"""Per-request dependencies: settings, a database session, the object store."""
 
 from __future__ import annotations
 
@@ -36,12 +36,3 @@ def get_store(request: Request) -> Store:
     if getattr(state, "store", None) is None:
         state.store = store_from_settings(state.settings)
     return state.store
-
-
-def get_celery(request: Request):  # noqa: ANN201 - celery.Celery
-    state = request.app.state
-    if getattr(state, "celery", None) is None:
-        from evosparse.worker.celery_app import make_celery
-
-        state.celery = make_celery(state.settings)
-    return state.celery

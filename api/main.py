@@ -89,7 +89,12 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        errors = []
+        for e in exc.errors():
+            loc = list(e.get("loc", ()))
+            if len(loc) > 1 and loc[0] == "body":
+                loc = loc[1:]  # body fields are named as in the job spec ("sparsity", "search.generations")
+            errors.append({"loc": loc, "msg": str(e.get("msg", ""))[:500], "type": e.get("type")})
         return JSONResponse({"detail": errors}, status_code=422)
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

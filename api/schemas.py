@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from evosparse.jobs.netguard import UrlRefused
+from evosparse.jobs.netguard import parse as parse_url
 from evosparse.jobs.spec import JobSpec
 from evosparse.jobs.status import Status
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -14,13 +16,18 @@ class JobSubmit(JobSpec):
 
     model_config = ConfigDict(extra="forbid")
 
-    webhook_url: str | None = Field(None, max_length=2000)
+    webhook_url: str | None = Field(None, max_length=2000, description=(
+        "http(s) URL on a public host that receives the signed job.finished event (README, Webhooks)"))
 
     @field_validator("webhook_url")
     @classmethod
     def _check_webhook(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("http://", "https://")):
-            raise ValueError("webhook_url must be an http:// or https:// URL")
+        # Form only (422); whether the host may be called is decided by the route (400, with DNS).
+        if v is not None:
+            try:
+                parse_url(v)
+            except UrlRefused as exc:
+                raise ValueError(str(exc)) from None
         return v
 
     def job_spec(self) -> JobSpec:

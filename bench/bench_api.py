@@ -191,7 +191,9 @@ def main() -> int:
     redis, broker = start_embedded_redis(data / "redis.db")
     env = dict(os.environ, EVOSPARSE_DATA_DIR=str(data), EVOSPARSE_DATABASE_URL=db_url, EVOSPARSE_BROKER_URL=broker,
                EVOSPARSE_ALLOWED_MODEL_ROOTS=str(models), EVOSPARSE_MAX_GENERATIONS="100000",
-               EVOSPARSE_TORCH_THREADS=str(args.torch_threads))
+               EVOSPARSE_TORCH_THREADS=str(args.torch_threads),
+               # the benchmark is one team on purpose (200 pollers, many submitters): no per-team caps
+               EVOSPARSE_RATE_LIMIT_PER_S="0", EVOSPARSE_MAX_QUEUED_PER_TEAM="0")
     log = open(tmp / "service.log", "w")
     worker = subprocess.Popen(celery_worker_cmd("evosparse", "bench@%h"), env=env, stdout=log, stderr=log,
                               cwd=tmp)

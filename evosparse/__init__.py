@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from evosparse.jobs.client import ApiError, Client, WaitTimeout
     from evosparse.jobs.spec import JobSpec
-    from evosparse.worker.runner import RunHooks
+    from evosparse.worker.hooks import RunHooks
 
 # Imported on first use, so `import evosparse.search` (torch-free, dependency-free) stays light.
 _LAZY = {"ApiError": "evosparse.jobs.client", "Client": "evosparse.jobs.client",

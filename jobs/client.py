@@ -55,6 +55,13 @@ class WaitTimeout(TimeoutError):
     pass
 
 
+def _retry_after(value: str | None, default: float) -> float:
+    try:
+        return max(0.0, float(value)) if value is not None else default
+    except ValueError:
+        return default
+
+
 class Client:
     def __init__(self, server: str, key: str, timeout: float = 30.0, retries: int = 6,
                  backoff_s: float = 0.5, transport: httpx.BaseTransport | None = None):
@@ -84,8 +91,16 @@ class Client:
         for attempt in range(self.retries + 1):
             try:
                 r = self.http.request(method, path, **kw)
-                if r.status_code not in (502, 503, 504) or attempt == self.retries:
+                if r.status_code not in (429, 502, 503, 504) or attempt == self.retries:
                     break
+                if r.status_code == 429:
+                    # A short Retry-After (request rate) is waited out; a long one (queued-jobs cap)
+                    # is the caller's decision, so it surfaces as an ApiError at once.
+                    wait = _retry_after(r.headers.get("Retry-After"), delay)
+                    if wait > 10.0:
+                        break
+                    time.sleep(wait)
+                    continue
             except httpx.TransportError:
                 if attempt == self.retries:
                     raise

@@ -17,6 +17,7 @@ import contextvars
 import datetime as dt
 import json
 import logging
+import re
 import sys
 from collections.abc import Iterator
 
@@ -47,6 +48,33 @@ class JobIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "job_id", None) is None:
             record.job_id = _job_id.get()
+        return True
+
+
+# scheme://user:password@host -> password hidden; ?query and #fragment of any URL -> hidden (tokens
+# travel there: webhook URLs with ?token=..., presigned S3 URLs).
+_URL_PASSWORD = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*):[^/\s@]*@")
+_URL_QUERY = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#\"']*)[?#][^\s\"']*")
+
+
+def redact(text: str) -> str:
+    """``text`` with URL passwords and URL query strings replaced by ``***``."""
+    return _URL_QUERY.sub(r"\1?***", _URL_PASSWORD.sub(r"\1:***@", text))
+
+
+class RedactFilter(logging.Filter):
+    """Applies ``redact`` to every record's message and exception text before it is written."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string is the formatter's problem
+            return True
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
         return True
 
 
@@ -101,7 +129,10 @@ def configure_logging(fmt: str | None = None, level: str | int | None = None, st
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.set_name(_HANDLER_NAME)
     handler.addFilter(JobIdFilter())
+    handler.addFilter(RedactFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root.addHandler(handler)
     root.setLevel(level if isinstance(level, int) else str(level).upper())
+    # httpx logs every request URL at INFO; the webhook sender logs its own (redacted) outcome.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     return handler

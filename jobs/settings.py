@@ -94,17 +94,61 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest accepted request body (else 413).")
 
     # --- API ------------------------------------------------------------------------------------
-    auth_cache_s: float = Field(10.0, ge=0, description=(
-        "Seconds an API key -> team lookup is cached per API process (revocation delay)."))
     page_limit_max: int = Field(200, ge=1, description="Largest `limit` of GET /v1/jobs.")
+    metrics_token: str | None = Field(None, description=(
+        "Bearer token that GET /metrics requires. Without it /metrics answers only clients on the "
+        "loopback interface (job counts of all teams are not public)."))
+
+    # --- per-team limits --------------------------------------------------------------------------
+    rate_limit_per_s: float = Field(20.0, ge=0, description=(
+        "Sustained requests per second one team may make to /v1, per API process (token bucket); "
+        "above it 429 with Retry-After. 0 turns the limit off."))
+    rate_limit_burst: int = Field(100, ge=1, description="Requests a team may make at once before the rate applies.")
+    max_queued_per_team: int = Field(50, ge=0, description=(
+        "Most QUEUED jobs a team may have; one more submission gets 429 with Retry-After. 0 = no cap."))
+    max_running_per_team: int = Field(4, ge=0, description=(
+        "Most jobs of one team that workers run at once; its other jobs wait and other teams' jobs go "
+        "first. Workers pick the team with the fewest running jobs, then its oldest job. 0 = no cap."))
 
     # --- webhooks -----------------------------------------------------------------------------
-    webhook_secret: str | None = Field(None, description=(
-        "HMAC-SHA256 key for the X-Evosparse-Signature header of completion webhooks. "
-        "Without it webhooks are sent unsigned."))
+    webhook_queue: str | None = Field(None, description=(
+        "Celery queue of webhook deliveries (a separate worker consumes it, so a slow receiver never "
+        "holds a pruning worker). Default: <queue>.webhooks"))
     webhook_attempts: int = Field(5, ge=1, description="Delivery attempts per webhook.")
     webhook_backoff_s: float = Field(1.0, ge=0, description="First retry delay; doubles each attempt.")
     webhook_timeout_s: float = Field(5.0, gt=0, description="Timeout of one webhook request.")
+    webhook_allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list, description=(
+        "Host names webhooks may reach although they are internal (no dot, .internal, .local...) "
+        "or resolve to a private address. Comma-separated or JSON list."))
+    webhook_allow_networks: Annotated[list[str], NoDecode] = Field(default_factory=list, description=(
+        "Networks (CIDR, e.g. 10.1.2.0/24) webhooks may reach although they are loopback, private or "
+        "link-local. Everything not public is refused otherwise. Comma-separated or JSON list."))
+
+    # --- lost-message sweeper -----------------------------------------------------------------------
+    requeue_after_s: float = Field(300.0, gt=0, description=(
+        "A QUEUED job whose broker message is older than this, while the queue holds fewer messages "
+        "than there are queued jobs (messages lost with the broker), is sent again by the sweeper."))
+    sweep_interval_s: float = Field(10.0, gt=0, description=(
+        "How often each worker's sweeper looks for dead workers' jobs, lost job messages and due "
+        "webhook deliveries."))
+
+    @field_validator("webhook_allow_hosts", "webhook_allow_networks", mode="before")
+    @classmethod
+    def _split_commas(cls, v: object) -> object:
+        if isinstance(v, str):
+            if v.strip().startswith("["):
+                return json.loads(v)
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @field_validator("webhook_allow_networks")
+    @classmethod
+    def _check_networks(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for net in v:
+            ipaddress.ip_network(net, strict=False)  # ValueError names the bad entry
+        return v
 
     # --- logs ---------------------------------------------------------------------------------
     log_format: Literal["json", "text"] = Field("json", description=(
@@ -132,6 +176,10 @@ class Settings(BaseSettings):
     @property
     def resolved_visibility_timeout_s(self) -> int:
         return self.visibility_timeout_s or self.task_time_limit_s + 3600
+
+    @property
+    def resolved_webhook_queue(self) -> str:
+        return self.webhook_queue or f"{self.queue}.webhooks"
 
     @property
     def resolved_work_dir(self) -> Path:

@@ -94,17 +94,22 @@ def parse_selection(spec: str) -> list[tuple[int, int]]:
     return stages
 
 
+# Non-finite numbers are refused everywhere (1e999 parses as inf; JSON cannot carry it back out).
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:([0-9]|1[0-5]))?)$"
+
+
 class SearchSettings(BaseModel):
     """Settings of the evolutionary search (used when allocation == 'evolutionary')."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     # The defaults are the search's own (search/defaults.py): a job and a search built in code agree.
     generations: int = Field(search_defaults.GENERATIONS, ge=1, le=100_000,
                              description="generations of the evolutionary loop")
     offspring: int = Field(search_defaults.OFFSPRING, ge=1, le=4096,
                            description="children bred per generation")
-    selection: str = Field(search_defaults.format_stages(search_defaults.STAGES), description=(
+    selection: str = Field(search_defaults.format_stages(search_defaults.STAGES), max_length=200, description=(
         "multi-fidelity stages tokens:survivors, growing tokens and shrinking survivors, e.g. 512:16,2048:4,8192:1"))
     seed_from: SeedSource = Field("fisher", description="allocation the first population is seeded from")
     granularity: Literal["layer", "module"] = Field(
@@ -148,21 +153,22 @@ class QuantizeSettings(BaseModel):
 class JobSpec(BaseModel):
     """One pruning job: which model, how sparse, which pruner, how sparsity is allocated."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
-    model: str = Field("smollm2-135m", description=(
+    model: str = Field("smollm2-135m", min_length=1, max_length=1000, description=(
         "Hugging Face folder, hub id, GGUF file, or the built-in 'smollm2-135m'"))
     sparsity: float = Field(description="global target sparsity, 0 < s < 1, counted in parameters (e.g. 0.6)")
     pruner: Pruner = Field("wanda", description=(
         "how one layer is pruned at a given sparsity; goa: whole heads and channels (pattern 'structured')"))
     allocation: Allocation = Field("uniform", description="how the global target is split across layers")
-    pattern: str = Field("unstructured", description=(
+    pattern: str = Field("unstructured", max_length=32, description=(
         "'unstructured', N:M such as 2:4 (allocation 'uniform' only), 'mixed:M' (each layer its own N:M "
         "for that M, e.g. mixed:8), '2:4+dense' (each layer 2:4 or dense), or 'structured' (whole attention "
         "heads with their KV group and MLP channels removed; pruner goa or magnitude)"))
-    calib: str = Field("pydoc", description=(
+    calib: str = Field("pydoc", min_length=1, max_length=1000, description=(
         "calibration source: pydoc, a text file or folder, or a dataset (wikitext2, c4); its first half is used"))
-    eval: str = Field("pydoc", description="evaluation source (its second half is used)")
+    eval: str = Field("pydoc", min_length=1, max_length=1000,
+                      description="evaluation source (its second half is used)")
     calib_windows: int = Field(32, ge=1, le=4096, description="calibration windows")
     eval_windows: int = Field(32, ge=1, le=4096, description="evaluation windows")
     seq_len: int = Field(256, ge=8, le=8192, description="tokens per window")
@@ -173,7 +179,8 @@ class JobSpec(BaseModel):
         "± around the target for the fisher/hessian allocations (and the search's seed)"))
     search: SearchSettings = Field(default_factory=SearchSettings,
                                    description="evolutionary search settings (allocation 'evolutionary')")
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    device: str = Field("auto", pattern=DEVICE_PATTERN, max_length=8,
+                        description="auto, cpu, mps, cuda or cuda:N (N < 16)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on GPUs (float16 without bf16), float32 on CPU")
     quantize: QuantizeSettings | None = Field(None, description=(

@@ -123,6 +123,38 @@ class Store(ABC):
         return dest
 
 
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on directories; the data is fsynced anyway
+        pass
+    finally:
+        os.close(fd)
+
+
+def collect_orphans(store: Store, job_id: str, attempts: int, keep: str | None) -> list[str]:
+    """Delete the artifact prefixes of a job's attempts except ``keep``: what a worker published and
+    then died before recording (the next attempt publishes under its own prefix). Idempotent."""
+    removed = []
+    for attempt in range(1, max(0, attempts) + 1):
+        prefix = f"jobs/{job_id}/attempt-{attempt}"
+        if prefix != keep and _has_any(store, prefix):
+            store.delete_prefix(prefix)
+            removed.append(prefix)
+    return removed
+
+
+def _has_any(store: Store, prefix: str) -> bool:
+    if isinstance(store, LocalStore):
+        return store.local_path(prefix).exists()
+    return bool(store.client.list_objects_v2(Bucket=store.bucket, Prefix=store._k(prefix) + "/",
+                                             MaxKeys=1).get("KeyCount"))
+
+
 class LocalStore(Store):
     """A folder on disk; publication is a directory rename (atomic on one filesystem)."""
 
@@ -151,6 +183,7 @@ class LocalStore(Store):
         size, digest = tmp.stat().st_size, _sha256_file(tmp)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, target)
+        _fsync_dir(target.parent)
         shutil.rmtree(tmp.parent, ignore_errors=True)
         return StoredObject(key.rsplit("/", 1)[-1], key, self.uri(key), size, digest)
 
@@ -161,8 +194,12 @@ class LocalStore(Store):
             dst = staging / name
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst)
+            with open(dst, "rb") as f:  # on disk before the rename publishes it (a crash keeps no torn file)
+                os.fsync(f.fileno())
             key = f"{prefix}/{name}"
             objects.append(StoredObject(name, key, self.uri(key), dst.stat().st_size, _sha256_file(dst)))
+        for folder in {staging, *(staging / name for name, _ in files)}:
+            _fsync_dir(folder if folder.is_dir() else folder.parent)
         final = self._path(prefix)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():  # a retried publish replaces the previous, unmarked or stale, copy
@@ -170,6 +207,7 @@ class LocalStore(Store):
             os.replace(final, trash / "old")
             shutil.rmtree(trash, ignore_errors=True)
         os.replace(staging, final)
+        _fsync_dir(final.parent)  # the rename itself is durable
         return objects
 
     def get(self, key: str) -> bytes:

@@ -57,11 +57,18 @@ def resolve_local(field: str, value: str, roots: list[Path], what: str) -> str:
     if not roots:
         raise SpecRejected(field, f"this server accepts no local {what} paths (no allowed roots configured)")
     real = raw.resolve()
+    # The message never lists the allowed folders: they describe the server's file system.
     if not _inside(real, roots):
-        allowed = ", ".join(str(r) for r in roots)
-        raise SpecRejected(field, f"{value!r} resolves outside the allowed {what} folders ({allowed})")
+        raise SpecRejected(field, f"{value!r} is outside the allowed {what} folders")
     if not real.exists():
         raise SpecRejected(field, f"{what} path {value!r} does not exist")
+    if what == "model":
+        is_root = any(real == r.expanduser().resolve() for r in roots)
+        hf_dir = real.is_dir() and (real / "config.json").is_file()
+        gguf = real.is_file() and real.suffix.lower() == ".gguf"
+        if is_root or not (hf_dir or gguf):
+            raise SpecRejected(field, f"{value!r} is not a model: give a folder holding config.json "
+                                      f"(a Hugging Face checkpoint) or a .gguf file")
     return str(real)
 
 
@@ -95,9 +102,11 @@ def check_limits(spec: JobSpec, settings: Settings) -> None:
                                                f"{settings.max_search_tokens}")
     if s.workers > settings.max_search_workers:
         raise SpecRejected("search.workers", f"{s.workers} is above this server's limit {settings.max_search_workers}")
-    if s.time_budget_min is not None and s.time_budget_min > settings.max_time_budget_min:
+    budget_cap = min(settings.max_time_budget_min, settings.task_time_limit_s / 60.0)
+    if s.time_budget_min is not None and s.time_budget_min > budget_cap:
+        # Above the task time limit the job would be killed before its search budget ran out.
         raise SpecRejected("search.time_budget_min", f"{s.time_budget_min} is above this server's limit "
-                                                     f"{settings.max_time_budget_min}")
+                                                     f"{budget_cap:g} (minutes)")
     for name in ("calib_windows", "eval_windows"):
         if getattr(spec, name) > settings.max_windows:
             raise SpecRejected(name, f"{getattr(spec, name)} is above this server's limit {settings.max_windows}")

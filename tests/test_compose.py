@@ -3,6 +3,7 @@ installed, and checked structurally (services, health checks, volumes, GPU reser
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -14,7 +15,9 @@ yaml = pytest.importorskip("yaml", reason="PyYAML is needed to parse docker-comp
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
-LONG_RUNNING = ("postgres", "redis", "minio", "api", "worker")
+LONG_RUNNING = ("postgres", "redis", "minio", "api", "worker", "webhooks")
+SECRETS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD",
+           "EVOSPARSE_S3_ACCESS_KEY", "EVOSPARSE_S3_SECRET_KEY", "EVOSPARSE_METRICS_TOKEN")
 
 
 def _compose_cli() -> list[str] | None:
@@ -33,18 +36,43 @@ def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
 
 
+def _compose_config(cli: list[str], tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    # Only the given variables: a developer's own .env or environment must not change the result.
+    clean = {k: v for k, v in os.environ.items() if k not in SECRETS and not k.startswith("EVOSPARSE_")}
+    env_file = tmp_path / "test.env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+    return subprocess.run([*cli, "-f", str(COMPOSE), "--project-directory", str(tmp_path), "--env-file",
+                           str(env_file), "config"], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env=clean)
+
+
+def test_compose_refuses_to_start_without_real_secrets(tmp_path: Path) -> None:
+    cli = _compose_cli()
+    if cli is None:
+        pytest.skip("no Compose client installed (apt-get install -y docker-compose)")
+    secrets = {k: f"not-a-default-{i}" for i, k in enumerate(SECRETS)}
+    for missing in SECRETS:
+        proc = _compose_config(cli, tmp_path, {k: v for k, v in secrets.items() if k != missing})
+        assert proc.returncode != 0 and missing in proc.stderr, (missing, proc.stderr[-500:])
+
+
+def test_no_default_passwords_and_redis_has_one(compose: dict) -> None:
+    text = COMPOSE.read_text()
+    for name in SECRETS:
+        assert f"${{{name}:-" not in text, f"{name} has a default"
+    assert "--requirepass" in " ".join(compose["services"]["redis"]["command"])
+    env = compose["x-evosparse-env"]
+    assert "${REDIS_PASSWORD:?" in env["EVOSPARSE_BROKER_URL"]
+    # the services use the bucket-scoped key that minio-init creates, not MinIO's root account
+    assert "MINIO_ROOT" not in env["EVOSPARSE_S3_ACCESS_KEY_ID"] + env["EVOSPARSE_S3_SECRET_ACCESS_KEY"]
+    assert "policy attach" in " ".join(compose["services"]["minio-init"]["command"])
+
+
 def test_compose_config_validates_with_the_compose_client(tmp_path: Path) -> None:
     cli = _compose_cli()
     if cli is None:
         pytest.skip("no Compose client installed (apt-get install -y docker-compose)")
-    # An empty env file in a temp dir keeps a developer's own .env from changing the result.
-    proc = subprocess.run(
-        [*cli, "-f", str(COMPOSE), "--project-directory", str(ROOT), "config"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=120,
-    )
+    proc = _compose_config(cli, tmp_path, {k: f"value-{i}" for i, k in enumerate(SECRETS)})
     assert proc.returncode == 0, proc.stderr
     resolved = yaml.safe_load(proc.stdout)
     assert set(LONG_RUNNING) <= set(resolved["services"])
@@ -128,7 +156,7 @@ def test_compose_env_vars_are_settings_the_service_reads(compose: dict) -> None:
 
     prefix = Settings.model_config.get("env_prefix", "EVOSPARSE_").upper()
     known = {prefix + name.upper() for name in Settings.model_fields}
-    for service in ("api", "worker"):
+    for service in ("api", "worker", "webhooks"):
         env = compose["services"][service]["environment"]
         ours = {k for k in env if k.startswith(prefix)}
         unknown = sorted(ours - known - {"EVOSPARSE_CACHE"})  # EVOSPARSE_CACHE is read by pruning/config.py

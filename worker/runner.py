@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from evosparse.jobs.spec import JobSpec
 from evosparse.pruning.errors import CancelledError, PruningConfigError
+from evosparse.worker.hooks import RunHooks
 
 # Share of overall progress per stage; stages a job skips are dropped and the rest rescaled.
 STAGE_WEIGHTS = {
@@ -41,20 +42,6 @@ STAGE_WEIGHTS = {
     "eval": 6.0,
     "export": 3.0,
 }
-
-
-class RunHooks:
-    """Callbacks of a running job; the defaults do nothing. The service and the CLI subclass it."""
-
-    def stage(self, name: str, fraction: float, message: str = "") -> None:
-        """Overall progress 0..1, with the current stage's name and a short message."""
-
-    def generation(self, record: dict, state: bytes) -> None:
-        """After each search generation: its record and the serialised search state."""
-
-    def should_cancel(self) -> bool:
-        """Checked between blocks and generations; True makes the job raise CancelledError."""
-        return False
 
 
 class _Progress:

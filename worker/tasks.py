@@ -9,7 +9,12 @@ Life of a job attempt:
 3. publish the output folder to the object store atomically, then record artifacts and SUCCEEDED
    in one transaction; any error ends in FAILED with a message the user can act on, a cancel in
    CANCELLED with the history kept;
-4. fire the completion webhook.
+4. the transaction that ends the job also writes its webhook outbox row; a task on the webhook
+   queue sends it (worker never waits on a receiver).
+
+Which job a message starts is decided in the database (``repo.claim_next``): fair across teams and
+within each team's running cap. The sweeper (a thread in every worker) re-sends messages the
+broker lost, so a job QUEUED in the database always runs.
 
 If the worker dies (SIGKILL, OOM killer), its heartbeat stops. The reaper thread in every worker's
 main process puts such a job back to QUEUED and enqueues it again; the next attempt resumes from
@@ -18,7 +23,6 @@ the last checkpointed search state. After ``max_attempts`` deaths the job is FAI
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import math
@@ -31,24 +35,20 @@ import uuid
 
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import setup_logging, worker_init, worker_ready, worker_shutting_down
-from evosparse.jobs import repo
+from evosparse.jobs import queue, repo
 from evosparse.jobs.db import sessionmaker_for
 from evosparse.jobs.log import configure_logging, job_context
-from evosparse.jobs.models import TERMINAL, Job, utcnow
+from evosparse.jobs.models import utcnow
 from evosparse.jobs.settings import Settings, get_settings
 from evosparse.jobs.spec import JobSpec
-from evosparse.jobs.store import Store, store_from_settings
+from evosparse.jobs.store import Store, collect_orphans, store_from_settings
 from evosparse.jobs.validation import SpecRejected, check_spec
 from evosparse.pruning.errors import CancelledError, EvosparseError
 from evosparse.worker.celery_app import app
-from sqlalchemy import select, update
+from evosparse.worker.hooks import RunHooks
 
 log = logging.getLogger("evosparse.worker")
 
-try:  # the runner imports torch; the hooks only need its base class
-    from evosparse.worker.runner import RunHooks
-except ImportError:  # pragma: no cover - runner not installed yet
-    RunHooks = object  # type: ignore[misc,assignment]
 
 
 # The job row's search_state holds this prefix + the object-store key of the state, not the state:
@@ -67,7 +67,7 @@ def resume_state(raw: bytes | None, store: Store) -> bytes | None:
     return store.get(raw[len(STATE_REF):].decode())
 
 
-class ServiceHooks(RunHooks):  # type: ignore[misc,valid-type]
+class ServiceHooks(RunHooks):
     """RunHooks that persist progress/generations and read the cancel flag, under this attempt's lease.
 
     Each generation: its state object is written to the store first, then the generation row and
@@ -181,22 +181,27 @@ def _worker_name(task) -> str:  # noqa: ANN001
     return f"{host}:{os.getpid()}"[:200]
 
 
-@app.task(name="evosparse.run_job", bind=True)
+@app.task(name=queue.RUN_JOB, bind=True)
 def run_job_task(self, job_id: str) -> str:  # noqa: ANN001
-    with job_context(job_id):  # every log line of this task carries the job id
-        settings = get_settings()
-        sessions = sessionmaker_for(settings.resolved_database_url)
-        with sessions() as db:
-            claim = repo.claim_job(db, job_id, _worker_name(self), settings.stale_after_s, settings.max_attempts)
-        if isinstance(claim, str):
-            log.info("job %s not run: %s", job_id, claim)
-            if claim == "exhausted":
-                _fire_webhook(job_id, settings)
-            return claim
+    """Start one job. The message is a token: which job starts is decided fairly in the database."""
+    settings = get_settings()
+    sessions = sessionmaker_for(settings.resolved_database_url)
+    with sessions() as db:
+        claim, hint_state = repo.claim_next(db, job_id, _worker_name(self), settings.stale_after_s,
+                                            settings.max_attempts, settings.max_running_per_team)
+    if hint_state in ("terminal", "missing", "exhausted", "busy"):
+        log.info("job %s not run: %s", job_id, hint_state, extra={"job_id": job_id})
+        dispatch_webhook(job_id, settings)  # 'exhausted' just wrote the FAILED job's webhook row
+    if claim is None:
+        return hint_state
+    with job_context(claim.job_id):  # every log line of this attempt carries the job id
+        if claim.job_id != job_id:
+            log.info("message of job %s starts job %s (fair order)", job_id, claim.job_id)
         outcome = execute(claim, settings)
-        if outcome != "lost":
-            _fire_webhook(job_id, settings)
-        return outcome
+    if outcome != "lost":
+        dispatch_webhook(claim.job_id, settings)
+    top_up(settings)  # a slot of this team opened: make sure a message is there for its next job
+    return outcome
 
 
 def execute(claim: repo.Claim, settings: Settings) -> str:
@@ -254,6 +259,7 @@ def execute(claim: repo.Claim, settings: Settings) -> str:
         store.delete_prefix(state_prefix(claim.job_id))
     except Exception:  # noqa: BLE001 - leftover state objects are harmless
         log.warning("could not delete the search states of job %s", claim.job_id, exc_info=True)
+    _collect_orphans(settings, claim.job_id, claim.attempt, prefix if status == "SUCCEEDED" else None)
     return status
 
 
@@ -305,6 +311,16 @@ def score_task(context: dict, batch: str) -> int:
                            settings.scoring_lease_s)
 
 
+def _collect_orphans(settings: Settings, job_id: str, attempts: int, keep: str | None) -> None:
+    """Remove artifacts that earlier attempts published but never recorded (they died in between)."""
+    try:
+        removed = collect_orphans(store_from_settings(settings), job_id, attempts, keep)
+        if removed:
+            log.info("job %s: removed unrecorded artifacts %s", job_id, ", ".join(removed))
+    except Exception:  # noqa: BLE001 - garbage left behind is not worth failing a finished job
+        log.warning("job %s: could not collect orphaned artifacts", job_id, exc_info=True)
+
+
 def _lower_priority(settings: Settings) -> None:
     """Batch work yields to the API on a shared machine (the pool process is fresh for each job)."""
     try:
@@ -321,70 +337,138 @@ def _lower_priority(settings: Settings) -> None:
 _MAIN_PID = os.getpid()
 
 
-def _fire_webhook(job_id: str, settings: Settings) -> None:
-    from evosparse.jobs.webhook import deliver
+# --- webhooks: the outbox row is written with the job's final state; this only sends it -------------
 
+def dispatch_webhook(job_id: str, settings: Settings) -> None:
+    """Hand a job's pending webhook to the webhook workers (the sweeper retries if the broker is down)."""
+    with sessionmaker_for(settings.resolved_database_url)() as db:
+        delivery = repo.pending_delivery_of(db, job_id)
+    if delivery is not None:
+        try:
+            queue.enqueue_webhook(settings, delivery)
+        except queue.QueueUnavailable:
+            log.warning("webhook of job %s left to the sweeper: broker unavailable", job_id)
+
+
+@app.task(name=queue.DELIVER_WEBHOOK)
+def deliver_webhook_task(delivery_id: str) -> str:
+    """One attempt of one delivery, on the webhook queue (never on a pruning worker)."""
+    from evosparse.jobs.webhook import encode, send
+
+    settings = get_settings()
     sessions = sessionmaker_for(settings.resolved_database_url)
     with sessions() as db:
-        job = db.get(Job, job_id)
-        if job is None or not job.webhook_url or job.status not in TERMINAL:
-            return
-        url, payload = job.webhook_url, {"event": "job.finished", "job": repo.job_view(job)}
-    result = deliver(url, payload, settings.webhook_secret, settings.webhook_attempts,
-                     settings.webhook_backoff_s, settings.webhook_timeout_s)
+        claim = repo.claim_delivery(db, delivery_id, hold_s=settings.webhook_timeout_s * 2 + 30)
+    if claim is None:
+        return "not due"
+    attempt = send(claim.url, encode(claim.payload), claim.secret, claim.id, settings.webhook_timeout_s,
+                   settings.webhook_allow_hosts, settings.webhook_allow_networks)
+    retry_in = None
+    if not attempt.delivered and attempt.retry and claim.attempt < settings.webhook_attempts:
+        retry_in = settings.webhook_backoff_s * 2 ** (claim.attempt - 1)
     with sessions() as db:
-        db.execute(update(Job).where(Job.id == job_id).values(webhook_status=result[:200]))
-        db.commit()
+        status = repo.record_delivery(db, claim, attempt.delivered, retry_in, attempt.detail)
+    log.info("webhook delivery %s attempt %d: %s -> %s", claim.id, claim.attempt, attempt.detail, status,
+             extra={"job_id": claim.payload.get("job", {}).get("id")})
+    if status == "PENDING":
+        try:
+            queue.enqueue_webhook(settings, claim.id, countdown=retry_in)
+        except queue.QueueUnavailable:
+            pass  # due rows are re-sent by the sweeper
+    return status
 
 
-# --- reaper --------------------------------------------------------------------------------------
+# --- sweeper: dead workers, lost messages, due webhooks ----------------------------------------------
 
 def reap_once(settings: Settings, send=None) -> list[str]:  # noqa: ANN001
     """Requeue RUNNING jobs whose heartbeat stopped; FAIL those that used up their attempts."""
-    sessions = sessionmaker_for(settings.resolved_database_url)
-    cutoff = utcnow() - dt.timedelta(seconds=settings.stale_after_s)
-    requeued: list[str] = []
-    with sessions() as db:
-        stale = db.execute(select(Job.id, Job.attempts, Job.stage).where(
-            Job.status == "RUNNING", Job.heartbeat_at < cutoff)).all()
-        for job_id, attempts, stage in stale:
-            if attempts >= settings.max_attempts:
-                res = db.execute(update(Job).where(Job.id == job_id, Job.status == "RUNNING",
-                                                   Job.heartbeat_at < cutoff).values(
-                    status="FAILED", finished_at=utcnow(), lease=None,
-                    error=(f"the worker stopped {attempts} times while running this job (last stage: "
-                           f"{stage or 'start'}); it was probably killed for using too much memory. "
-                           f"Try a smaller model, fewer windows or a shorter seq_len.")))
-                db.commit()
-                if res.rowcount == 1:
-                    _fire_webhook(job_id, settings)
-                continue
-            # Back to QUEUED and lease cleared: a dead attempt can no longer write, the next one resumes.
-            res = db.execute(update(Job).where(Job.id == job_id, Job.status == "RUNNING",
-                                               Job.heartbeat_at < cutoff).values(
-                status="QUEUED", lease=None, stage="requeued", message="worker lost; resuming"))
-            db.commit()
-            if res.rowcount == 1:
-                (send or _send)(job_id, settings)
-                requeued.append(job_id)
-                log.warning("job %s: worker lost after attempt %d, requeued", job_id, attempts)
+    with sessionmaker_for(settings.resolved_database_url)() as db:
+        requeued, failed = repo.reap_stale(db, settings.stale_after_s, settings.max_attempts)
+    for job_id in failed:
+        log.warning("job %s: worker lost too many times, FAILED", job_id)
+        dispatch_webhook(job_id, settings)
+        _collect_orphans(settings, job_id, settings.max_attempts, None)
+    for job_id in requeued:
+        log.warning("job %s: worker lost, requeued", job_id)
+        try:
+            (send or _send)(job_id, settings)
+        except queue.QueueUnavailable:
+            pass  # QUEUED in the database: sweep_queued sends it once the broker is back
     return requeued
 
 
+def sweep_queued(settings: Settings) -> list[str]:
+    """Re-send messages the broker lost: QUEUED jobs whose message is older than requeue_after_s,
+    as many as the queue is short of (jobs merely waiting behind others are not sent twice)."""
+    sessions = sessionmaker_for(settings.resolved_database_url)
+    with sessions() as db:
+        stale = repo.stale_queued(db, settings.requeue_after_s, limit=1000)
+        total = repo.queued_total(db) if stale else 0
+    if not stale:
+        return []
+    missing = min(len(stale), total - queue.queue_length(settings))
+    sent = []
+    for job_id in stale[:max(0, missing)]:
+        queue.enqueue(settings, job_id)
+        sent.append(job_id)
+    with sessions() as db:
+        repo.mark_enqueued(db, sent)
+    if sent:
+        log.warning("re-sent %d job message(s) missing from the broker: %s", len(sent), ", ".join(sent))
+    return sent
+
+
+def top_up(settings: Settings) -> None:
+    """After a job ends: if QUEUED jobs outnumber waiting messages, add one (a capped team's next job
+    whose message was spent while the team was at its cap)."""
+    try:
+        with sessionmaker_for(settings.resolved_database_url)() as db:
+            total = repo.queued_total(db)
+            head = repo.stale_queued(db, 0.0, 1)
+        if total and head and queue.queue_length(settings) < total:
+            queue.enqueue(settings, head[0])
+    except Exception:  # noqa: BLE001 - the sweeper does the same later
+        log.warning("top-up after job end failed", exc_info=True)
+
+
+def sweep_webhooks(settings: Settings) -> int:
+    with sessionmaker_for(settings.resolved_database_url)() as db:
+        due = repo.due_deliveries(db, settings.requeue_after_s)
+    for delivery in due:
+        queue.enqueue_webhook(settings, delivery)
+    return len(due)
+
+
 def _send(job_id: str, settings: Settings) -> None:
-    app.send_task("evosparse.run_job", args=[job_id], queue=settings.queue)
+    queue.enqueue(settings, job_id)
 
 
 _reaper_stop = threading.Event()
+# The sweeper thread lives in the prefork pool's parent, which forks a child for every job. A fork
+# taken while the thread is inside SQLite (or a socket library) hands the child a mutex that no
+# thread will ever release: the child hangs on its first query. So a fork waits for the current
+# pass to end, and no pass starts while a fork is under way.
+_sweep_lock = threading.Lock()
+
+
+def _reset_sweep_lock_in_child() -> None:
+    global _sweep_lock
+    _sweep_lock = threading.Lock()
+
+
+os.register_at_fork(before=lambda: _sweep_lock.acquire(), after_in_parent=lambda: _sweep_lock.release(),
+                    after_in_child=_reset_sweep_lock_in_child)
 
 
 def _reaper_loop(settings: Settings) -> None:
-    interval = max(0.5, min(settings.stale_after_s / 2, 30.0))
+    interval = max(0.5, min(settings.stale_after_s / 2, settings.sweep_interval_s, 30.0))
     while not _reaper_stop.wait(interval):
-        try:
-            reap_once(settings)
-        except Exception:
-            log.warning("reaper pass failed", exc_info=True)
+        with _sweep_lock:
+            for step in (reap_once, sweep_queued, sweep_webhooks):
+                try:
+                    step(settings)
+                except Exception:  # noqa: BLE001 - the next pass retries (broker or database blip)
+                    log.warning("sweeper step %s failed", step.__name__, exc_info=True)
 
 
 @setup_logging.connect
@@ -394,8 +478,13 @@ def _configure_logging(**_kwargs: object) -> None:
 
 
 @worker_init.connect
-def _preload(**_kwargs: object) -> None:
-    """Import torch/transformers once in the main process, so each forked job process starts warm."""
+def _preload(sender=None, **_kwargs: object) -> None:  # noqa: ANN001
+    """Import torch/transformers once in the main process, so each forked job process starts warm
+    (not in a webhook-only worker, which never runs a job)."""
+    consumed = getattr(getattr(getattr(sender, "app", None), "amqp", None), "queues", None)
+    names = set(getattr(consumed, "consume_from", None) or {})
+    if names and names == {get_settings().resolved_webhook_queue}:
+        return
     try:
         import evosparse.worker.runner  # noqa: F401
         import transformers  # noqa: F401

@@ -4,23 +4,79 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 from evosparse.api import metrics
 from evosparse.api.auth import current_team
-from evosparse.api.deps import db_session, get_celery, get_store
-from evosparse.api.schemas import ArtifactList, GenerationList, JobList, JobOut, JobSubmit, Status
-from evosparse.jobs import repo
-from evosparse.jobs.db import sessionmaker_for
+from evosparse.api.deps import db_session, get_store
+from evosparse.api.schemas import ArtifactList, GenerationList, JobList, JobOut, JobSubmit, Status, Submitted
+from evosparse.jobs import queue, repo
+from evosparse.jobs.netguard import UrlRefused, check_url
 from evosparse.jobs.store import LocalStore, Store
 from evosparse.jobs.validation import SpecRejected, check_spec
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from fastapi.concurrency import run_in_threadpool
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session
 
 log = logging.getLogger("evosparse.api")
-router = APIRouter(prefix="/v1", tags=["jobs"])
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def parse_json_object(raw: bytes) -> dict:
+    """The request body as a JSON object, or a 400 that says why (never a 500).
+
+    Stricter than FastAPI's own parsing: NaN/Infinity literals are refused (they are not JSON), and
+    nesting deep enough to exhaust the parser's recursion is a 400 too.
+    """
+    try:
+        data = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HTTPException(status_code=400, detail=f"malformed JSON body: {exc}") from None
+    except RecursionError:
+        raise HTTPException(status_code=400, detail="malformed JSON body: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise HTTPException(status_code=400, detail="the body must be a JSON object (a job spec)")
+    return data
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class _StrictJsonRequest(Request):
+    async def json(self) -> dict:
+        if not hasattr(self, "_json"):
+            self._json = parse_json_object(await self.body())
+        return self._json
+
+
+class StrictJsonRoute(APIRoute):
+    """Routes whose body is parsed by ``parse_json_object`` and then validated as the declared
+    pydantic model (so /openapi.json documents it). The body is read as JSON whatever the
+    Content-Type says, as before (``curl -d`` sends a form content type)."""
+
+    def get_route_handler(self):  # noqa: ANN201
+        handler = super().get_route_handler()
+
+        async def strict_handler(request: Request) -> Response:
+            scope = request.scope
+            body = None
+            if scope.get("method") in ("POST", "PUT", "PATCH"):
+                headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+                # Read here, outside FastAPI's own body handling, so that the body limit's 413
+                # (raised while streaming) reaches BodyLimitMiddleware instead of becoming a 400.
+                body = await request.body()
+            strict = _StrictJsonRequest(scope, request.receive)
+            if body is not None:
+                strict._body = body
+            return await handler(strict)
+
+        return strict_handler
+
+
+router = APIRouter(prefix="/v1", tags=["jobs"], route_class=StrictJsonRoute)
 
 
 def _not_found() -> HTTPException:
@@ -28,60 +84,59 @@ def _not_found() -> HTTPException:
 
 
 def _job_or_404(db: Session, team_id: int, job_id: str):  # noqa: ANN202
-    job = repo.get_job(db, team_id, job_id) if len(job_id) <= 64 else None
+    # Job ids are 32 hex digits; anything else (NUL bytes, 10 KB strings) never reaches the database.
+    job = repo.get_job(db, team_id, job_id) if _JOB_ID.match(job_id) else None
     if job is None:
         raise _not_found()
     return job
 
 
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not valid JSON")
+_SUBMIT_RESPONSES = {
+    400: {"description": "malformed JSON, or a spec or webhook_url this server refuses"},
+    409: {"description": "Idempotency-Key reused with a different spec or webhook_url"},
+    413: {"description": "body too large"},
+    429: {"description": "the team has too many queued jobs or requests; see Retry-After"},
+    503: {"description": "job queue unavailable; nothing was created"},
+}
 
 
-def _parse_body(raw: bytes) -> JobSubmit:
-    try:
-        data = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise HTTPException(status_code=400, detail=f"malformed JSON body: {exc}") from None
-    if not isinstance(data, dict):
-        raise HTTPException(status_code=400, detail="the body must be a JSON object (a job spec)")
-    try:
-        return JobSubmit.model_validate(data)
-    except ValidationError as exc:
-        raise HTTPException(status_code=422, detail=exc.errors(include_url=False, include_context=False,
-                                                               include_input=False)) from None
-
-
-@router.post("/jobs", status_code=202)
-async def submit_job(request: Request, team_id: int = Depends(current_team)) -> JSONResponse:
+@router.post("/jobs", status_code=202, response_model=Submitted, responses=_SUBMIT_RESPONSES)
+def submit_job(body: JobSubmit, request: Request, team_id: int = Depends(current_team),
+               idempotency_key: str | None = Header(None, alias="Idempotency-Key",
+                                                    description="resubmitting with the same key returns "
+                                                                "the same job (1-200 characters)")
+               ) -> JSONResponse:
+    """Submit a pruning job (202 + id). Runs in the threadpool: it resolves the webhook host."""
     settings = request.app.state.settings
-    raw = await request.body()  # the size limit is enforced by BodyLimitMiddleware
-    body = _parse_body(raw)
     try:
         spec = check_spec(body.job_spec(), settings)
     except SpecRejected as exc:
         raise HTTPException(status_code=400, detail=str(exc)) from None
-    key = request.headers.get("idempotency-key")
+    key = idempotency_key
     if key is not None and not (1 <= len(key) <= 200):
         raise HTTPException(status_code=400, detail="Idempotency-Key must be 1-200 characters")
-    celery = get_celery(request)
-
-    def create() -> tuple[str, str, bool]:
-        with sessionmaker_for(settings.resolved_database_url)() as db:
+    if body.webhook_url is not None:
+        try:  # resolves the host now; the worker checks again before each delivery
+            check_url(body.webhook_url, settings.webhook_allow_hosts, settings.webhook_allow_networks)
+        except UrlRefused as exc:
+            raise HTTPException(status_code=400, detail=f"webhook_url: {exc}") from None
+    with db_session(request) as db:
+        replay = key is not None and repo.get_by_idempotency(db, team_id, key) is not None
+        cap = settings.max_queued_per_team
+        if cap and not replay and repo.queued_count(db, team_id) >= cap:
+            raise HTTPException(status_code=429, detail=f"this team already has {cap} queued jobs; "
+                                                        f"wait for some to start", headers={"Retry-After": "30"})
+        try:
+            job, created = repo.create_job(db, team_id, spec.model_dump(mode="json"), key, body.webhook_url)
+        except repo.IdempotencyConflict as exc:
+            raise HTTPException(status_code=409, detail=str(exc)) from None
+        if created:
             try:
-                job, created = repo.create_job(db, team_id, spec.model_dump(mode="json"), key, body.webhook_url)
-            except repo.IdempotencyConflict as exc:
-                raise HTTPException(status_code=409, detail=str(exc)) from None
-            if created:
-                try:
-                    celery.send_task("evosparse.run_job", args=[job.id], queue=settings.queue)
-                except Exception as exc:  # broker down: leave nothing behind that would never run
-                    log.exception("could not enqueue job %s", job.id)
-                    repo.delete_job(db, job.id)
-                    raise HTTPException(status_code=503, detail=f"job queue unavailable, try again: {exc}") from None
-            return job.id, job.status, created
-
-    job_id, status, created = await run_in_threadpool(create)
+                queue.enqueue(settings, job.id)
+            except queue.QueueUnavailable:  # leave nothing behind that would never run
+                repo.delete_job(db, job.id)
+                raise HTTPException(status_code=503, detail="job queue unavailable, try again") from None
+        job_id, status = job.id, job.status
     if created:
         metrics.JOBS_SUBMITTED.inc()
     location = f"/v1/jobs/{job_id}"
@@ -92,8 +147,8 @@ async def submit_job(request: Request, team_id: int = Depends(current_team)) -> 
 
 
 @router.get("/jobs", response_model=JobList)
-def list_jobs(request: Request, status: Status | None = None, limit: int = Query(50, ge=1),
-              offset: int = Query(0, ge=0), team_id: int = Depends(current_team)) -> dict:
+def list_jobs(request: Request, status: Status | None = None, limit: int = Query(50, ge=1, le=1_000_000),
+              offset: int = Query(0, ge=0, le=1_000_000_000), team_id: int = Depends(current_team)) -> dict:
     limit = min(limit, request.app.state.settings.page_limit_max)
     with db_session(request) as db:
         jobs, total = repo.list_jobs(db, team_id, status, limit, offset)
@@ -101,9 +156,9 @@ def list_jobs(request: Request, status: Status | None = None, limit: int = Query
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)
-async def get_job(job_id: str, request: Request, team_id: int = Depends(current_team)) -> Response:
-    # The dashboards' hot path: async with one primary-key lookup inline (sub-millisecond), which
-    # under hundreds of pollers is far cheaper than a threadpool hop per request.
+def get_job(job_id: str, request: Request, team_id: int = Depends(current_team)) -> Response:
+    # The dashboards' hot path: serialised once with json.dumps (no response-model round trip);
+    # sync, so its database lookup runs in the threadpool, off the event loop.
     with db_session(request) as db:
         view = repo.job_view(_job_or_404(db, team_id, job_id))
     return Response(json.dumps(view, separators=(",", ":")), media_type="application/json")
@@ -120,7 +175,14 @@ def get_generations(job_id: str, request: Request, team_id: int = Depends(curren
 def cancel_job(job_id: str, request: Request, team_id: int = Depends(current_team)) -> dict:
     with db_session(request) as db:
         job = _job_or_404(db, team_id, job_id)
-        return repo.job_view(repo.request_cancel(db, job))
+        view = repo.job_view(repo.request_cancel(db, job))
+        delivery = repo.pending_delivery_of(db, job.id)
+    if delivery is not None:  # a queued job cancelled now has its webhook to send
+        try:
+            queue.enqueue_webhook(request.app.state.settings, delivery)
+        except queue.QueueUnavailable:
+            pass  # the workers' sweeper sends due deliveries
+    return view
 
 
 @router.get("/jobs/{job_id}/artifacts", response_model=ArtifactList)

@@ -12,9 +12,11 @@ The `stack` fixture is parametrised: "sqlite-local" (the one-machine default) an
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,7 @@ from tests.service.servers import (
     wait_until,
 )
 
+WEBHOOK_HOST = "127.0.0.2"  # Linux routes all of 127/8 to loopback
 PG_ADMIN_URL = os.environ.get("EVOSPARSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
@@ -134,6 +137,7 @@ class Stack:
         self.kind, self.settings, self.env, self.root, self.model_root = kind, settings, env, root, model_root
         self.api: ApiServer | None = None
         self.workers: list[CeleryWorker] = []
+        self.webhook_workers: list[CeleryWorker] = []
 
     @property
     def url(self) -> str:
@@ -144,6 +148,20 @@ class Stack:
         w = CeleryWorker(self.env, self.root / f"worker-{name}.log", name).start()
         self.workers.append(w)
         return w
+
+    def start_webhook_worker(self) -> CeleryWorker:
+        w = CeleryWorker(self.env, self.root / f"webhooks-{len(self.webhook_workers)}.log",
+                         f"hooks{len(self.webhook_workers)}", webhooks=True).start()
+        self.webhook_workers.append(w)
+        return w
+
+    def team_secret(self, team: str) -> str:
+        from evosparse.jobs.db import session_scope
+        from evosparse.jobs.models import Team
+        from sqlalchemy import select
+
+        with session_scope(self.settings.resolved_database_url) as db:
+            return db.scalar(select(Team.webhook_secret).where(Team.name == team))
 
     def key(self, team: str) -> str:
         from evosparse.jobs import repo
@@ -177,27 +195,32 @@ class Stack:
             "generations": generations, "offspring": 4, "selection": "64:2,128:1", "seed_from": "uniform"}, **over)
 
     def logs(self) -> str:
-        return "\n".join(p.read_text()[-3000:] for p in sorted(self.root.glob("worker-*.log")))
+        return "\n".join(p.read_text()[-3000:] for p in sorted(self.root.glob("*.log")))
 
 
-@pytest.fixture(scope="module", params=["sqlite-local", "postgresql-s3"])
-def stack(request, tmp_path_factory, broker, model_root):
+@contextlib.contextmanager
+def make_stack(request, kind: str, broker_url: str, model_root: Path, root: Path,
+               extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
+    """API (thread) + one pruning worker + one webhook worker on ``broker_url``, for ``kind``."""
     from evosparse.jobs.db import migrate
     from evosparse.jobs.settings import Settings
 
-    kind = request.param
-    root = tmp_path_factory.mktemp(f"stack-{kind}")
     queue = f"evs-{uuid.uuid4().hex[:8]}"  # a queue per stack: stale messages of another stack never leak in
     env = {
         "EVOSPARSE_DATA_DIR": str(root / "data"),
-        "EVOSPARSE_BROKER_URL": broker,
+        "EVOSPARSE_BROKER_URL": broker_url,
         "EVOSPARSE_QUEUE": queue,
         "EVOSPARSE_ALLOWED_MODEL_ROOTS": str(model_root),
         "EVOSPARSE_ALLOWED_DATA_ROOTS": str(model_root),
         "EVOSPARSE_HEARTBEAT_S": "0.5",
         "EVOSPARSE_STALE_AFTER_S": "5",
-        "EVOSPARSE_WEBHOOK_SECRET": "test-webhook-secret",
         "EVOSPARSE_WEBHOOK_BACKOFF_S": "0.2",
+        "EVOSPARSE_WEBHOOK_TIMEOUT_S": "10",
+        # Webhook receivers of the tests listen on 127.0.0.2, the one internal address allowed here;
+        # 127.0.0.1 (where Redis, PostgreSQL and the API live) stays refused.
+        "EVOSPARSE_WEBHOOK_ALLOW_NETWORKS": f"{WEBHOOK_HOST}/32",
+        "EVOSPARSE_REQUEUE_AFTER_S": "3",
+        "EVOSPARSE_SWEEP_INTERVAL_S": "1",
         "EVOSPARSE_MAX_GENERATIONS": "200",
         "EVOSPARSE_WORK_DIR": str(root / "work"),
     }
@@ -214,28 +237,39 @@ def stack(request, tmp_path_factory, broker, model_root):
         })
     else:
         env["EVOSPARSE_DATABASE_URL"] = f"sqlite:///{root / 'data' / 'evosparse.db'}"
+    env.update(extra_env or {})
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("EVOSPARSE_")}
     full_env.update(env)
     full_env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # settings of this process (API thread, helpers) match the worker's
+    st = None
     try:
         settings = Settings()
         migrate(settings.resolved_database_url)
         st = Stack(kind, settings, full_env, root, model_root)
         st.api = ApiServer(settings).start()
         st.start_worker()
+        st.start_webhook_worker()
         yield st
     finally:
-        for w in getattr(locals().get("st"), "workers", []):
-            w.stop()
-        if locals().get("st") is not None and st.api is not None:
-            st.api.stop()
+        if st is not None:
+            for w in st.workers + st.webhook_workers:
+                w.stop()
+            if st.api is not None:
+                st.api.stop()
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="module", params=["sqlite-local", "postgresql-s3"])
+def stack(request, tmp_path_factory, broker, model_root):
+    kind = request.param
+    with make_stack(request, kind, broker, model_root, tmp_path_factory.mktemp(f"stack-{kind}")) as st:
+        yield st
 
 
 def wait_status(client, job_id: str, statuses: tuple[str, ...], timeout: float = 180, stack=None):  # noqa: ANN001, ANN201

@@ -128,15 +128,18 @@ def stop_process(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
 class CeleryWorker:
     """A real `celery worker` subprocess (its own process group, so SIGKILL reaches the pool child too)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, name: str):
-        self.env, self.log_path, self.name = env, log_path, name
+    def __init__(self, env: dict[str, str], log_path: Path, name: str, webhooks: bool = False):
+        self.env, self.log_path, self.name, self.webhooks = env, log_path, name, webhooks
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> CeleryWorker:
         from evosparse.cli.service_cmd import celery_worker_cmd
 
         self.log = open(self.log_path, "a")
-        cmd = celery_worker_cmd(self.env.get("EVOSPARSE_QUEUE", "evosparse"), f"{self.name}@%h")
+        queue = self.env.get("EVOSPARSE_QUEUE", "evosparse")
+        if self.webhooks:
+            queue = self.env.get("EVOSPARSE_WEBHOOK_QUEUE") or f"{queue}.webhooks"
+        cmd = celery_worker_cmd(queue, f"{self.name}@%h", webhooks=self.webhooks)
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True, cwd=str(self.log_path.parent))
         return self

@@ -16,7 +16,7 @@ import pytest
 from evosparse.jobs.client import ApiError
 from evosparse.jobs.webhook import verify
 
-from tests.service.conftest import wait_status, wait_until
+from tests.service.conftest import WEBHOOK_HOST, wait_status, wait_until
 
 
 class WebhookReceiver:
@@ -35,8 +35,8 @@ class WebhookReceiver:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.server = http.server.ThreadingHTTPServer((WEBHOOK_HOST, 0), Handler)
+        self.url = f"http://{WEBHOOK_HOST}:{self.server.server_address[1]}/hook?token=abc"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
@@ -90,12 +90,20 @@ def test_webhook_is_signed_and_retried(stack, webhook):
     assert job["status"] == "SUCCEEDED"
     wait_until(lambda: len(webhook.calls) >= 2, 30, "webhook retry")
     headers, body = webhook.calls[-1]
-    assert verify("test-webhook-secret", headers["X-Evosparse-Timestamp"], body, headers["X-Evosparse-Signature"])
-    assert not verify("wrong-secret", headers["X-Evosparse-Timestamp"], body, headers["X-Evosparse-Signature"])
+    ts, delivery, sig = (headers["X-Evosparse-Timestamp"], headers["X-Evosparse-Delivery"],
+                         headers["X-Evosparse-Signature"])
+    secret = stack.team_secret("hooks")
+    assert secret and verify(secret, ts, delivery, body, sig)
+    assert not verify(stack.team_secret("alpha") or "other", ts, delivery, body, sig)  # another team's key
+    assert not verify(secret, ts, "another-delivery", body, sig)  # the delivery id is signed
+    assert not verify(secret, ts, delivery, body, sig, now=int(ts) + 3600)  # too old: a replay
+    assert webhook.calls[0][0]["X-Evosparse-Delivery"] == delivery  # a retry is the same delivery
     payload = json.loads(body)
     assert payload["event"] == "job.finished" and payload["job"]["id"] == job["id"]
-    assert payload["job"]["status"] == "SUCCEEDED"
-    assert "delivered (200, attempt 2)" == wait_until(lambda: client.get(job["id"])["webhook_status"], 10, "status")
+    assert payload["job"]["status"] == "SUCCEEDED" and payload["delivery_id"] == delivery
+    # The user sees a generic status, never the receiver's answers.
+    assert "delivered" == wait_until(lambda: client.get(job["id"])["webhook_status"] == "delivered"
+                                     and "delivered", 10, "status")
 
 
 def test_idempotent_resubmission_returns_the_same_job(stack):
@@ -109,6 +117,9 @@ def test_idempotent_resubmission_returns_the_same_job(stack):
     assert stack.count_jobs() == before + 1
     with pytest.raises(ApiError) as err:  # same key, different spec: refused, not silently merged
         client.submit(stack.tiny_spec(seed=8), idempotency_key="pipeline-run-1")
+    assert err.value.status == 409
+    with pytest.raises(ApiError) as err:  # same key and spec, another webhook URL: refused as well
+        client.submit(spec, idempotency_key="pipeline-run-1", webhook_url=f"http://{WEBHOOK_HOST}:9/other")
     assert err.value.status == 409
     assert stack.count_jobs() == before + 1
     client.cancel(first["id"])
@@ -183,10 +194,22 @@ def _bad_inputs(model_root):  # noqa: ANN001, ANN202
         ("JSON array", "[1, 2]", 400),
         ("body too large", {**ok, "pad": "x" * 70_000}, 413),
         ("not JSON at all", b"\xff\xfe\x00garbage", 400),
+        ("owl_m overflowing to inf", f'{{"model": "{tiny}", "sparsity": 0.5, "owl_m": 1e999}}', 422),
+        ("device meta", {**ok, "device": "meta"}, 422),
+        ("device cuda:99", {**ok, "device": "cuda:99"}, 422),
+        ("device 50 KB", {**ok, "device": "c" * 50_000}, 422),
+        ("selection 50 KB", {**evo, "search": {"selection": "1:1," * 12_000 + "1:1"}}, 422),
+        ("model is a file in the root", {**ok, "model": f"{tiny}/config.json"}, 400),
+        ("model is the root itself", {**ok, "model": str(model_root)}, 400),
+        ("time budget above the task time limit", {**evo, "search": {"time_budget_min": 1000}}, 400),
+        ("JSON nested 100000 deep", '{"search": ' * 100_000 + "1" + "}" * 100_000, 413),
+        ("JSON nested 5000 deep", '{"model": ' + "[" * 5000 + "]" * 5000 + "}", 400),
+        ("webhook to loopback", {**ok, "webhook_url": "http://127.0.0.1:6379/"}, 400),
+        ("webhook with control characters", {**ok, "webhook_url": "http://x.example.com/\u0000"}, 422),
     ]
 
 
-@pytest.mark.parametrize("case", range(45))
+@pytest.mark.parametrize("case", range(57))
 def test_bad_input_is_refused_and_creates_no_job(stack, case):
     name, body, status = _bad_inputs(stack.model_root)[case]
     client = stack.client("bad-input")
@@ -197,11 +220,14 @@ def test_bad_input_is_refused_and_creates_no_job(stack, case):
         r = client.http.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == status, (name, r.status_code, r.text[:300])
     assert "detail" in r.json()
+    sent = body if isinstance(body, str | bytes) else json.dumps(body)
+    if str(stack.model_root) not in str(sent):  # errors never reveal the allowed folders
+        assert str(stack.model_root) not in r.text, name
     assert stack.count_jobs() == before, name
 
 
 def test_bad_input_table_is_complete(model_root):
-    assert len(_bad_inputs(model_root)) == 45
+    assert len(_bad_inputs(model_root)) == 57
 
 
 def test_oversized_chunked_body_is_refused(stack):

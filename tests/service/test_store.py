@@ -118,3 +118,16 @@ def test_open_store_rejects_unknown_schemes(tmp_path):
     with pytest.raises(ValueError):
         open_store("s3://")
     assert isinstance(open_store(f"file://{tmp_path}/s"), LocalStore)
+
+
+def test_orphans_of_dead_attempts_are_collected(store, checkpoint):
+    """Attempt 1 published and died before recording; attempt 2 succeeded: only attempt 2 stays."""
+    from evosparse.jobs.store import collect_orphans
+
+    store.put_dir(checkpoint, "jobs/j9/attempt-1")
+    store.put_dir(checkpoint, "jobs/j9/attempt-2")
+    assert collect_orphans(store, "j9", 2, keep="jobs/j9/attempt-2") == ["jobs/j9/attempt-1"]
+    assert not store.exists("jobs/j9/attempt-1/config.json")
+    assert store.is_complete("jobs/j9/attempt-2") and store.exists("jobs/j9/attempt-2/model.safetensors")
+    assert collect_orphans(store, "j9", 2, keep="jobs/j9/attempt-2") == []  # idempotent
+    assert collect_orphans(store, "j9", 2, keep=None) == ["jobs/j9/attempt-2"]  # a failed job keeps none
