@@ -27,7 +27,8 @@ from pydantic_core import PydanticUndefined
 
 # Spellings that are not simply the field name: kept from before flags were generated (the README,
 # scripts and people's shell history use them).
-FLAG_NAMES: dict[tuple[str, ...], str] = {("search", "time_budget_min"): "--time-budget"}
+FLAG_NAMES: dict[tuple[str, ...], str] = {("search", "time_budget_min"): "--time-budget",
+                                          ("quantize", "group_size"): "--quantize-group"}
 # Nested models whose fields are flags without the model's name in front (--generations, not
 # --search-generations). Any other nested model gets prefixed flags (--quantize-bits).
 UNPREFIXED = frozenset({"search"})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 from evosparse.search import defaults as search_defaults
@@ -23,16 +24,56 @@ ALLOCATIONS: tuple[str, ...] = get_args(Allocation)
 SEED_SOURCES: tuple[str, ...] = get_args(SeedSource)
 
 _NM_RE = re.compile(r"^(\d+):(\d+)$")
+_MIXED_RE = re.compile(r"^mixed:(\d+)$")
+PATTERN_SPELLINGS = "'unstructured', 'structured', 'N:M' (e.g. 2:4), 'mixed:M' (e.g. mixed:8) or '2:4+dense'"
+FORMATS = ("dense", "compressed-tensors")
 _SELECTION_RE = re.compile(r"^\d+:\d+(,\d+:\d+)*$")
 
 
+@dataclass(frozen=True)
+class MixedPattern:
+    """A per-layer N:M choice: every layer prunes ``p`` of each ``m`` weights, ``p`` one of ``pruned``.
+
+    ``mixed:M`` allows p = 1 .. M-1 (N = M-1 .. 1); ``2:4+dense`` allows p = 0 (dense) or 2 (2:4).
+    The choices are evenly spaced, which is what the level space needs.
+    """
+
+    m: int
+    pruned: tuple[int, ...]
+
+    @property
+    def min_sparsity(self) -> float:
+        return self.pruned[0] / self.m
+
+    @property
+    def max_sparsity(self) -> float:
+        return self.pruned[-1] / self.m
+
+    def label(self, p: int) -> str:
+        """The pattern a layer gets when it prunes ``p`` of every ``m``: 'dense' or 'N:M'."""
+        return "dense" if p == 0 else f"{self.m - p}:{self.m}"
+
+
+def parse_mixed(pattern: str) -> MixedPattern | None:
+    """MixedPattern for 'mixed:M' / '2:4+dense', None for the fixed spellings; ValueError if malformed."""
+    if pattern == "2:4+dense":
+        return MixedPattern(m=4, pruned=(0, 2))
+    mm = _MIXED_RE.match(pattern)
+    if mm is None:
+        return None
+    m = int(mm.group(1))
+    if not 3 <= m <= 32:
+        raise ValueError(f"mixed:M needs 3 <= M <= 32 (M = 2 has only 1:2), got {pattern!r}")
+    return MixedPattern(m=m, pruned=tuple(range(1, m)))
+
+
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """Return (N, M) for an N:M pattern, None for unstructured or structured; raise ValueError otherwise."""
-    if pattern in ("unstructured", "structured"):
+    """Return (N, M) for a fixed N:M pattern; None for unstructured, structured or a mixed pattern."""
+    if pattern in ("unstructured", "structured") or parse_mixed(pattern) is not None:
         return None
     m = _NM_RE.match(pattern)
     if not m:
-        raise ValueError(f"pattern must be 'unstructured', 'structured' or 'N:M' (e.g. 2:4), got {pattern!r}")
+        raise ValueError(f"pattern must be {PATTERN_SPELLINGS}, got {pattern!r}")
     n, mm = int(m.group(1)), int(m.group(2))
     if not (0 < n < mm <= 32):
         raise ValueError(f"N:M pattern needs 0 < N < M <= 32, got {pattern!r}")
@@ -95,6 +136,20 @@ class SearchSettings(BaseModel):
         return v.replace(" ", "")
 
 
+class QuantizeSettings(BaseModel):
+    """Integer quantization of the pruned linears, applied on top of sparsity (pruned weights stay 0)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bits: int = Field(4, ge=2, le=8, description="bits per kept weight, 2 to 8")
+    group_size: int = Field(128, ge=8, le=8192, description=(
+        "input columns sharing one scale; must divide every linear's input dimension (SmolLM2-135M: 32, 64 or 192)"))
+    method: Literal["gptq", "rtn"] = Field("gptq", description=(
+        "rtn: round to nearest per group; gptq: error feedback through the layer Hessian "
+        "(with pruner sparsegpt, pruning and quantization are one joint pass)"))
+    symmetric: bool = Field(True, description="symmetric grid (zero point 0) or asymmetric (integer zero point)")
+
+
 class JobSpec(BaseModel):
     """One pruning job: which model, how sparse, which pruner, how sparsity is allocated."""
 
@@ -107,7 +162,8 @@ class JobSpec(BaseModel):
         "how one layer is pruned at a given sparsity; goa: whole heads and channels (pattern 'structured')"))
     allocation: Allocation = Field("uniform", description="how the global target is split across layers")
     pattern: str = Field("unstructured", max_length=32, description=(
-        "'unstructured', N:M such as 2:4 (N:M needs allocation 'uniform'), or 'structured' (whole attention "
+        "'unstructured', N:M such as 2:4 (allocation 'uniform' only), 'mixed:M' (each layer its own N:M "
+        "for that M, e.g. mixed:8), '2:4+dense' (each layer 2:4 or dense), or 'structured' (whole attention "
         "heads with their KV group and MLP channels removed; pruner goa or magnitude)"))
     calib: str = Field("pydoc", min_length=1, max_length=1000, description=(
         "calibration source: pydoc, a text file or folder, or a dataset (wikitext2, c4); its first half is used"))
@@ -127,6 +183,13 @@ class JobSpec(BaseModel):
                         description="auto, cpu, mps, cuda or cuda:N (N < 16)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on GPUs (float16 without bf16), float32 on CPU")
+    quantize: QuantizeSettings | None = Field(None, description=(
+        "quantize the pruned linears on top of sparsity, pruned weights kept 0 (none by default)"))
+    format: Literal["dense", "compressed-tensors"] = Field("dense", description=(
+        "checkpoint layout: dense (HF folder, zeros stored) or compressed-tensors (packed integer codes; "
+        "needs symmetric quantize)"))
+    export_dtype: Literal["source", "float32", "bfloat16", "float16"] = Field("source", description=(
+        "float dtype of the saved checkpoint; source: the dtype the model was published in"))
 
     @field_validator("sparsity")
     @classmethod
@@ -153,10 +216,22 @@ class JobSpec(BaseModel):
                 raise ValueError("structured widths are searched per layer: search.granularity must be 'layer'")
             if self.allocation == "evolutionary" and self.search.workers > 1:
                 raise ValueError("structured widths are searched in one process: search.workers must be 1")
+            if self.quantize is not None or self.format != "dense":
+                raise ValueError("pattern 'structured' is exported as a smaller dense model: quantize and "
+                                 "format 'compressed-tensors' are not supported with it yet")
         return self
 
     @model_validator(mode="after")
     def _check_pattern_vs_sparsity(self) -> JobSpec:
+        mixed = parse_mixed(self.pattern)
+        if mixed is not None:
+            lo, hi = mixed.min_sparsity, mixed.max_sparsity
+            if not lo - 1e-9 <= self.sparsity <= hi + 1e-9:
+                raise ValueError(f"pattern {self.pattern} reaches sparsity {lo:g} to {hi:g} only, "
+                                 f"but sparsity is {self.sparsity:g}")
+            if self.allocation == "evolutionary" and self.search.granularity != "layer":
+                raise ValueError(f"pattern {self.pattern} is searched per layer: search.granularity must be 'layer'")
+            return self
         nm = parse_pattern(self.pattern)
         if nm is None:
             return self
@@ -168,6 +243,20 @@ class JobSpec(BaseModel):
             raise ValueError(f"pattern {self.pattern} means sparsity {implied:g}, but sparsity is {self.sparsity:g}")
         return self
 
+    @model_validator(mode="after")
+    def _check_format(self) -> JobSpec:
+        if self.format == "compressed-tensors" and self.quantize is None:
+            # compressed-tensors >= 0.15 (what transformers 5 loads) dropped its sparse-bitmask
+            # and 2:4 formats: what it stores compactly is quantized weights.
+            raise ValueError("format 'compressed-tensors' stores packed integer weights: give quantize "
+                             "(e.g. {bits: 8} keeps the most accuracy), or use format 'dense'")
+        if self.format == "compressed-tensors" and self.quantize is not None and not self.quantize.symmetric:
+            # transformers 5.24 + compressed-tensors 0.20 cannot load packed asymmetric zero points with a
+            # plain from_pretrained (its meta-device layout expects them unpacked: a size mismatch).
+            raise ValueError("format 'compressed-tensors' needs symmetric quantization (quantize.symmetric: true); "
+                             "asymmetric codes are written with format 'dense'")
+        return self
+
     @property
     def structured(self) -> bool:
         """Whole heads and channels removed (the model gets physically smaller)."""
@@ -175,4 +264,10 @@ class JobSpec(BaseModel):
 
     @property
     def nm(self) -> tuple[int, int] | None:
+        """(N, M) of a fixed N:M pattern; None for unstructured and mixed patterns."""
         return parse_pattern(self.pattern)
+
+    @property
+    def mixed(self) -> MixedPattern | None:
+        """The per-layer N:M choice of a 'mixed:M' or '2:4+dense' pattern, else None."""
+        return parse_mixed(self.pattern)

@@ -8,14 +8,20 @@ may have been swapped in between).
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from pathlib import Path
 
 from evosparse.jobs.settings import Settings
-from evosparse.jobs.spec import JobSpec, parse_selection
+from evosparse.jobs.spec import JobSpec, parse_mixed, parse_pattern, parse_selection
 
 BUILTIN_MODELS = frozenset({"smollm2-135m"})  # the names of pruning.loading.BUILTIN_MODELS (tests/test_loading.py)
 BUILTIN_DATA = frozenset({"pydoc"})
+# Input dimensions of the built-in models' prunable linears (SmolLM2-135M: hidden 576, MLP 1536),
+# so a group size or N:M group is checked in the request path without loading the model.
+BUILTIN_IN_FEATURES = {"smollm2-135m": frozenset({576, 1536})}
+BUILTIN_BLOCKS = {"smollm2-135m": 30}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
 
 
@@ -108,6 +114,86 @@ def check_limits(spec: JobSpec, settings: Settings) -> None:
         raise SpecRejected("seq_len", f"{spec.seq_len} is above this server's limit {settings.max_seq_len}")
 
 
+def model_in_features(model: str) -> frozenset[int] | None:
+    """Input dimensions of a model's prunable linears, read from its config.json without loading it.
+
+    Known for the built-in models and local Hugging Face folders; None (unknown, the worker checks
+    the real shapes before pruning) for hub ids and GGUF files.
+    """
+    if model in BUILTIN_IN_FEATURES:
+        return BUILTIN_IN_FEATURES[model]
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        cfg = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    hidden = cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model")
+    inner = cfg.get("intermediate_size") or cfg.get("ffn_dim") or cfg.get("n_inner")
+    if not isinstance(hidden, int):
+        return None
+    if not isinstance(inner, int):
+        inner = 4 * hidden  # GPT-2 leaves n_inner empty for 4 × n_embd
+    dims = {hidden, inner}
+    heads, head_dim = cfg.get("num_attention_heads"), cfg.get("head_dim")
+    if isinstance(heads, int) and isinstance(head_dim, int):
+        dims.add(heads * head_dim)  # the attention output projection's input
+    return frozenset(dims)
+
+
+def model_blocks(model: str) -> int | None:
+    """Number of decoder blocks from config.json (None when unknown)."""
+    if model in BUILTIN_BLOCKS:
+        return BUILTIN_BLOCKS[model]
+    config = Path(model) / "config.json"
+    try:
+        cfg = json.loads(config.read_text()) if config.is_file() else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    n = cfg.get("num_hidden_layers") or cfg.get("n_layer")
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def _dividing(dims: frozenset[int], upto: int = 512) -> str:
+    common = [g for g in range(8, upto + 1) if all(d % g == 0 for d in dims)]
+    return ", ".join(map(str, common)) or "none from 8 up"
+
+
+def check_shapes(spec: JobSpec) -> None:
+    """Quantization groups and N:M groups must tile every linear's input dimension."""
+    dims = model_in_features(spec.model)
+    if dims is None:
+        return
+    if spec.quantize is not None:
+        g = spec.quantize.group_size
+        bad = sorted(d for d in dims if d % g)
+        if bad:
+            raise SpecRejected("quantize.group_size", f"{g} does not divide the input dimension {bad[0]} of "
+                                                      f"{spec.model}'s linears (sizes that do: {_dividing(dims)})")
+    mixed = parse_mixed(spec.pattern)
+    m = mixed.m if mixed is not None else (parse_pattern(spec.pattern) or (0, 0))[1]
+    if m:
+        bad = sorted(d for d in dims if d % m)
+        if bad:
+            raise SpecRejected("pattern", f"{spec.pattern} needs input dimensions divisible by {m}, "
+                                          f"but {spec.model} has {bad[0]}")
+    blocks = model_blocks(spec.model)
+    if mixed is not None and blocks is not None:
+        # Equal blocks each pruning p of every M (p a multiple of the choices' spacing): the target
+        # must be a whole number of such steps over all blocks.
+        dp = mixed.pruned[1] - mixed.pruned[0]
+        steps = spec.sparsity * mixed.m * blocks / dp
+        if abs(steps - round(steps)) > 1e-6:
+            lo, hi = math.floor(steps) * dp / (mixed.m * blocks), math.ceil(steps) * dp / (mixed.m * blocks)
+            raise SpecRejected("sparsity", f"{spec.sparsity:g} is not reachable exactly with {spec.pattern} over "
+                                           f"{blocks} layers (nearest: {lo:.6g}, {hi:.6g})")
+
+
 def check_spec(spec: JobSpec, settings: Settings) -> JobSpec:
     """Apply the server policy; returns the spec with local paths replaced by their real paths."""
     check_limits(spec, settings)
@@ -116,4 +202,6 @@ def check_spec(spec: JobSpec, settings: Settings) -> JobSpec:
         "calib": check_source("calib", spec.calib, settings, "data"),
         "eval": check_source("eval", spec.eval, settings, "data"),
     }
-    return spec.model_copy(update=updates)
+    checked = spec.model_copy(update=updates)
+    check_shapes(checked)
+    return checked

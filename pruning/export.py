@@ -1,7 +1,17 @@
 """Export a pruned model: Hugging Face checkpoint (safetensors) + tokenizer + report.json.
 
-The sparsity figures in the report are measured by reading the saved safetensors files back,
-so they describe what was written, not what was intended.
+Two layouts (``fmt``):
+
+- ``dense``: the model's tensors as they are, pruned weights stored as zeros (quantized weights
+  as their dequantized values), in the chosen float dtype (by default the source model's).
+- ``compressed-tensors``: the quantized linears as compressed-tensors' ``pack-quantized`` layout
+  (``weight_packed`` int32 words holding ``bits``-bit codes, ``weight_scale`` per group, the
+  zero points packed too when asymmetric) plus the ``quantization_config`` in config.json, which
+  transformers' ``from_pretrained`` (and vLLM) read. The packing is compressed-tensors' own
+  compressor, so the layout is theirs, not a re-implementation.
+
+The sparsity figures in the report are measured by reading the saved files back (unpacking the
+packed codes for compressed-tensors), so they describe what was written, not what was intended.
 """
 
 from __future__ import annotations
@@ -11,22 +21,39 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from evosparse.pruning.errors import PruningConfigError
 from evosparse.pruning.layers import prunable_linears
+from evosparse.pruning.quantize import QuantConfig, QuantizedWeight
 from torch import nn
+
+FORMATS = ("dense", "compressed-tensors")
 
 
 def count_zeros_in_checkpoint(folder: str | Path, weight_names: list[str]) -> dict[str, tuple[int, int]]:
-    """{tensor name: (zeros, numel)} for the given tensor names, read from the folder's *.safetensors."""
+    """{tensor name: (zeros, numel)} for the given tensor names, read from the folder's *.safetensors.
+
+    A ``X.weight`` stored packed (``X.weight_packed``, compressed-tensors) is unpacked and
+    dequantized with the checkpoint's own quantization_config first.
+    """
     from safetensors import safe_open
 
     wanted = set(weight_names)
     found: dict[str, tuple[int, int]] = {}
+    scheme = None
     for file in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
+            keys = set(f.keys())
+            for key in keys:
                 if key in wanted:
                     t = f.get_tensor(key)
                     found[key] = (int((t == 0).sum()), t.numel())
+                elif key.endswith(".weight_packed") and key.removesuffix("_packed") in wanted:
+                    prefix = key.removesuffix("weight_packed")
+                    if scheme is None:
+                        scheme = _saved_scheme(folder)
+                    local = {k.removeprefix(prefix): f.get_tensor(k) for k in keys if k.startswith(prefix + "weight")}
+                    t = _decompress(local, scheme)
+                    found[prefix + "weight"] = (int((t == 0).sum()), t.numel())
     missing = wanted - set(found)
     if missing:
         raise ValueError(f"saved checkpoint lacks weights {sorted(missing)[:3]}")
@@ -42,34 +69,155 @@ def measured_sparsity(folder: str | Path, linear_names: list[str]) -> tuple[floa
     return (total_zero / total if total else 0.0), layer
 
 
+def _scheme(cfg: QuantConfig):
+    from compressed_tensors.config import CompressionFormat
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    args = QuantizationArgs(num_bits=cfg.bits, type="int", symmetric=cfg.symmetric, strategy="group",
+                            group_size=cfg.group_size)
+    return QuantizationScheme(targets=["Linear"], weights=args, format=CompressionFormat.pack_quantized.value)
+
+
+def _saved_scheme(folder: str | Path):
+    """The (single) weight scheme recorded in a compressed-tensors checkpoint's config.json."""
+    from compressed_tensors.quantization import QuantizationScheme
+
+    qc = json.loads((Path(folder) / "config.json").read_text())["quantization_config"]
+    group = next(iter(qc["config_groups"].values()))
+    return QuantizationScheme.model_validate(group)
+
+
+def _decompress(local: dict[str, torch.Tensor], scheme) -> torch.Tensor:
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+
+    return PackedQuantizationCompressor.decompress(local, scheme)["weight"]
+
+
+def _compressed_tensors_config(cfg: QuantConfig, ignore: list[str]) -> dict[str, Any]:
+    from compressed_tensors.config import CompressionFormat
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
+
+    qc = QuantizationConfig(
+        config_groups={"group_0": _scheme(cfg)},
+        format=CompressionFormat.pack_quantized.value,
+        quantization_status=QuantizationStatus.COMPRESSED,
+        ignore=ignore,
+    )
+    import compressed_tensors
+
+    out = qc.model_dump(mode="json")
+    out["quant_method"] = "compressed-tensors"
+    out["version"] = compressed_tensors.__version__
+    return out
+
+
+def _pack_folder(folder: Path, quantized: dict[str, QuantizedWeight], dtype: torch.dtype) -> None:
+    """Rewrite the saved safetensors so every quantized linear's weight is stored packed."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from safetensors.torch import load_file, save_file
+
+    cfg = next(iter(quantized.values())).config
+    scheme = _scheme(cfg)
+    by_key = {f"{n}.weight": (n, qw) for n, qw in quantized.items()}
+    index_file = folder / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else None
+    done = set()
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(str(file))
+        out: dict[str, torch.Tensor] = {}
+        for key, t in tensors.items():
+            if key not in by_key:
+                out[key] = t
+                continue
+            name, qw = by_key[key]
+            local = {"weight": qw.dequantize().to(dtype), "weight_scale": qw.scale.to(dtype)}
+            if qw.zero is not None:
+                local["weight_zero_point"] = qw.zero
+            for k, v in PackedQuantizationCompressor.compress(local, scheme).items():
+                out[f"{name}.{k}"] = v.contiguous()
+                if index is not None:
+                    index["weight_map"][f"{name}.{k}"] = file.name
+            if index is not None:
+                index["weight_map"].pop(key, None)
+            done.add(key)
+        save_file(out, str(file), metadata={"format": "pt"})
+    missing = set(by_key) - done
+    if missing:
+        raise PruningConfigError(f"saved checkpoint lacks weights {sorted(missing)[:3]}")
+    if index is not None:
+        index_file.write_text(json.dumps(index, indent=2) + "\n")
+
+
 def write_report(folder: str | Path, report: dict[str, Any]) -> None:
     path = Path(folder) / "report.json"
     path.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
 
 
+def folder_bytes(folder: str | Path) -> int:
+    """Bytes of the weight files (*.safetensors) in a checkpoint folder."""
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
 @torch.no_grad()
 def save_checkpoint(
-    model: nn.Module, tokenizer: Any, folder: str | Path, linear_names: list[str] | None = None
+    model: nn.Module,
+    tokenizer: Any,
+    folder: str | Path,
+    linear_names: list[str] | None = None,
+    *,
+    fmt: str = "dense",
+    dtype: torch.dtype | None = None,
+    quantized: dict[str, QuantizedWeight] | None = None,
 ) -> dict[str, Any]:
     """Save model + tokenizer to ``folder``; return the sparsity measured from the saved weights.
 
-    Returns ``{"global_sparsity": …, "layer_sparsity": {name: …}}`` (report.json is the caller's).
+    ``dtype`` (default: the model's) is the float dtype written; the model is cast to it in place,
+    since export is a job's last use of it. ``quantized`` holds the integer codes of the
+    quantized linears (required for ``fmt='compressed-tensors'``). Returns ``{"global_sparsity",
+    "layer_sparsity", "format", "dtype", "checkpoint_bytes"}`` (report.json is the caller's).
     """
+    if fmt not in FORMATS:
+        raise PruningConfigError(f"unknown checkpoint format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    linears = prunable_linears(model)
+    if fmt == "compressed-tensors":
+        if not quantized:
+            raise PruningConfigError("format 'compressed-tensors' needs quantized weights (give quantize)")
+        if any(not isinstance(m, nn.Linear) for m in linears.values()):
+            raise PruningConfigError("format 'compressed-tensors' needs nn.Linear layers (GPT-2's Conv1D is not)")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if dtype is not None:
+        model.to(dtype)
+    dtype = next(model.parameters()).dtype
     model.save_pretrained(folder, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    names = linear_names if linear_names is not None else list(prunable_linears(model))
+    if fmt == "compressed-tensors":
+        assert quantized is not None
+        _pack_folder(folder, quantized, dtype)
+        ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized)
+        config_path = folder / "config.json"
+        config = json.loads(config_path.read_text())
+        config["quantization_config"] = _compressed_tensors_config(next(iter(quantized.values())).config, ignore)
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    names = linear_names if linear_names is not None else list(linears)
     global_sparsity, layer = measured_sparsity(folder, names)
-    return {"global_sparsity": global_sparsity, "layer_sparsity": layer}
+    return {"global_sparsity": global_sparsity, "layer_sparsity": layer, "format": fmt,
+            "dtype": str(dtype).removeprefix("torch."), "checkpoint_bytes": folder_bytes(folder)}
 
 
 def export_checkpoint(
-    model: nn.Module, tokenizer: Any, folder: str | Path, report: dict[str, Any] | None = None
+    model: nn.Module,
+    tokenizer: Any,
+    folder: str | Path,
+    report: dict[str, Any] | None = None,
+    *,
+    fmt: str = "dense",
+    dtype: torch.dtype | None = None,
+    quantized: dict[str, QuantizedWeight] | None = None,
 ) -> dict[str, Any]:
     """``save_checkpoint`` plus report.json holding ``report`` and the measured sparsity; returns the report."""
     out = dict(report or {})
-    out.update(save_checkpoint(model, tokenizer, folder))
+    out.update(save_checkpoint(model, tokenizer, folder, fmt=fmt, dtype=dtype, quantized=quantized))
     write_report(folder, out)
     return out

@@ -25,6 +25,13 @@ ranking. No separate dense copy is kept; the job's dense snapshot lives in the r
 ``apply(counts)`` only touches the linears whose count differs from the model's current state,
 and for the ranking pruners only the entries whose state flips between the two counts.
 
+N:M levels (``nm_m`` = M, for ``mixed:M`` / ``2:4+dense``): a count of ``size * p / M`` means
+the pattern (M - p):M. For the ranking pruners the N:M masks of one M are nested too (inside
+each group of M the lowest p scores go), so one within-group rank per weight (int8, derived from
+the same stored ranking) serves every N, the masks ``keep_mask_from_scores(..., nm)`` gives; this
+mode keeps a dense copy instead of a band, since every N touches every group. SparseGPT runs
+its own N:M mask selection per group of M columns (as in its paper) for each (linear, N).
+
 The rankings (or SparseGPT Hessians) are what is expensive to build and what does not depend on
 the level grid, so ``save``/``load`` store exactly those, one safetensors file per block: a job
 on the same model, pruner and calibration data reuses them (worker/leveldb_store.py keys them).
@@ -103,6 +110,25 @@ def rankings(
     return out
 
 
+def split_counts(units: Sequence[Unit], unit_counts: Sequence[int]) -> dict[str, int]:
+    """Per-linear prune counts: each unit's count split over its linears by size (exact)."""
+    out: dict[str, int] = {}
+    for u, c in zip(units, unit_counts, strict=True):
+        out.update(zip(u.linears, split_proportional(c, u.sizes), strict=True))
+    return out
+
+
+def nm_split_counts(units: Sequence[Unit], unit_counts: Sequence[int], m: int) -> dict[str, int]:
+    """N:M mode: a unit pruning p of every M gives each of its linears size * p / M (integers only)."""
+    out: dict[str, int] = {}
+    for u, c in zip(units, unit_counts, strict=True):
+        p, rem = divmod(c * m, u.size)
+        if rem:
+            raise PruningConfigError(f"{u.name}: count {c} of {u.size} is not an N:{m} pattern")
+        out.update({n: size * p // m for n, size in zip(u.linears, u.sizes, strict=True)})
+    return out
+
+
 class LevelDB:
     """Per-linear rank bands (or lazily computed SparseGPT levels) for one model and pruner."""
 
@@ -118,15 +144,19 @@ class LevelDB:
         dense: Mapping[str, torch.Tensor] | None = None,
         cache_dir: str | Path | None = None,
         memory_limit_bytes: int = 2 << 30,
+        nm_m: int | None = None,
     ) -> None:
         """``orders``: rankings (ranking pruners); ``hessians``: layer Hessians (SparseGPT).
 
         ``bounds``: per linear the (lowest, highest) count that will ever be applied (default: all);
         ``dense``: the dense weights SparseGPT levels start from (default: a copy of the model's).
+        ``nm_m``: serve N:M levels for this M (counts must be whole N:M patterns; bounds are not used).
         The model must hold its dense weights when the database is made.
         """
         if pruner not in PRUNERS:
             raise PruningConfigError(f"unknown pruner {pruner!r}")
+        self.nm_m = nm_m
+        self.nm_rank: dict[str, torch.Tensor] = {}  # N:M mode: rank of each weight inside its group of M
         self.model = model
         self.pruner = pruner
         self.blocks = list(blocks) if blocks is not None else find_blocks(model)
@@ -163,7 +193,7 @@ class LevelDB:
             if orders is None:
                 raise PruningConfigError(f"{pruner} levels need the score rankings")
             for name, order in orders.items():  # build() hands them over block by block instead
-                self._make_band(name, order)
+                self._add_ranking(name, order)
 
     # ------------------------------------------------------------------ build / store
     @classmethod
@@ -180,6 +210,7 @@ class LevelDB:
         bounds: Mapping[str, tuple[int, int]] | None = None,
         dense: Mapping[str, torch.Tensor] | None = None,
         save_to: str | Path | None = None,
+        nm_m: int | None = None,
     ) -> LevelDB:
         """Rank (or collect Hessians) on the dense model, optionally saving them to ``save_to``.
 
@@ -198,16 +229,17 @@ class LevelDB:
             hessians = {n: stats[n].hessian for b in blocks for n in b.linears}  # type: ignore[index,union-attr]
             if save_to is not None:
                 save_levels(save_to, pruner, blocks, hessians)
-            return cls(model, pruner, None, hessians, blocks=blocks, bounds=bounds, dense=dense, cache_dir=cache_dir)
+            return cls(model, pruner, None, hessians, blocks=blocks, bounds=bounds, dense=dense, cache_dir=cache_dir,
+                       nm_m=nm_m)
         # Rank, store and band one block at a time: the full rankings of the whole model never
         # sit in memory together (on a GPU that is the difference between 2x and 3x the model).
-        db = cls(model, pruner, {}, None, blocks=blocks, bounds=bounds, dense=dense, cache_dir=cache_dir)
+        db = cls(model, pruner, {}, None, blocks=blocks, bounds=bounds, dense=dense, cache_dir=cache_dir, nm_m=nm_m)
         for info in blocks:
             orders = rankings([info], pruner, stats)
             if save_to is not None:
                 save_block(save_to, info, orders)
             for name, order in orders.items():
-                db._make_band(name, order)
+                db._add_ranking(name, order)
         if save_to is not None:
             save_meta(save_to, pruner, blocks)
         return db
@@ -223,19 +255,42 @@ class LevelDB:
         bounds: Mapping[str, tuple[int, int]] | None = None,
         dense: Mapping[str, torch.Tensor] | None = None,
         cache_dir: str | Path | None = None,
+        nm_m: int | None = None,
     ) -> LevelDB:
         """The database ``save_levels`` stored, for this (dense) model."""
         blocks = list(blocks) if blocks is not None else find_blocks(model)
         device = weight_matrix(next(iter(blocks[0].linears.values()))).device
         if pruner == "sparsegpt":
             hessians = load_levels(folder, pruner, blocks, device=device)
-            return cls(model, pruner, None, hessians, blocks=blocks, bounds=bounds, dense=dense, cache_dir=cache_dir)
+            return cls(model, pruner, None, hessians, blocks=blocks, bounds=bounds, dense=dense, cache_dir=cache_dir,
+                       nm_m=nm_m)
         check_levels(folder, pruner, blocks)
-        db = cls(model, pruner, {}, None, blocks=blocks, bounds=bounds, dense=dense, cache_dir=cache_dir)
+        db = cls(model, pruner, {}, None, blocks=blocks, bounds=bounds, dense=dense, cache_dir=cache_dir, nm_m=nm_m)
         for info in blocks:  # one block's rankings in memory at a time, as in build()
             for name, order in load_levels(folder, pruner, [info], device=device, checked=True).items():
-                db._make_band(name, order)
+                db._add_ranking(name, order)
         return db
+
+    def _add_ranking(self, name: str, order: torch.Tensor) -> None:
+        """One linear's ranking in: a rank band, or in N:M mode the within-group ranks."""
+        if self.nm_m is not None:
+            self._make_nm(name, order, self.nm_m)
+        else:
+            self._make_band(name, order)
+
+    def _make_nm(self, name: str, order: torch.Tensor, m: int) -> None:
+        """N:M mode: each weight's rank inside its group of M, from the row ranking (ties by position)."""
+        groups, width = order.shape
+        if width % m:
+            raise PruningConfigError(f"{name}: N:{m} needs the compared dimension divisible by {m}, got {width}")
+        rank_in_row = torch.empty_like(order, dtype=torch.int32)
+        rank_in_row.scatter_(1, order.long(), torch.arange(width, dtype=torch.int32).expand(groups, width).contiguous())
+        within = torch.argsort(rank_in_row.reshape(groups, width // m, m), dim=2, stable=True)
+        rank = torch.argsort(within, dim=2).reshape(groups, width).to(torch.int8)
+        # Both kept as [out, in], like the weights SparseGPT levels start from.
+        self.nm_rank[name] = rank if self.dim[name] == 1 else rank.t().contiguous()
+        self.dense[name] = weight_matrix(self.modules[name]).detach().clone()
+        self.current[name] = 0
 
     def _make_band(self, name: str, order: torch.Tensor) -> None:
         """Keep the ranks [lo, hi) any count within bounds can reach; zero the ranks below once."""
@@ -268,13 +323,11 @@ class LevelDB:
             return [Unit(n, self.block_of[n], [n], [self.sizes[n]]) for n in self.modules]
         raise ValueError(f"granularity must be 'layer' or 'module', got {granularity!r}")
 
-    @staticmethod
-    def linear_counts(units: list[Unit], unit_counts: Sequence[int]) -> dict[str, int]:
-        """Per-linear prune counts: each unit's count split over its linears by size (exact)."""
-        out: dict[str, int] = {}
-        for u, c in zip(units, unit_counts, strict=True):
-            out.update(zip(u.linears, split_proportional(c, u.sizes), strict=True))
-        return out
+    def linear_counts(self, units: list[Unit], unit_counts: Sequence[int]) -> dict[str, int]:
+        """Per-linear prune counts of per-unit counts (``split_counts``, or ``nm_split_counts`` in N:M mode)."""
+        if self.nm_m is not None:
+            return nm_split_counts(units, unit_counts, self.nm_m)
+        return split_counts(units, unit_counts)
 
     # ------------------------------------------------------------------ levels
     def pruned_weight(self, name: str, count: int) -> torch.Tensor:
@@ -282,6 +335,8 @@ class LevelDB:
         if self.pruner == "sparsegpt":
             dense = self.dense[name]
             return dense.clone() if count == 0 else self._sparsegpt_level(name, count).to(dense.dtype)
+        if self.nm_m is not None:
+            return self.dense[name] * (self.nm_rank[name] >= self.pruned_per_group(name, count))
         lo_count, hi_count = self.bounds[name]
         if not lo_count <= count <= hi_count:
             raise PruningConfigError(f"{name}: count {count} outside this database's bounds {lo_count}..{hi_count}")
@@ -292,6 +347,20 @@ class LevelDB:
         grouped.scatter_(1, idx, torch.where(pruned, torch.zeros_like(val), val))
         return grouped if self.dim[name] == 1 else grouped.t()
 
+    def pruned_per_group(self, name: str, count: int) -> int:
+        """N:M mode: the p of (M - p):M that ``count`` means for this linear."""
+        assert self.nm_m is not None
+        p, rem = divmod(count * self.nm_m, self.sizes[name])
+        if rem or not 0 <= p < self.nm_m:
+            raise PruningConfigError(f"{name}: count {count} is not an N:{self.nm_m} pattern")
+        return p
+
+    def nm_of(self, name: str, count: int) -> tuple[int, int] | None:
+        """The (N, M) a count means in N:M mode; None for unstructured mode or a dense layer."""
+        if self.nm_m is None or count == 0:
+            return None
+        return (self.nm_m - self.pruned_per_group(name, count), self.nm_m)
+
     def _sparsegpt_level(self, name: str, count: int) -> torch.Tensor:
         key = (name, count)
         if key in self.levels:
@@ -299,14 +368,14 @@ class LevelDB:
             return self.levels[key]
         path = None
         if self.cache_dir is not None:
-            digest = hashlib.sha1(f"{name}:{count}".encode()).hexdigest()[:16]
+            digest = hashlib.sha1(f"{name}:{count}:{self.nm_m}".encode()).hexdigest()[:16]
             path = self.cache_dir / f"{digest}.pt"
             if path.exists():
                 return torch.load(path)
         from evosparse.pruning.pruners import sparsegpt_prune
 
         hessian = self.hessian[name]
-        w = sparsegpt_prune(self.dense[name].to(hessian.device), hessian, count)
+        w = sparsegpt_prune(self.dense[name].to(hessian.device), hessian, count, self.nm_of(name, count))
         nbytes = w.numel() * w.element_size()
         if path is not None and self._level_bytes + nbytes > self.memory_limit:  # memory full: spill to disk
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -325,7 +394,7 @@ class LevelDB:
         """Put the model in the state ``counts`` (per linear); returns the linears rewritten."""
         changed = [n for n, c in counts.items() if self.current[n] != c]
         for n in changed:
-            if self.pruner == "sparsegpt":
+            if self.pruner == "sparsegpt" or self.nm_m is not None:
                 weight_matrix(self.modules[n]).copy_(self.pruned_weight(n, counts[n]))
             else:
                 lo_count, hi_count = self.bounds[n]
@@ -367,11 +436,15 @@ class LevelDB:
 
     def restore(self) -> None:
         """Back to the lowest count of every linear: the dense weights when the bounds start at 0."""
+        if self.nm_m is not None:
+            self.apply({n: 0 for n in self.modules})
+            return
         self.apply({n: lo for n, (lo, _) in self.bounds.items()})
 
     def nbytes(self) -> int:
         """Memory held by the database (rank bands and their values, Hessians, dense copies, levels)."""
-        tensors = [*self.band_idx.values(), *self.band_val.values(), *self.hessian.values(), *self.dense.values()]
+        tensors = [*self.band_idx.values(), *self.band_val.values(), *self.hessian.values(), *self.dense.values(),
+                   *self.nm_rank.values()]
         return sum(t.numel() * t.element_size() for t in tensors) + self._level_bytes
 
 

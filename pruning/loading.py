@@ -111,6 +111,51 @@ def resolve_model_dir(spec: str) -> str:
     return spec  # a hub id such as 'meta-llama/Llama-2-7b-hf'
 
 
+# GGUF file types (llama.cpp's general.file_type) that record a float dtype; the quantized ones do
+# not say what the model was published in: bfloat16 is taken (float32's range in 16 bits).
+_GGUF_FLOAT_TYPES = {0: torch.float32, 1: torch.float16, 32: torch.bfloat16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def source_dtype(spec: str) -> torch.dtype:
+    """The float dtype the model was published in: config.json's dtype, or a GGUF file's float type.
+
+    The checkpoint is written in this dtype by default, so pruning never makes a model bigger
+    than it came (loading may have upcast it to float32 for CPU work).
+    """
+    target = spec
+    if spec in BUILTIN_MODELS:
+        target = str(builtin_gguf_path(spec))
+    path = Path(target).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        try:
+            from gguf import GGUFReader
+
+            field = GGUFReader(str(path)).fields.get("general.file_type")
+            ftype = int(field.parts[field.data[0]][0]) if field is not None else None
+        except Exception:  # an unreadable header: fall back like a quantized file
+            ftype = None
+        return _GGUF_FLOAT_TYPES.get(ftype, torch.bfloat16) if ftype is not None else torch.bfloat16
+    target = resolve_model_dir(spec)
+    config = Path(target) / "config.json"
+    if config.is_file():
+        import json
+
+        cfg = json.loads(config.read_text())
+        name = cfg.get("dtype") or cfg.get("torch_dtype")
+    else:  # a hub id: its (cached) config
+        from transformers import AutoConfig
+
+        try:
+            config_obj = AutoConfig.from_pretrained(target, local_files_only=hub_offline())
+            name = str(getattr(config_obj, "dtype", "") or "").removeprefix("torch.")
+        except (OSError, ValueError):
+            name = None
+    if isinstance(name, str) and name in _DTYPES:
+        return _DTYPES[name]
+    return torch.float32
+
+
 def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> tuple[nn.Module, object]:
     """Load (model, tokenizer) in eval mode on ``device``. Raises ModelLoadError with a clear message."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -14,19 +14,42 @@ import torch
 from evosparse.pruning.blockwise import capture_block_inputs, run_block
 from evosparse.pruning.calibration import LinearStats, collect_block_stats
 from evosparse.pruning.errors import CancelledError, PruningConfigError
-from evosparse.pruning.layers import BlockInfo, find_blocks, weight_matrix
+from evosparse.pruning.layers import BlockInfo, find_blocks, prunable_linears, weight_matrix
 from evosparse.pruning.pruners import (
     PRUNER_NAMES,
     apply_mask,
     dass_scores,
     keep_mask_from_scores,
     magnitude_scores,
+    obs_prune_quantize,
     sparsegpt_prune,
     wanda_scores,
 )
+from evosparse.pruning.quantize import QuantConfig, QuantizedWeight, quantize_rtn
 from torch import nn
 
 Progress = Callable[[int, int], None]  # (blocks done, blocks total)
+NM = tuple[int, int] | None
+# One N:M for every linear, or one per linear (mixed patterns; None = unstructured/dense there).
+Patterns = NM | dict[str, NM]
+
+
+def nm_of(patterns: Patterns, name: str) -> NM:
+    """The N:M a linear is pruned with."""
+    return patterns.get(name) if isinstance(patterns, dict) else patterns
+
+
+def needs_hessian(pruner: str, quant: QuantConfig | None) -> bool:
+    """SparseGPT and GPTQ both work through the layer Hessian 2XXᵀ."""
+    return pruner == "sparsegpt" or (quant is not None and quant.method == "gptq")
+
+
+def check_quant_shapes(model: nn.Module, quant: QuantConfig | None) -> None:
+    """Every prunable linear's input dimension must be a whole number of quantization groups."""
+    if quant is None:
+        return
+    for name, m in prunable_linears(model).items():
+        quant.check_in_features(name, weight_matrix(m).shape[1])
 
 
 def glu_roles(block: BlockInfo) -> dict[str, str]:
@@ -45,25 +68,48 @@ def prune_linear(
     stats: LinearStats | None,
     nm: tuple[int, int] | None = None,
     channel_sq_norms: torch.Tensor | None = None,
-) -> None:
-    """Prune one linear in place.
+    quant: QuantConfig | None = None,
+    scale_dtype: torch.dtype = torch.float32,
+) -> QuantizedWeight | None:
+    """Prune one linear in place, then quantize it when ``quant`` is given (returns its codes).
 
     ``channel_sq_norms`` (DaSS only, for a GLU gate/up projection) holds Σ A_i² of the
-    intermediate channels; without it DaSS falls back to Wanda.
+    intermediate channels; without it DaSS falls back to Wanda. With ``quant``: SparseGPT + GPTQ
+    prune and quantize jointly in one OBS pass; any other mask + GPTQ keeps the mask and feeds the
+    quantization error back through the Hessian; RTN rounds the pruned weights group by group.
     """
     w = weight_matrix(module)
-    if pruner == "magnitude":
-        apply_mask(w, keep_mask_from_scores(magnitude_scores(w), count, nm, dim=1))
-    elif pruner == "wanda" or (pruner == "dass" and channel_sq_norms is None):
-        assert stats is not None
-        apply_mask(w, keep_mask_from_scores(wanda_scores(w, stats.sq_norms), count, nm, dim=1))
-    elif pruner == "dass":
-        apply_mask(w, keep_mask_from_scores(dass_scores(w, channel_sq_norms), count, nm, dim=0))
-    elif pruner == "sparsegpt":
+    if pruner == "sparsegpt":
         assert stats is not None and stats.hessian is not None
+        if quant is not None and quant.method == "gptq":
+            new, qw = obs_prune_quantize(w, stats.hessian, count, nm, quant=quant, scale_dtype=scale_dtype)
+            w.copy_(new.to(w.dtype))
+            return qw
         w.copy_(sparsegpt_prune(w, stats.hessian, count, nm).to(w.dtype))
-    else:
+    elif count > 0:
+        if pruner == "magnitude":
+            keep = keep_mask_from_scores(magnitude_scores(w), count, nm, dim=1)
+        elif pruner == "wanda" or (pruner == "dass" and channel_sq_norms is None):
+            assert stats is not None
+            keep = keep_mask_from_scores(wanda_scores(w, stats.sq_norms), count, nm, dim=1)
+        elif pruner == "dass":
+            keep = keep_mask_from_scores(dass_scores(w, channel_sq_norms), count, nm, dim=0)
+        else:
+            raise PruningConfigError(f"unknown pruner {pruner!r}; choose one of {', '.join(PRUNER_NAMES)}")
+        apply_mask(w, keep)
+    elif pruner not in PRUNER_NAMES:
         raise PruningConfigError(f"unknown pruner {pruner!r}; choose one of {', '.join(PRUNER_NAMES)}")
+    if quant is None:
+        return None
+    keep = w != 0
+    if quant.method == "gptq":
+        assert stats is not None and stats.hessian is not None
+        new, qw = obs_prune_quantize(w, stats.hessian, 0, keep=keep, quant=quant, scale_dtype=scale_dtype)
+    else:
+        qw = quantize_rtn(w, quant, keep, scale_dtype=scale_dtype)
+        new = qw.dequantize()
+    w.copy_(new.to(w.dtype))
+    return qw
 
 
 def prune_block(
@@ -72,34 +118,44 @@ def prune_block(
     kwargs: dict,
     pruner: str,
     counts: dict[str, int],
-    nm: tuple[int, int] | None = None,
+    nm: Patterns = None,
     batch_size: int = 8,
+    quant: QuantConfig | None = None,
+    scale_dtype: torch.dtype = torch.float32,
+    quantized: dict[str, QuantizedWeight] | None = None,
 ) -> torch.Tensor:
-    """Prune one block given its inputs; returns the pruned block's outputs (next block's inputs)."""
-    targets = {n: m for n, m in block.linears.items() if counts.get(n, 0) > 0}
+    """Prune (and quantize) one block given its inputs; returns the block's outputs (next block's inputs).
+
+    Quantized codes are added to ``quantized`` by linear name.
+    """
+    # Quantization touches every linear, also those left dense (e.g. '2:4+dense').
+    targets = {n: m for n, m in block.linears.items() if counts.get(n, 0) > 0 or quant is not None}
     if not targets:
         return run_block(block.module, hidden, kwargs, batch_size=batch_size)
     stats: dict[str, LinearStats] = {}
-    if pruner != "magnitude":
+    if pruner != "magnitude" or needs_hessian(pruner, quant):
         # DaSS needs the down projection's input norms even when only gate/up are pruned.
         hooked = dict(targets)
         if pruner == "dass" and block.glu is not None:
             hooked[block.glu[2]] = block.linears[block.glu[2]]
         stats, _ = collect_block_stats(
-            block.module, hooked, hidden, kwargs, hessian=pruner == "sparsegpt", batch_size=batch_size
+            block.module, hooked, hidden, kwargs, hessian=needs_hessian(pruner, quant), batch_size=batch_size
         )
     roles = glu_roles(block)
     for name, module in targets.items():
         channel = None
         if pruner == "dass" and roles.get(name) in ("gate", "up"):
             channel = stats[block.glu[2]].sq_norms  # type: ignore[index]
-        prune_linear(module, pruner, counts[name], stats.get(name), nm, channel)
+        qw = prune_linear(module, pruner, counts.get(name, 0), stats.get(name), nm_of(nm, name), channel,
+                          quant, scale_dtype)
+        if qw is not None and quantized is not None:
+            quantized[name] = qw
     del stats
     return run_block(block.module, hidden, kwargs, batch_size=batch_size)
 
 
 def validate_counts(
-    model: nn.Module, counts: dict[str, int], nm: tuple[int, int] | None, blocks: Sequence[BlockInfo] | None = None
+    model: nn.Module, counts: dict[str, int], nm: Patterns = None, blocks: Sequence[BlockInfo] | None = None
 ) -> None:
     """Reject unknown layer names and counts outside [0, numel] before any weight is touched."""
     sizes = {n: weight_matrix(m).numel() for b in blocks or find_blocks(model) for n, m in b.linears.items()}
@@ -117,32 +173,46 @@ def prune_model(
     calib_tokens: torch.Tensor,
     pruner: str,
     counts: dict[str, int],
-    nm: tuple[int, int] | None = None,
+    nm: Patterns = None,
     progress: Progress | None = None,
     should_cancel: Callable[[], bool] | None = None,
     batch_size: int = 8,
     blocks: Sequence[BlockInfo] | None = None,
-) -> None:
-    """Prune ``model`` in place: ``counts[name]`` weights zeroed in each linear (N:M: count > 0 = apply)."""
+    quant: QuantConfig | None = None,
+    scale_dtype: torch.dtype = torch.float32,
+) -> dict[str, QuantizedWeight]:
+    """Prune ``model`` in place: ``counts[name]`` weights zeroed in each linear (N:M: count > 0 = apply).
+
+    ``nm`` is one N:M for all linears or a per-linear dict (mixed patterns). With ``quant`` every
+    prunable linear is also quantized (scales representable in ``scale_dtype``, the checkpoint's
+    dtype); returns the integer codes per linear (empty without ``quant``).
+    """
     if pruner not in PRUNER_NAMES:
         raise PruningConfigError(f"unknown pruner {pruner!r}; choose one of {', '.join(PRUNER_NAMES)}")
     blocks = list(blocks) if blocks is not None else find_blocks(model)
     validate_counts(model, counts, nm, blocks)
-    if pruner == "magnitude":  # needs no activations: skip the forward passes
+    check_quant_shapes(model, quant)
+    quantized: dict[str, QuantizedWeight] = {}
+    if pruner == "magnitude" and not needs_hessian(pruner, quant):  # no activations needed: no forward passes
         for i, block in enumerate(blocks):
             if should_cancel is not None and should_cancel():
                 raise CancelledError("job cancelled")
             for name, module in block.linears.items():
-                if counts.get(name, 0) > 0:
-                    prune_linear(module, pruner, counts[name], None, nm)
+                if counts.get(name, 0) > 0 or quant is not None:
+                    qw = prune_linear(module, pruner, counts.get(name, 0), None, nm_of(nm, name),
+                                      quant=quant, scale_dtype=scale_dtype)
+                    if qw is not None:
+                        quantized[name] = qw
             if progress is not None:
                 progress(i + 1, len(blocks))
-        return
+        return quantized
     inputs = capture_block_inputs(model, calib_tokens)
     hidden = inputs.hidden
     for i, block in enumerate(blocks):
         if should_cancel is not None and should_cancel():
             raise CancelledError("job cancelled")
-        hidden = prune_block(block, hidden, inputs.kwargs, pruner, counts, nm, batch_size)
+        hidden = prune_block(block, hidden, inputs.kwargs, pruner, counts, nm, batch_size, quant, scale_dtype,
+                             quantized)
         if progress is not None:
             progress(i + 1, len(blocks))
+    return quantized

@@ -15,8 +15,11 @@ Scores are computed in float32 whatever the model's dtype.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from evosparse.pruning.errors import PruningConfigError
+from evosparse.pruning.quantize import QuantConfig, QuantizedWeight, group_params, quantize_codes
 from evosparse.search.allocation import split_proportional
 
 PRUNER_NAMES = ("magnitude", "wanda", "sparsegpt", "dass")
@@ -134,19 +137,65 @@ def sparsegpt_prune(
     ``count`` weights. With ``nm`` the M - N lowest of each M consecutive columns are pruned per row.
     Returns a new float32 tensor of the same shape; the input is left unchanged.
     """
+    if count < 0 or count > weight.numel():
+        raise PruningConfigError(f"cannot prune {count} of {weight.numel()} weights")
+    if count == 0:  # nothing to prune: skip the Hessian inverse
+        return weight.detach().float().clone(memory_format=torch.contiguous_format)
+    return obs_prune_quantize(weight, hessian, count, nm, blocksize=blocksize, percdamp=percdamp)[0]
+
+
+def _block_width(blocksize: int, unit: int) -> int:
+    """A block width that is a multiple of ``unit`` (the N:M group and/or the quantization group)."""
+    return max(unit, blocksize - blocksize % unit)
+
+
+@torch.no_grad()
+def obs_prune_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    count: int,
+    nm: tuple[int, int] | None = None,
+    quant: QuantConfig | None = None,
+    keep: torch.Tensor | None = None,
+    scale_dtype: torch.dtype = torch.float32,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> tuple[torch.Tensor, QuantizedWeight | None]:
+    """The OBS column loop shared by SparseGPT and GPTQ: prune and/or quantize with error feedback.
+
+    - ``keep`` None: the mask is chosen here (SparseGPT, ``count`` / ``nm`` as in ``sparsegpt_prune``).
+    - ``keep`` given: the mask is fixed (a Wanda/magnitude/DaSS mask) and ``count``/``nm`` are ignored;
+      only the quantization error (and the pruned weights' error) is fed back.
+    - ``quant``: every kept weight is rounded onto its group's grid as its column is reached
+      (GPTQ, Frantar et al. 2023), group scales chosen from the group's current, already
+      error-corrected weights when the loop enters the group. Pruned weights become exactly 0.
+
+    Joint prune-and-quantize is the SparseGPT paper's recipe (50 % + 4 bit). Returns the float32
+    weights (dequantized when quantizing) and the integer codes (None without ``quant``).
+    """
     w = weight.detach().float().clone(memory_format=torch.contiguous_format)  # Conv1D views are transposed
     rows, cols = w.shape
-    if count < 0 or count > w.numel():
+    if keep is None and (count < 0 or count > w.numel()):
         raise PruningConfigError(f"cannot prune {count} of {w.numel()} weights")
-    if count == 0:
-        return w
-    if nm is not None:
+    unit = 1
+    if keep is None and nm is not None:
         _check_nm(cols, nm, "in_features")
-        blocksize = max(nm[1], blocksize - blocksize % nm[1])
+        unit = nm[1]
+    if quant is not None:
+        quant.check_in_features("weight", cols)
+        unit = math.lcm(unit, quant.group_size)
+    blocksize = _block_width(blocksize, unit)
     hinv = _inverse_hessian_chol(hessian, percdamp)
+    prune_all = torch.zeros((rows, cols), dtype=torch.bool, device=w.device)
+    if keep is not None:
+        prune_all = ~keep.to(w.device, torch.bool)
+    codes = torch.zeros((rows, cols), dtype=torch.float32, device=w.device) if quant is not None else None
+    n_groups = cols // quant.group_size if quant is not None else 0
+    scales = torch.ones((rows, n_groups), device=w.device)
+    zeros = torch.zeros((rows, n_groups), device=w.device) if quant is not None and not quant.symmetric else None
     starts = list(range(0, cols, blocksize))
     widths = [min(blocksize, cols - s) for s in starts]
-    block_counts = split_proportional(count, [rows * wd for wd in widths])
+    block_counts = split_proportional(count, [rows * wd for wd in widths]) if keep is None else [0] * len(starts)
     for i1, width, bcount in zip(starts, widths, block_counts, strict=True):
         i2 = i1 + width
         w1 = w[:, i1:i2].clone()
@@ -154,24 +203,50 @@ def sparsegpt_prune(
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         diag = torch.diag(hinv1)
-        prune1 = torch.zeros(w1.shape, dtype=torch.bool, device=w1.device)
-        if nm is None and bcount > 0:
+        prune1 = prune_all[:, i1:i2].clone()
+        if keep is None and nm is None and bcount > 0:
             score = (w1**2 / diag.unsqueeze(0) ** 2).flatten()
             prune1.view(-1)[torch.topk(score, bcount, largest=False).indices] = True
         for i in range(width):
             col = w1[:, i]
             d = hinv1[i, i]
-            if nm is not None and i % nm[1] == 0:
+            if keep is None and nm is not None and count > 0 and i % nm[1] == 0:
                 m = nm[1]
                 score = w1[:, i : i + m] ** 2 / diag[i : i + m].unsqueeze(0) ** 2
                 idx = torch.topk(score, m - nm[0], dim=1, largest=False).indices
                 prune1.scatter_(1, i + idx, True)
             q = col.clone()
             q[prune1[:, i]] = 0
+            if quant is not None:
+                g = (i1 + i) // quant.group_size
+                if (i1 + i) % quant.group_size == 0:
+                    # Scales from the group's current (error-corrected) kept weights; later
+                    # N:M choices inside the group are not known yet, so those weights count too.
+                    grp = w1[:, i : i + quant.group_size] * ~prune1[:, i : i + quant.group_size]
+                    scale, zero = group_params(grp, quant, scale_dtype)
+                    scales[:, g] = scale
+                    if zeros is not None:
+                        zeros[:, g] = zero
+                c = quantize_codes(q.unsqueeze(1), scale, zero, quant).squeeze(1)
+                if zero is not None:
+                    c = torch.where(prune1[:, i], zero, c)
+                else:
+                    c = torch.where(prune1[:, i], torch.zeros_like(c), c)
+                codes[:, i1 + i] = c  # type: ignore[index]
+                q = (c - (zero if zero is not None else 0.0)) * scale
             q1[:, i] = q
             err = (col - q) / d
             w1[:, i:] -= err.unsqueeze(1).matmul(hinv1[i, i:].unsqueeze(0))
             err1[:, i] = err
         w[:, i1:i2] = q1
         w[:, i2:] -= err1.matmul(hinv[i1:i2, i2:])
-    return w
+        prune_all[:, i1:i2] = prune1
+    if quant is None:
+        return w, None
+    qw = QuantizedWeight(
+        q=codes.to(torch.int8),  # type: ignore[union-attr]
+        scale=scales,
+        zero=zeros.to(torch.int8) if zeros is not None else None,
+        config=quant,
+    )
+    return w, qw

@@ -30,7 +30,7 @@ import torch
 from evosparse.pruning.blockwise import capture_block_inputs, run_block
 from evosparse.pruning.errors import PruningConfigError
 from evosparse.pruning.layers import find_blocks
-from evosparse.pruning.leveldb import LevelDB, Unit
+from evosparse.pruning.leveldb import Unit, split_counts
 from evosparse.pruning.structured import (
     STRUCTURED_PRUNERS,
     BlockUnits,
@@ -135,7 +135,7 @@ class StructuredLevelDB:
         return [Unit(info.name, info.index, list(info.linears),
                      [m.weight.numel() for m in info.linears.values()]) for info in self.blocks]
 
-    linear_counts = staticmethod(LevelDB.linear_counts)
+    linear_counts = staticmethod(split_counts)
 
     def max_fractions(self) -> list[float]:
         """Per block, the largest fraction structured pruning can remove (one group, one channel kept)."""

@@ -112,3 +112,66 @@ class LevelSpace:
     def from_counts(self, counts: Sequence[int]) -> Vector:
         """The level-grid vector closest to an allocation given as prune counts (e.g. Fisher's)."""
         return self.repair([(c - b) / self.step for c, b in zip(counts, self.base, strict=True)])
+
+
+def mixed_space(
+    sizes: Sequence[int], target: float, m: int, choices: Sequence[int], max_level_delta: float = 0.25
+) -> LevelSpace:
+    """The level space of a per-unit N:M choice (``mixed:M``, ``2:4+dense``), budget exact.
+
+    Every unit prunes ``p`` of each ``m`` weights, ``p`` from the evenly spaced ``choices``
+    (1..M-1 for mixed:M, {0, 2} for 2:4+dense), so its count is ``size * p / m``. The units
+    must have one size (the blocks of a decoder), which makes a level step (one step of ``p``)
+    move the same number of weights everywhere: any vector summing to zero then prunes exactly
+    ``round(target * total)`` weights, and every unit's pattern is exact. A target that no mix
+    of choices reaches exactly is refused, naming the nearest ones that are reached.
+
+    Bounds: each unit stays within ``max_level_delta`` of the target (at least one step each
+    way) and inside the choices.
+    """
+    sizes = tuple(int(n) for n in sizes)
+    choices = sorted(int(p) for p in choices)
+    if not sizes or len(set(sizes)) != 1:
+        raise ValueError("mixed N:M needs units of one size (the blocks of one decoder stack)")
+    if len(choices) < 2:
+        raise ValueError("mixed N:M needs at least two choices per unit")
+    dp = choices[1] - choices[0]
+    if any(b - a != dp for a, b in zip(choices, choices[1:], strict=False)) or choices[0] % dp:
+        raise ValueError(f"choices {choices} must be evenly spaced multiples of their spacing")
+    size, n = sizes[0], len(sizes)
+    if size * dp % m:
+        raise ValueError(f"unit size {size} is not a whole number of {m}-weight groups")
+    step = size * dp // m
+    total_levels = allocation.budget(sizes, target) / step
+    lo_abs, hi_abs = choices[0] // dp, choices[-1] // dp
+    if abs(total_levels - round(total_levels)) > 1e-9 or not lo_abs * n <= round(total_levels) <= hi_abs * n:
+        below = max(lo_abs * n, math.floor(total_levels))
+        above = min(hi_abs * n, math.ceil(total_levels))
+        near = sorted({below * step / sum(sizes), above * step / sum(sizes)})
+        raise ValueError(
+            f"sparsity {target:g} is not reachable exactly with {n} units choosing N:{m} "
+            f"(nearest exact targets: {', '.join(f'{x:.6g}' for x in near)})"
+        )
+    k = round(total_levels)
+    # The most uniform allocation: every unit at k // n levels, the first k % n one higher.
+    base_levels = [k // n + (1 if i < k % n else 0) for i in range(n)]
+    center = target * m / dp
+    spread = max(1.0, max_level_delta * m / dp)
+    lo_cap = max(lo_abs, math.floor(center - spread))
+    hi_cap = min(hi_abs, math.ceil(center + spread))
+    lo = tuple(min(0, lo_cap - b) for b in base_levels)
+    hi = tuple(max(0, hi_cap - b) for b in base_levels)
+    return LevelSpace(
+        sizes=sizes, target=target, step=step, base=tuple(b * step for b in base_levels), lo=lo, hi=hi
+    )
+
+
+def pruned_per_group(space: LevelSpace, vector: Sequence[int], m: int) -> list[int]:
+    """For a mixed N:M space: how many of every ``m`` weights each unit prunes (N = m - that)."""
+    out = []
+    for c, size in zip(space.counts(vector), space.sizes, strict=True):
+        p, rem = divmod(c * m, size)
+        if rem:
+            raise ValueError(f"count {c} of {size} is not a whole N:{m} pattern")
+        out.append(p)
+    return out

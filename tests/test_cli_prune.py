@@ -61,6 +61,10 @@ def test_cli_prune_writes_checkpoint_and_report(tiny_llama_dir, tmp_path, capsys
         (["--sparsity", "0.6", "--pattern", "2:4"], "2:4"),
         (["--sparsity", "0.5", "--calib", "/nonexistent/text.txt"], "not found"),
         (["--sparsity", "0.5", "--eval-windows", "4000"], "too short"),
+        (["--sparsity", "0.5", "--quantize-bits", "9"], "--quantize-bits"),
+        (["--sparsity", "0.5", "--quantize-bits", "4", "--quantize-group", "64"], "does not divide"),
+        (["--sparsity", "0.5", "--format", "compressed-tensors"], "give quantize"),
+        (["--sparsity", "0.61", "--pattern", "mixed:8"], "not reachable exactly"),
     ],
 )
 def test_cli_errors_are_one_line_and_leave_nothing(tiny_llama_dir, tmp_path, capsys, args, message):
@@ -133,11 +137,13 @@ def test_every_spec_field_is_a_flag_of_prune_and_submit():
 
     from evosparse.cli.main import build_parser
     from evosparse.cli.spec_flags import spec_flags
-    from evosparse.jobs.spec import SearchSettings
+    from evosparse.jobs.spec import QuantizeSettings, SearchSettings
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    fields = {n for n in JobSpec.model_fields if n != "search"} | {f"search.{n}" for n in SearchSettings.model_fields}
+    fields = ({n for n in JobSpec.model_fields if n not in ("search", "quantize")}
+              | {f"search.{n}" for n in SearchSettings.model_fields}
+              | {f"quantize.{n}" for n in QuantizeSettings.model_fields})
     assert {f.dest for f in spec_flags()} == fields
     for command in ("prune", "submit"):
         dests = {a.dest for a in sub.choices[command]._actions}
@@ -146,6 +152,7 @@ def test_every_spec_field_is_a_flag_of_prune_and_submit():
     flags = {f.dest: f.flag for f in spec_flags()}
     assert flags["search.time_budget_min"] == "--time-budget" and flags["search.seed_from"] == "--seed-from"
     assert flags["calib_windows"] == "--calib-windows" and flags["search.max_level_delta"] == "--max-level-delta"
+    assert flags["quantize.bits"] == "--quantize-bits" and flags["quantize.group_size"] == "--quantize-group"
 
 
 def test_flags_reach_the_spec_with_its_types_defaults_and_choices(capsys):
@@ -214,3 +221,17 @@ def test_only_the_users_mistakes_are_one_line_errors(tiny_llama_dir, tmp_path, m
                 PermissionError(13, "Permission denied", "/"), OSError(28, "No space left", str(tmp_path / "a"))]
     assert all(is_users_path_error(e, args) for e in mine)
     assert not any(is_users_path_error(e, args) for e in not_mine)
+
+
+def test_cli_quantize_and_format_flags(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["prune", str(tiny_llama_dir), "--sparsity", "0.5", "--pruner", "wanda", "--pattern", "mixed:4",
+               "--quantize-bits", "3", "--quantize-group", "32", "--quantize-method", "rtn",
+               "--format", "compressed-tensors", "--export-dtype", "float16", *SMALL, "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["quantize"] == {"bits": 3, "group_size": 32, "method": "rtn", "symmetric": True}
+    assert report["format"] == "compressed-tensors" and report["dtype"] == "float16"
+    assert set(report["layer_pattern"].values()) <= {"1:4", "2:4", "3:4"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 3

@@ -40,11 +40,11 @@ _SHOWN_GENERATION = """() => {
 }"""
 
 
-def _spec(model_dir: Path, generations: int, seed: int) -> dict:
+def _spec(model_dir: Path, generations: int, seed: int, sparsity: float = 0.6, pattern: str = "unstructured") -> dict:
     from evosparse.jobs.spec import JobSpec
 
     return JobSpec(
-        model=str(model_dir), sparsity=0.6, pruner="wanda", allocation="evolutionary",
+        model=str(model_dir), sparsity=sparsity, pattern=pattern, pruner="wanda", allocation="evolutionary",
         calib_windows=4, eval_windows=4, seq_len=64, seed=seed,
         search={"generations": generations, "offspring": 4, "selection": "64:2,128:1", "seed_from": "fisher"},
     ).model_dump(mode="json")
@@ -100,7 +100,8 @@ def service(tmp_path_factory, tiny_llama_dir):
         assert isinstance(claim, repo.Claim), claim
         return claim
 
-    finished = claimed(_spec(tiny_llama_dir, generations=4, seed=1))
+    # The finished job searches a per-layer N:8 (mixed:8) so its bars carry each layer's pattern.
+    finished = claimed(_spec(tiny_llama_dir, generations=4, seed=1, sparsity=0.625, pattern="mixed:8"))
     assert execute(finished, settings) == "SUCCEEDED"
 
     # A long search in the background: the page must show it grow, then cancel it.
@@ -186,6 +187,12 @@ def test_dashboard_in_a_real_browser(service, browser) -> None:
         units = report["search"]["units"]
         expect(page.locator("#sparsity-chart rect.bar.s-best")).to_have_count(len(units))
         expect(page.locator("#sparsity-chart rect.bar.s-uniform")).to_have_count(len(units))
+        # each searched bar is labelled with its layer's N:M pattern from report.json
+        tags = page.locator("#sparsity-chart text.bar-tag")
+        expect(tags).to_have_count(len(units))
+        first_linear = next(n for n in report["layer_pattern"] if n.startswith(units[0] + "."))
+        expect(tags.first).to_have_text(report["layer_pattern"][first_linear])
+        expect(page.locator("#sparsity-note")).to_contain_text("N:M pattern")
         ppl = page.locator("#ppl-table tbody tr")
         expect(ppl).to_have_count(3)
         expect(page.locator('#ppl-table tr[data-row="dense"] td.num').first).to_have_text(

@@ -28,10 +28,11 @@ def test_every_setting_is_documented_with_its_variable() -> None:
 
 
 def test_every_job_field_is_documented() -> None:
-    from evosparse.jobs.spec import JobSpec, SearchSettings
+    from evosparse.jobs.spec import JobSpec, QuantizeSettings, SearchSettings
 
     names = [n for n in JobSpec.model_fields if n != "search"]
     names += [f"search.{n}" for n in SearchSettings.model_fields]
+    names += [f"quantize.{n}" for n in QuantizeSettings.model_fields]
     missing = [n for n in names if f"`{n}`" not in README]
     assert not missing, f"README's job field table lacks {missing}"
 

@@ -118,6 +118,8 @@ class Job:
     stats: dict | None = None  # dense calibration statistics (one collector pass at most)
     sensitivity: dict[str, Any] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
+    compression: Any = None  # worker.compress_stage.Compression: N:M plan, quantization, checkpoint dtype/format
+    quantized: dict[str, Any] = field(default_factory=dict)  # integer codes per linear (quantize jobs)
     perplexities: dict[str, float] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
 
@@ -136,8 +138,10 @@ def load(job: Job) -> None:
     from evosparse.pruning.layers import find_blocks
     from evosparse.pruning.loading import load_model
     from evosparse.pruning.snapshot import DenseWeights
+    from evosparse.worker.compress_stage import Compression
 
     job.model, job.tokenizer = load_model(job.spec.model, device=job.spec.device, dtype=job.spec.dtype)
+    job.compression = Compression.prepare(job.spec, job.model)  # shape checks before any expensive stage
     job.blocks = find_blocks(job.model)
     if job.spec.structured:  # a target that needs every head of a layer removed fails now, before any work
         from evosparse.pruning.sensitivity import allocation_counts
@@ -256,8 +260,10 @@ def uniform_baseline(job: Job) -> None:
                          should_cancel=job.hooks.should_cancel)
         job.perplexities["uniform"] = perplexity(base, job.evalw)
         return
-    prune_model(job.model, job.calib, job.spec.pruner, counts, job.spec.nm, blocks=job.blocks,
-                progress=job.progress.counter("uniform_baseline"), should_cancel=job.hooks.should_cancel)
+    plan = job.compression.plan(job.model, counts)
+    prune_model(job.model, job.calib, job.spec.pruner, plan.counts, plan.patterns, blocks=job.blocks,
+                progress=job.progress.counter("uniform_baseline"), should_cancel=job.hooks.should_cancel,
+                **job.compression.prune_kwargs())
     job.perplexities["uniform"] = perplexity(job.model, job.evalw)
     job.dense.restore()
 
@@ -271,8 +277,11 @@ def prune(job: Job) -> None:
         prune_structured(job.model, job.calib, job.spec.pruner, job.counts, progress=job.progress.counter("prune"),
                          should_cancel=job.hooks.should_cancel)
     else:
-        prune_model(job.model, job.calib, job.spec.pruner, job.counts, job.spec.nm, blocks=job.blocks,
-                    progress=job.progress.counter("prune"), should_cancel=job.hooks.should_cancel)
+        plan = job.compression.plan(job.model, job.counts)  # mixed N:M: the per-layer patterns
+        job.quantized = prune_model(job.model, job.calib, job.spec.pruner, plan.counts, plan.patterns,
+                                    blocks=job.blocks, progress=job.progress.counter("prune"),
+                                    should_cancel=job.hooks.should_cancel, **job.compression.prune_kwargs())
+        job.report["layer_pattern"] = plan.layer_pattern
     job.dense = None  # nothing restores the dense model after this: free the snapshot
 
 
@@ -335,9 +344,11 @@ def _export(job: Job, folder: Path, timings: dict[str, float], t_job: float) -> 
     if job.spec.structured:  # smaller shapes: sparsity is measured as weights removed, not zeros
         from evosparse.pruning.structured_export import save_structured
 
+        job.model.to(job.compression.dtype)  # the source dtype here too (export is the model's last use)
         measured = save_structured(job.model, job.tokenizer, folder)
     else:
-        measured = save_checkpoint(job.model, job.tokenizer, folder, [n for b in job.blocks for n in b.linears])
+        measured = save_checkpoint(job.model, job.tokenizer, folder, [n for b in job.blocks for n in b.linears],
+                                   **job.compression.export_kwargs(job.quantized))
     s = job.spec
     report = dict(job.report)
     report.update({
@@ -351,6 +362,7 @@ def _export(job: Job, folder: Path, timings: dict[str, float], t_job: float) -> 
         "eval_tokens": int(job.evalw.numel()),
         "calib_tokens": int(job.calib.numel()),
         "spec": s.model_dump(mode="json"),
+        **job.compression.report(),
         **measured,
     })
     timings["export"] = round(time.perf_counter() - t0, 3)

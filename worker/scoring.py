@@ -251,6 +251,7 @@ def build_scorer_fitness(context: dict[str, Any], levels: Any) -> tuple[Any, Any
     from evosparse.pruning.loading import load_model
     from evosparse.worker.search_stage import (
         fitness_windows,
+        leveldb_mode,
         linear_bounds,
         search_config,
         search_space,
@@ -266,8 +267,9 @@ def build_scorer_fitness(context: dict[str, Any], levels: Any) -> tuple[Any, Any
     space = search_space(spec, units)
     reference = DenseReference(model, ftokens, blocks)
     # No dense copy here: a scorer never restores the model, so it keeps only the reachable rank band.
-    bounds = linear_bounds(units, space) if spec.pruner != "sparsegpt" else None
-    db = levels.load_key(context["leveldb_key"], model, spec.pruner, blocks=blocks, bounds=bounds)
+    bounds = linear_bounds(units, space) if spec.pruner != "sparsegpt" and spec.mixed is None else None
+    db = levels.load_key(context["leveldb_key"], model, spec.pruner, blocks=blocks, bounds=bounds,
+                         **leveldb_mode(spec))
     if db is None:
         raise RuntimeError(f"level database {context['leveldb_key']} is not in the store")
     cfg = search_config(spec, ftokens.numel())

@@ -30,7 +30,7 @@ from evosparse.pruning.leveldb import LevelDB, Unit
 from evosparse.pruning.snapshot import DenseWeights
 from evosparse.search import allocation as alloc
 from evosparse.search.evolution import EvolutionarySearch, SearchConfig
-from evosparse.search.levels import LevelSpace
+from evosparse.search.levels import LevelSpace, mixed_space
 from torch import nn
 
 
@@ -76,8 +76,21 @@ def search_units(blocks: Sequence[BlockInfo], granularity: str) -> list[Unit]:
 
 
 def search_space(spec: JobSpec, units: Sequence[Unit]) -> LevelSpace:
+    """The level space of the job: a step grid around the target, or for a mixed pattern one N:M per unit."""
+    mixed = spec.mixed
+    if mixed is not None:  # budget exact, every unit a whole N:M (search.levels.mixed_space)
+        try:
+            return mixed_space([u.size for u in units], spec.sparsity, mixed.m, mixed.pruned,
+                               spec.search.max_level_delta)
+        except ValueError as exc:
+            raise PruningConfigError(str(exc)) from None
     return LevelSpace.build([u.size for u in units], spec.sparsity, spec.search.step_fraction,
                             spec.search.max_level_delta)
+
+
+def leveldb_mode(spec: JobSpec) -> dict[str, Any]:
+    """Level-database arguments the pattern asks for: N:M levels for a mixed pattern."""
+    return {"nm_m": spec.mixed.m if spec.mixed is not None else None}
 
 
 def linear_bounds(units: Sequence[Unit], space: LevelSpace) -> dict[str, tuple[int, int]]:
@@ -192,7 +205,7 @@ def run_search(
     kept between jobs; ``scoring`` wraps the local fitness for distributed scoring.
     """
     if spec.nm is not None:
-        raise PruningConfigError("the evolutionary search supports unstructured sparsity only")
+        raise PruningConfigError("a fixed N:M pattern leaves nothing to search; use 'mixed:M' or '2:4+dense'")
     setup = getattr(hooks, "setup", None) or (lambda message: None)
     timings: dict[str, float] = {}
     blocks = list(blocks) if blocks is not None else find_blocks(model)
@@ -226,8 +239,10 @@ def run_search(
         how = "built"
     if db is None:
         # With the runner's dense snapshot to restore from, keep only the reachable rank band.
-        kwargs: dict[str, Any] = {"blocks": blocks, "dense": dense,
-                                  "bounds": linear_bounds(units, space) if dense is not None else None}
+        # (N:M levels touch every group at every N: no band to keep, bounds do not apply.)
+        banded = dense is not None and spec.mixed is None
+        kwargs: dict[str, Any] = {"blocks": blocks, "dense": dense, **leveldb_mode(spec),
+                                  "bounds": linear_bounds(units, space) if banded else None}
         source = levels or LevelSource()
         db = source.load(model, calib_tokens, spec.pruner, **kwargs)
         how = "loaded"
@@ -236,6 +251,8 @@ def run_search(
             db = source.build(model, calib_tokens, spec.pruner, stats=stats, **kwargs)
             how = "built"
     timings["leveldb"] = time.perf_counter() - t2
+    if getattr(db, "nm_m", None) != leveldb_mode(spec)["nm_m"]:  # (a structured database has no N:M mode)
+        raise PruningConfigError("the level database was built for another pattern than the job's")
 
     local = ProxyFitness(model, reference, db, units, space, kind=spec.search.fitness,
                          window_bounds=[t for t, _ in cfg.stages])

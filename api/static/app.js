@@ -259,6 +259,15 @@
       bestName = spec.allocation || "allocated";
       note = `measured sparsity per linear layer (${spec.allocation}) vs the target`;
     }
+    // Mixed / N:M jobs: each bar carries its layer's pattern (report.layer_pattern is per linear;
+    // a search unit such as a block takes the pattern of its linears).
+    const lp = (job.report || {}).layer_pattern;
+    let tags = null;
+    if (lp && spec.pattern && spec.pattern !== "unstructured") {
+      const entries = Object.entries(lp);
+      tags = labels.map(l => lp[l] || (entries.find(([k]) => k.startsWith(l + ".")) || [null, ""])[1]);
+      note += " — bar labels: each layer's N:M pattern";
+    }
     $("sparsity-note").textContent = note;
     const short = labels.map((l, i) => {
       const m = /layers?\.(\d+)/.exec(l) || /h\.(\d+)/.exec(l);
@@ -272,7 +281,7 @@
       yFormat: v => Math.round(100 * v) + "%",
       emptyText: TERMINAL.has(job.status) ? "no per-unit data in this job" : "waiting for the search…",
       series: [
-        { name: bestName, cls: "s-best", values: best },
+        { name: bestName, cls: "s-best", values: best, tags: tags },
         { name: "uniform", cls: "s-uniform", values: uniform },
       ],
     });

@@ -111,7 +111,8 @@
     legend(svg, opts.series);
   }
 
-  /* opts: {labels: [...], series: [{name, cls, values: [...]}], yLabel, yMax, emptyText} */
+  /* opts: {labels: [...], series: [{name, cls, values: [...], tags?: [...]}], yLabel, yMax, emptyText}
+     tags (e.g. each layer's N:M pattern) are written above the bars and in their hover titles. */
   function bars(svg, opts) {
     const n = opts.labels.length;
     const all = opts.series.flatMap(s => s.values).filter(Number.isFinite);
@@ -132,7 +133,11 @@
         const x = M.left + i * slot + slot * 0.1 + j * bw;
         const r = el("rect", { x: x.toFixed(2), y: sy(v).toFixed(2), width: bw.toFixed(2),
           height: Math.max(0, H - M.bottom - sy(v)).toFixed(2), class: "bar " + s.cls }, g);
-        el("title", {}, r).textContent = `${opts.labels[i]} — ${s.name}: ${(100 * v).toFixed(1)} %`;
+        const tag = s.tags && s.tags[i] ? s.tags[i] : "";
+        el("title", {}, r).textContent = `${opts.labels[i]} — ${s.name}: ${(100 * v).toFixed(1)} %` + (tag ? ` (${tag})` : "");
+        if (tag && n <= 40) {
+          text(g, x + bw / 2, sy(v) - 3, tag, { "text-anchor": "middle", class: "bar-tag" });
+        }
       });
     });
     const g = el("g", { class: "axes" }, svg);

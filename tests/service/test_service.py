@@ -181,6 +181,15 @@ def _bad_inputs(model_root):  # noqa: ANN001, ANN202
         ("time budget above limit", {**evo, "search": {"time_budget_min": 1e6}}, 400),
         ("windows above limit", {**ok, "calib_windows": 4000}, 400),
         ("webhook not http", {**ok, "webhook_url": "file:///etc/passwd"}, 422),
+        ("quantize bits above 8", {**ok, "quantize": {"bits": 9, "group_size": 32}}, 422),
+        ("quantize bits below 2", {**ok, "quantize": {"bits": 1, "group_size": 32}}, 422),
+        ("quantize unknown method", {**ok, "quantize": {"bits": 4, "group_size": 32, "method": "awq"}}, 422),
+        ("quantize group does not divide 160", {**ok, "quantize": {"bits": 4, "group_size": 64}}, 400),
+        ("compressed-tensors without quantize", {**ok, "format": "compressed-tensors"}, 422),
+        ("unknown format", {**ok, "format": "gguf"}, 422),
+        ("mixed:8 sparsity out of reach", {**ok, "pattern": "mixed:8", "sparsity": 0.95}, 422),
+        ("mixed:8 target not exact over 4 layers", {**ok, "pattern": "mixed:8", "sparsity": 0.61}, 400),
+        ("mixed:3 groups do not tile 64", {**ok, "pattern": "mixed:3", "sparsity": 0.5}, 400),
         ("malformed JSON", '{"model": ', 400),
         ("JSON array", "[1, 2]", 400),
         ("body too large", {**ok, "pad": "x" * 70_000}, 413),
@@ -200,7 +209,7 @@ def _bad_inputs(model_root):  # noqa: ANN001, ANN202
     ]
 
 
-@pytest.mark.parametrize("case", range(48))
+@pytest.mark.parametrize("case", range(57))
 def test_bad_input_is_refused_and_creates_no_job(stack, case):
     name, body, status = _bad_inputs(stack.model_root)[case]
     client = stack.client("bad-input")
@@ -218,7 +227,7 @@ def test_bad_input_is_refused_and_creates_no_job(stack, case):
 
 
 def test_bad_input_table_is_complete(model_root):
-    assert len(_bad_inputs(model_root)) == 48
+    assert len(_bad_inputs(model_root)) == 57
 
 
 def test_oversized_chunked_body_is_refused(stack):

@@ -1,0 +1,282 @@
+"""Benchmark of deployable compression on SmolLM2-135M (pydoc calibration, held-out second half).
+
+Subcommands, each writing JSON under bench/results/raw/ (``report`` renders bench/results/compression.md):
+
+  nm      uniform 2:4 and 4:8 against mixed N:8 at 50 %, uniform 3:8 against mixed N:8 at 62.5 %:
+          the mixed allocation both as the Fisher allocation projected onto the N:8 grid (no
+          search) and searched (evolutionary, Fisher-seeded, same level grid), for one pruner.
+  quant   70 % sparsity: sparse alone, + RTN 4-bit, + GPTQ 4-bit (joint with SparseGPT, mask-fixed
+          error feedback with Wanda), and the artifact sizes of each format against the dense
+          16-bit checkpoint, each artifact loaded back with transformers' from_pretrained and
+          evaluated again.
+
+Run under the shared lock, e.g.
+  flock /tmp/evosparse-heavy.lock nice -n 5 python bench/bench_compression.py nm --pruner wanda
+  flock /tmp/evosparse-heavy.lock nice -n 5 python bench/bench_compression.py quant
+  python bench/bench_compression.py report
+Everything is chosen on the calibration half; the evaluation half is read only for the final ppl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+RAW = ROOT / "results" / "raw"
+OUT_MD = ROOT / "results" / "compression.md"
+
+
+def setup(args):
+    from evosparse.pruning.data import get_windows
+    from evosparse.pruning.loading import load_model
+
+    torch.manual_seed(0)
+    model, tok = load_model(args.model, device="cpu", dtype="float32")
+    calib = get_windows("pydoc", tok, args.calib_windows, 256, "calib", seed=0)
+    evalw = get_windows("pydoc", tok, args.eval_windows, 256, "eval")
+    return model, tok, calib, evalw
+
+
+def fisher(model, calib) -> dict[str, float]:
+    """Fisher traces on the calibration windows (cached: they depend only on the dense model and calib)."""
+    from evosparse.pruning import sensitivity as sens
+
+    path = RAW / f"fisher_{len(calib)}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    out = sens.fisher_traces(model, calib)
+    path.write_text(json.dumps(out))
+    return out
+
+
+class Hooks:
+    def stage(self, name, fraction, message=""):
+        pass
+
+    def generation(self, record, state):
+        print(f"  gen {record['generation']:3d} best {record['best']:.5f} t {record['seconds']:.0f}s", flush=True)
+
+    def should_cancel(self):
+        return False
+
+
+def prune_eval(model, dense, calib, evalw, pruner, counts, patterns, quant=None, keep=False):
+    """Prune a fresh copy of the dense weights, evaluate on the held-out half; restore unless ``keep``."""
+    from evosparse.pruning.evaluate import perplexity
+    from evosparse.pruning.prune import prune_model
+
+    model.load_state_dict(dense)
+    t = time.perf_counter()
+    quantized = prune_model(model, calib, pruner, counts, patterns, quant=quant, scale_dtype=torch.bfloat16)
+    prune_s = time.perf_counter() - t
+    ppl = perplexity(model, evalw)
+    if not keep:
+        model.load_state_dict(dense)
+    return ppl, prune_s, quantized
+
+
+def cmd_nm(args) -> None:
+    from evosparse.jobs.spec import JobSpec
+    from evosparse.pruning.leveldb import LevelDB
+    from evosparse.pruning.sensitivity import allocation_counts, nm_counts
+    from evosparse.worker.compress_stage import Compression
+    from evosparse.worker.search_stage import run_search
+
+    RAW.mkdir(parents=True, exist_ok=True)
+    model, _, calib, evalw = setup(args)
+    from evosparse.pruning.evaluate import perplexity
+
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    out: dict = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "rows": []}
+    out["dense_ppl"] = perplexity(model, evalw)
+    print("dense", out["dense_ppl"], flush=True)
+    fish = fisher(model, calib)
+    t = time.perf_counter()
+    db = LevelDB.build(model, calib, args.pruner, nm_m=8)
+    out["leveldb_s"] = time.perf_counter() - t
+
+    def row(**kw):
+        out["rows"].append(kw)
+        print(kw, flush=True)
+        (RAW / f"nm_{args.pruner}{args.tag}.json").write_text(json.dumps(out, indent=1))
+
+    for sparsity, uniform in ((0.5, ("2:4", "4:8")), (0.625, ("3:8",))):
+        for pat in uniform:
+            n, m = map(int, pat.split(":"))
+            ppl, s, _ = prune_eval(model, dense, calib, evalw, args.pruner, nm_counts(model, (n, m)), (n, m))
+            row(sparsity=sparsity, allocation=f"uniform {pat}", ppl=ppl, prune_s=s)
+        spec = JobSpec(model=args.model, sparsity=sparsity, pruner=args.pruner, allocation="evolutionary",
+                       pattern="mixed:8", calib_windows=args.calib_windows,
+                       search={"time_budget_min": args.search_min, "generations": 10_000, "seed_from": "fisher"})
+        comp = Compression.prepare(spec, model)
+        proj = comp.plan(model, allocation_counts(model, "fisher", sparsity, fisher=fish, spread=0.1))
+        ppl, s, _ = prune_eval(model, dense, calib, evalw, args.pruner, proj.counts, proj.patterns)
+        row(sparsity=sparsity, allocation="Fisher ±0.1 on the N:8 grid", ppl=ppl, prune_s=s,
+            patterns=_block_patterns(proj.layer_pattern))
+        model.load_state_dict(dense)
+        t = time.perf_counter()
+        outcome = run_search(model, calib, spec, Hooks(), sensitivity={"fisher": fish}, db=db)
+        search_s = time.perf_counter() - t
+        plan = comp.plan(model, outcome.counts)
+        ppl, s, _ = prune_eval(model, dense, calib, evalw, args.pruner, plan.counts, plan.patterns)
+        row(sparsity=sparsity, allocation="mixed N:8, searched", ppl=ppl, prune_s=s, search_s=search_s,
+            candidates=outcome.candidates_scored, generations=len(outcome.history), stopped_by=outcome.stopped_by,
+            patterns=_block_patterns(plan.layer_pattern),
+            measured_sparsity=sum(plan.counts.values()) / sum(db.dense[n].numel() for n in db.dense))
+
+
+def _block_patterns(layer_pattern: dict[str, str]) -> list[str]:
+    """One label per block (all linears of a block share it)."""
+    blocks: dict[str, str] = {}
+    for name, label in layer_pattern.items():
+        blocks.setdefault(name.split(".self_attn")[0].split(".mlp")[0], label)
+    return list(blocks.values())
+
+
+def cmd_quant(args) -> None:
+    from evosparse.pruning.export import export_checkpoint, folder_bytes
+    from evosparse.pruning.layers import prunable_linears
+    from evosparse.pruning.quantize import QuantConfig
+    from evosparse.pruning.sensitivity import allocation_counts
+    from transformers import AutoModelForCausalLM
+
+    RAW.mkdir(parents=True, exist_ok=True)
+    model, tok, calib, evalw = setup(args)
+    from evosparse.pruning.evaluate import perplexity
+
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    out: dict = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "rows": [], "sizes": []}
+    out["dense_ppl"] = perplexity(model, evalw)
+    print("dense", out["dense_ppl"], flush=True)
+    counts = allocation_counts(model, "uniform", args.sparsity)
+    path = RAW / f"quant{round(args.sparsity * 100)}{args.tag}.json"
+    tmp = Path(tempfile.mkdtemp(prefix="bench-compression-"))
+
+    def save():
+        path.write_text(json.dumps(out, indent=1))
+
+    def artifact(label, fmt, quantized, ppl_mem, src):
+        """Export ``src`` (cast to bfloat16 on the way: export is its last use), load it back, evaluate."""
+        folder = tmp / label.replace(" ", "_").replace("%", "pct")
+        rep = export_checkpoint(src, tok, folder, {}, fmt=fmt, dtype=torch.bfloat16, quantized=quantized)
+        loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+        ppl_loaded = perplexity(loaded, evalw)
+        lin = prunable_linears(loaded)
+        zeros = sum(int((m.weight == 0).sum()) for m in lin.values()) / sum(m.weight.numel() for m in lin.values())
+        del loaded
+        out["sizes"].append({"artifact": label, "format": fmt, "bytes": folder_bytes(folder), "ppl_in_memory": ppl_mem,
+                             "ppl_loaded": ppl_loaded, "sparsity_report": rep["global_sparsity"],
+                             "sparsity_loaded": zeros})
+        print(out["sizes"][-1], flush=True)
+        save()
+        shutil.rmtree(folder)
+
+    pct = f"{round(args.sparsity * 100)}%"
+    try:
+        # The dense 16-bit reference: the unpruned model as published (bfloat16).
+        artifact("dense 16-bit (unpruned)", "dense", None, out["dense_ppl"], copy.deepcopy(model))
+        for pruner in args.pruners:
+            for label, quant in (
+                ("sparse only", None),
+                ("+ RTN 4-bit", QuantConfig(4, args.group, "rtn")),
+                ("+ GPTQ 4-bit", QuantConfig(4, args.group, "gptq")),
+            ):
+                ppl, s, quantized = prune_eval(model, dense, calib, evalw, pruner, counts, None, quant, keep=True)
+                out["rows"].append({"pruner": pruner, "sparsity": args.sparsity, "variant": label, "ppl": ppl,
+                                    "prune_s": s})
+                print(out["rows"][-1], flush=True)
+                save()
+                if pruner == args.pruners[0] and label != "+ RTN 4-bit":
+                    artifact(f"{pct} {label}, dense with zeros", "dense", None, ppl, copy.deepcopy(model))
+                    if quant is not None:
+                        artifact(f"{pct} {label}, compressed-tensors", "compressed-tensors", quantized, ppl,
+                                 copy.deepcopy(model))
+                model.load_state_dict(dense)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cmd_report(args) -> None:
+    lines = ["# Compression benchmark (SmolLM2-135M, pydoc)", "",
+             "Generated by `python bench/bench_compression.py report` from bench/results/raw/nm_*.json and "
+             "quant*.json; each run's arguments are in its `args`. Held-out perplexity on the pydoc second half; "
+             "calibration, Fisher traces and the search use the first half only.", ""]
+    for f in sorted(RAW.glob("nm_*.json")):
+        d = json.loads(f.read_text())
+        a = d["args"]
+        lines += [f"## N:M, {a['pruner']} (`{f.name}`)", "",
+                  f"dense ppl {d['dense_ppl']:.2f}; {a['calib_windows']} calibration / {a['eval_windows']} evaluation "
+                  f"windows × 256 tokens; search budget {a['search_min']} min per sparsity; level database "
+                  f"{d.get('leveldb_s', 0):.0f} s.", "",
+                  "| sparsity | allocation | held-out ppl | vs uniform | search (s) | candidates | per-layer N:8 |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        uniform_by_s: dict[float, float] = {}
+        for r in d["rows"]:
+            if r["allocation"].startswith("uniform"):
+                uniform_by_s[r["sparsity"]] = min(uniform_by_s.get(r["sparsity"], float("inf")), r["ppl"])
+        for r in d["rows"]:
+            ratio = r["ppl"] / uniform_by_s[r["sparsity"]] if r["sparsity"] in uniform_by_s else float("nan")
+            pats = " ".join(p.split(":")[0] for p in r.get("patterns", [])) if r.get("patterns") else ""
+            lines.append(f"| {r['sparsity']:g} | {r['allocation']} | {r['ppl']:.2f} | {ratio:.3f} | "
+                         f"{r.get('search_s', 0):.0f} | {r.get('candidates', '')} | {pats} |")
+        lines += ["", "vs uniform: against the best uniform pattern at that sparsity. Per-layer N:8: N of each "
+                  "block, first to last.", ""]
+    for f in sorted(RAW.glob("quant*.json")):
+        d = json.loads(f.read_text())
+        a = d["args"]
+        lines += [f"## Sparsity + quantization at {a['sparsity']:g} (`{f.name}`)", "",
+                  f"dense ppl {d['dense_ppl']:.2f}; uniform allocation; group size {a['group']}, symmetric; "
+                  "scales rounded to bfloat16.", "",
+                  "| pruner | variant | held-out ppl | vs sparse only | prune (s) |", "| --- | --- | --- | --- | --- |"]
+        base = {r["pruner"]: r["ppl"] for r in d["rows"] if r["variant"] == "sparse only"}
+        for r in d["rows"]:
+            lines.append(f"| {r['pruner']} | {r['variant']} | {r['ppl']:.2f} | {r['ppl'] / base[r['pruner']]:.3f} | "
+                         f"{r['prune_s']:.0f} |")
+        if d["sizes"]:
+            ref = d["sizes"][0]["bytes"]
+            lines += ["", "Artifacts (weights on disk, `*.safetensors`), each loaded back with "
+                      "`AutoModelForCausalLM.from_pretrained` and evaluated again:", "",
+                      "| artifact | format | MiB | × dense 16-bit | ppl in memory | ppl loaded | sparsity (report) | "
+                      "sparsity (loaded) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+            for s in d["sizes"]:
+                lines.append(f"| {s['artifact']} | {s['format']} | {s['bytes'] / 2**20:.1f} | {s['bytes'] / ref:.3f} | "
+                             f"{s['ppl_in_memory']:.2f} | {s['ppl_loaded']:.2f} | {s['sparsity_report']:.4f} | "
+                             f"{s['sparsity_loaded']:.4f} |")
+        lines.append("")
+    OUT_MD.write_text("\n".join(lines) + "\n")
+    print(OUT_MD.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name, fn in (("nm", cmd_nm), ("quant", cmd_quant)):
+        p = sub.add_parser(name)
+        p.add_argument("--model", default="smollm2-135m")
+        p.add_argument("--calib-windows", type=int, default=32)
+        p.add_argument("--eval-windows", type=int, default=16)
+        p.add_argument("--tag", default="")
+        p.set_defaults(func=fn)
+        if name == "nm":
+            p.add_argument("--pruner", default="wanda")
+            p.add_argument("--search-min", type=float, default=6.0)
+        else:
+            p.add_argument("--sparsity", type=float, default=0.7)
+            p.add_argument("--group", type=int, default=64)
+            p.add_argument("--pruners", nargs="+", default=["sparsegpt", "wanda"])
+    r = sub.add_parser("report")
+    r.set_defaults(func=cmd_report)
+    args = ap.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

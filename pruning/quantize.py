@@ -1,0 +1,158 @@
+"""Group-wise integer quantization of (pruned) weight matrices, zeros kept exactly zero.
+
+A weight matrix [out, in] is cut into groups of ``group_size`` consecutive input columns per
+output row; each group gets one scale (and, asymmetric, one integer zero point). Codes are
+stored signed, ``q`` in [-2^(b-1), 2^(b-1) - 1], and dequantise as ``(q - zero) * scale``:
+the layout compressed-tensors' pack-quantized format uses, so export needs no re-rounding.
+
+Why zeros survive: the integer grid always contains the real value 0 (symmetric: code 0;
+asymmetric: the group range is widened to include 0 and the zero point is an integer code),
+so a pruned weight quantizes to exactly 0. The keep mask is applied once more afterwards.
+
+Scales are rounded to the checkpoint's dtype (``scale_dtype``) when they are chosen, so the
+dense-with-zeros export and the packed export dequantize to the same numbers.
+
+Two methods use this module: round-to-nearest (``quantize_rtn``) and the GPTQ-style error
+feedback inside ``pruning.pruners.obs_prune_quantize`` (which calls ``group_params`` and
+``quantize_codes`` column by column).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from evosparse.pruning.errors import PruningConfigError
+
+QUANT_METHODS = ("rtn", "gptq")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How a job quantizes its pruned linears (mirrors the job spec's ``quantize``)."""
+
+    bits: int
+    group_size: int
+    method: str = "gptq"
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise PruningConfigError(f"quantize.bits must be 2..8, got {self.bits}")
+        if self.group_size < 1:
+            raise PruningConfigError(f"quantize.group_size must be positive, got {self.group_size}")
+        if self.method not in QUANT_METHODS:
+            raise PruningConfigError(f"quantize.method must be one of {QUANT_METHODS}, got {self.method!r}")
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    def check_in_features(self, name: str, in_features: int) -> None:
+        if in_features % self.group_size:
+            raise PruningConfigError(
+                f"{name}: quantize.group_size {self.group_size} does not divide its input dimension {in_features}"
+            )
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes of one linear plus its group scales and zero points ([out, in // group])."""
+
+    q: torch.Tensor  # int8 [out, in], signed codes
+    scale: torch.Tensor  # float32 [out, groups], already representable in the checkpoint dtype
+    zero: torch.Tensor | None  # int8 [out, groups] (asymmetric) or None (symmetric: zero point 0)
+    config: QuantConfig
+
+    def dequantize(self) -> torch.Tensor:
+        """Float32 [out, in]: (q - zero) * scale, group by group."""
+        return dequantize_codes(self.q, self.scale, self.zero, self.config.group_size)
+
+
+def group_params(
+    w: torch.Tensor, cfg: QuantConfig, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero point of each row of ``w`` ([rows, group]); returns ([rows], [rows] or None).
+
+    Symmetric: scale = max|w| / qmax (no clipping of the largest weight). Asymmetric: the
+    range [min(w, 0), max(w, 0)] over 2^b - 1 steps, zero point the integer code of 0.
+    """
+    w = w.float()
+    if cfg.symmetric:
+        scale = w.abs().amax(dim=1) / cfg.qmax
+        zero = None
+    else:
+        lo = w.amin(dim=1).clamp(max=0.0)
+        hi = w.amax(dim=1).clamp(min=0.0)
+        scale = (hi - lo) / (cfg.qmax - cfg.qmin)
+    # An all-zero group: any positive scale reproduces it; 1 avoids dividing by zero.
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = scale.to(scale_dtype).float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # underflow in fp16/bf16
+    if not cfg.symmetric:
+        zero = (torch.round(-lo / scale) + cfg.qmin).clamp(cfg.qmin, cfg.qmax)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, cfg: QuantConfig) -> torch.Tensor:
+    """Round ``w`` ([rows, k]) onto the grid of per-row ``scale``/``zero``; float tensor of codes."""
+    z = zero.unsqueeze(1) if zero is not None else 0.0
+    return torch.clamp(torch.round(w.float() / scale.unsqueeze(1)) + z, cfg.qmin, cfg.qmax)
+
+
+def dequantize_codes(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    rows, cols = q.shape
+    qg = q.float().reshape(rows, cols // group_size, group_size)
+    if zero is not None:
+        qg = qg - zero.float().unsqueeze(2)
+    return (qg * scale.float().unsqueeze(2)).reshape(rows, cols)
+
+
+@torch.no_grad()
+def quantize_rtn(
+    weight: torch.Tensor,
+    cfg: QuantConfig,
+    keep: torch.Tensor | None = None,
+    scale_dtype: torch.dtype = torch.float32,
+) -> QuantizedWeight:
+    """Round-to-nearest, group-wise. ``keep`` (default: the non-zeros of ``weight``) stays the sparsity mask."""
+    w = weight.detach().float()
+    rows, cols = w.shape
+    cfg.check_in_features("weight", cols)
+    if keep is None:
+        keep = w != 0
+    groups = cols // cfg.group_size
+    wg = w.reshape(rows * groups, cfg.group_size)
+    scale, zero = group_params(wg, cfg, scale_dtype)
+    q = quantize_codes(wg, scale, zero, cfg).reshape(rows, cols)
+    zero_r = zero.reshape(rows, groups) if zero is not None else None
+    q = _zero_pruned(q, keep, zero_r, cfg.group_size)
+    return QuantizedWeight(
+        q=q.to(torch.int8),
+        scale=scale.reshape(rows, groups),
+        zero=zero_r.to(torch.int8) if zero_r is not None else None,
+        config=cfg,
+    )
+
+
+def _zero_pruned(q: torch.Tensor, keep: torch.Tensor, zero: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    """Pruned entries get the code of 0 (the zero point), whatever rounding gave them."""
+    if zero is None:
+        return torch.where(keep, q, torch.zeros_like(q))
+    zfull = zero.float().repeat_interleave(group_size, dim=1)
+    return torch.where(keep, q, zfull)
+
+
+def distinct_per_group(qw: QuantizedWeight) -> int:
+    """Largest number of distinct dequantized values in any group (at most 2^bits by construction)."""
+    deq = qw.dequantize()
+    rows, cols = deq.shape
+    g = deq.reshape(rows * (cols // qw.config.group_size), qw.config.group_size)
+    srt = torch.sort(g, dim=1).values
+    return int(((srt[:, 1:] != srt[:, :-1]).sum(dim=1) + 1).max())
