@@ -280,6 +280,11 @@ def test_cancel_mid_search_keeps_history(stack):
     assert client.artifacts(sub["id"]) == []
 
 
+# Long enough that the job is still searching when the test kills its worker after generation 3,
+# however fast the machine (a 10-generation job could finish between two polls).
+SIGKILL_GENERATIONS = 80
+
+
 @pytest.fixture(scope="session")
 def undisturbed_report(model_root, tmp_path_factory):
     """The same evolutionary job run start to finish in-process (reference for the SIGKILL test)."""
@@ -288,7 +293,7 @@ def undisturbed_report(model_root, tmp_path_factory):
 
     spec = JobSpec.model_validate({"model": str(model_root / "tiny"), "sparsity": 0.5, "calib_windows": 4,
                                    "eval_windows": 2, "seq_len": 32, "allocation": "evolutionary",
-                                   "search": {"generations": 10, "offspring": 4, "selection": "64:2,128:1",
+                                   "search": {"generations": SIGKILL_GENERATIONS, "offspring": 4, "selection": "64:2,128:1",
                                               "seed_from": "uniform"}})
     return run_job(spec, tmp_path_factory.mktemp("undisturbed") / "out")
 
@@ -299,7 +304,7 @@ def test_sigkill_mid_search_resumes_on_another_worker_with_the_same_result(stack
     stack.workers.clear()
     victim = stack.start_worker("victim")
     client = stack.client("sigkill")
-    sub = client.submit(stack.evo_spec(generations=10))
+    sub = client.submit(stack.evo_spec(generations=SIGKILL_GENERATIONS))
     wait_until(lambda: (client.get(sub["id"])["generation"] or 0) >= 3, 240, "three generations")
     victim.sigkill()
     killed_at = client.get(sub["id"])["generation"]
