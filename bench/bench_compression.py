@@ -28,21 +28,11 @@ import time
 from pathlib import Path
 
 import torch
+from common import setup  # bench/common.py (the script folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parent
 RAW = ROOT / "results" / "raw"
 OUT_MD = ROOT / "results" / "compression.md"
-
-
-def setup(args):
-    from evosparse.pruning.data import get_windows
-    from evosparse.pruning.loading import load_model
-
-    torch.manual_seed(0)
-    model, tok = load_model(args.model, device="cpu", dtype="float32")
-    calib = get_windows("pydoc", tok, args.calib_windows, 256, "calib", seed=0)
-    evalw = get_windows("pydoc", tok, args.eval_windows, 256, "eval")
-    return model, tok, calib, evalw
 
 
 def fisher(model, calib) -> dict[str, float]:
