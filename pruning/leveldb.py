@@ -70,6 +70,16 @@ class Unit:
         return sum(self.sizes)
 
 
+def search_units(blocks: Sequence[BlockInfo], granularity: str) -> list[Unit]:
+    """The searchable units: one per block (``layer``) or one per linear (``module``)."""
+    if granularity == "layer":
+        return [Unit(b.name, b.index, list(b.linears), [weight_matrix(m).numel() for m in b.linears.values()])
+                for b in blocks]
+    if granularity == "module":
+        return [Unit(n, b.index, [n], [weight_matrix(m).numel()]) for b in blocks for n, m in b.linears.items()]
+    raise ValueError(f"granularity must be 'layer' or 'module', got {granularity!r}")
+
+
 def _spread(count: int, groups: int, device: torch.device) -> torch.Tensor:
     base, extra = divmod(count, groups)
     k = torch.full((groups,), base, dtype=torch.long, device=device)
@@ -316,12 +326,7 @@ class LevelDB:
 
     # ------------------------------------------------------------------ units
     def units(self, granularity: str) -> list[Unit]:
-        if granularity == "layer":
-            return [Unit(info.name, info.index, list(info.linears), [self.sizes[n] for n in info.linears])
-                    for info in self.blocks]
-        if granularity == "module":
-            return [Unit(n, self.block_of[n], [n], [self.sizes[n]]) for n in self.modules]
-        raise ValueError(f"granularity must be 'layer' or 'module', got {granularity!r}")
+        return search_units(self.blocks, granularity)
 
     def linear_counts(self, units: list[Unit], unit_counts: Sequence[int]) -> dict[str, int]:
         """Per-linear prune counts of per-unit counts (``split_counts``, or ``nm_split_counts`` in N:M mode)."""

@@ -25,8 +25,8 @@ import torch
 from evosparse.jobs.spec import JobSpec, parse_selection
 from evosparse.pruning.errors import CancelledError, PruningConfigError
 from evosparse.pruning.fitness import DenseReference, ProxyFitness
-from evosparse.pruning.layers import BlockInfo, find_blocks, weight_matrix
-from evosparse.pruning.leveldb import LevelDB, Unit
+from evosparse.pruning.layers import BlockInfo, find_blocks
+from evosparse.pruning.leveldb import LevelDB, Unit, search_units
 from evosparse.pruning.snapshot import DenseWeights
 from evosparse.search import allocation as alloc
 from evosparse.search.evolution import EvolutionarySearch, SearchConfig
@@ -63,16 +63,6 @@ def search_config(spec: JobSpec, max_tokens: int) -> SearchConfig:
         time_budget_s=s.time_budget_min * 60 if s.time_budget_min is not None else None,
         patience=s.patience,
     )
-
-
-def search_units(blocks: Sequence[BlockInfo], granularity: str) -> list[Unit]:
-    """The searchable units: one per block (``layer``) or one per linear (``module``)."""
-    if granularity == "layer":
-        return [Unit(b.name, b.index, list(b.linears), [weight_matrix(m).numel() for m in b.linears.values()])
-                for b in blocks]
-    if granularity == "module":
-        return [Unit(n, b.index, [n], [weight_matrix(m).numel()]) for b in blocks for n, m in b.linears.items()]
-    raise ValueError(f"granularity must be 'layer' or 'module', got {granularity!r}")
 
 
 def search_space(spec: JobSpec, units: Sequence[Unit]) -> LevelSpace:
