@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -102,6 +104,21 @@ class Service:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
         return float("nan")
+
+    @contextmanager
+    def cpu_seconds(self) -> Iterator[dict[str, float]]:
+        """CPU seconds (user + system) this process, the scorers and the embedded Redis spend inside the block:
+        where the time of a distributed run goes, whatever else the machine is running."""
+        import psutil
+
+        procs = {"coordinator": psutil.Process(), "redis": psutil.Process(self.redis.pid)}
+        procs.update({f"scorer{i}": psutil.Process(p.pid) for i, p in enumerate(self.procs)})
+        before = {k: sum(p.cpu_times()[:2]) for k, p in procs.items()}
+        wall = time.perf_counter()
+        out: dict[str, float] = {}
+        yield out
+        out.update({k: round(sum(p.cpu_times()[:2]) - before[k], 2) for k, p in procs.items()})
+        out["wall"] = round(time.perf_counter() - wall, 2)
 
     def stop(self) -> None:
         for p in self.procs:
@@ -181,8 +198,11 @@ def cmd_throughput(args: argparse.Namespace) -> dict:
         try:
             # Build (and store) the level database first, so both timed runs load it alike.
             run_one(args.model, args.sparsity, 1, 1, args.offspring, args.selection, "warmup")
-            one = run_one(args.model, args.sparsity, 1, args.generations, args.offspring, args.selection, "w1")
-            two = run_one(args.model, args.sparsity, 2, args.generations, args.offspring, args.selection, "w2")
+            with svc.cpu_seconds() as cpu1:
+                one = run_one(args.model, args.sparsity, 1, args.generations, args.offspring, args.selection, "w1")
+            with svc.cpu_seconds() as cpu2:
+                two = run_one(args.model, args.sparsity, 2, args.generations, args.offspring, args.selection, "w2")
+            one["cpu_seconds"], two["cpu_seconds"] = cpu1, cpu2
         finally:
             svc.stop()
     result = {"bench": "throughput", "model": args.model, "sparsity": args.sparsity, "one": one, "two": two,
@@ -194,7 +214,8 @@ def cmd_throughput(args: argparse.Namespace) -> dict:
           f"| 2 | {two['candidates_scored']} | {two['search_seconds']} | {two['candidates_per_minute']} |\n"
           f"speed-up {result['speedup']}x; same best vector: {result['same_best_vector']}; "
           f"candidates scored by the scoring worker: {two['remote_scored']}; coordinator's parent traces "
-          f"fetched/rebuilt: {two['coordinator_traces']['fetched']}/{two['coordinator_traces']['rebuilt']}")
+          f"fetched/rebuilt: {two['coordinator_traces']['fetched']}/{two['coordinator_traces']['rebuilt']}\n"
+          f"CPU seconds, 1 worker: {one['cpu_seconds']}; 2 workers: {two['cpu_seconds']}")
     return result
 
 

@@ -270,6 +270,12 @@ class ProxyFitness:
             return dict(self.parent_trace)
         return {rng: trace for rng, (trace, _) in self.recent.get(vector, {}).items()}
 
+    def cost(self, vector: Sequence[int], tokens: int) -> int:
+        """Window-blocks scoring ``vector`` on ``tokens`` would run from here (0: already known)."""
+        vector = tuple(vector)
+        todo = self.windows_for(tokens) - len(self.window_scores.get(vector, []))
+        return max(todo, 0) * (len(self.blocks) - self._first_diff_block(vector))
+
     def is_final(self, tokens: int) -> bool:
         """Whether ``tokens`` reach the last selection stage: its winner becomes the next parent."""
         return self.windows_for(tokens) >= (self.bounds[-1] if self.bounds else self.n_windows)

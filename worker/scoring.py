@@ -223,7 +223,10 @@ class DistributedFitness:
                                        for i, v in enumerate(vectors)})
         pipe.set(k["meta"], json.dumps({"tokens": tokens, "parent": self.parent, "final": final,
                                         "serial": self.batches}))
-        pipe.rpush(k["todo"], *range(len(vectors)))
+        # Most expensive first (longest-processing-time order): the stage's last, lone candidate is a
+        # cheap one, so the processes reach the barrier closer together. Order never changes a score.
+        costs = [self.local.cost(v, tokens) for v in vectors]
+        pipe.rpush(k["todo"], *sorted(range(len(vectors)), key=lambda i: -costs[i]))
         for key in k.values():
             pipe.expire(key, int(BATCH_TTL_S))
         pipe.set(f"{self.ns}:alive", "1", px=int(ALIVE_TTL_S * 1000))
