@@ -183,5 +183,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> tuple[nn
         raise ModelLoadError(f"could not load model {spec!r}: {str(exc).splitlines()[0]}") from exc
     model.to(dev)
     model.eval()
+    # Scoring passes never reuse a KV cache; the source's setting is what a saved checkpoint gets back.
+    model.evosparse_use_cache = bool(getattr(model.config, "use_cache", True))
     model.config.use_cache = False
     return model, tokenizer
