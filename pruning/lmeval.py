@@ -37,7 +37,7 @@ def _task_manager(tasks: list[str]):
                                  "pip install 'evosparse[eval]'") from exc
     # Indexing lm-eval's own few thousand task files takes seconds: skip it when only ours are asked for.
     local = {p.stem for p in TASK_DIR.glob("*.yaml")}
-    return TaskManager(include_path=str(TASK_DIR), include_defaults=not set(tasks) <= local, verbosity="ERROR")
+    return TaskManager(include_path=str(TASK_DIR), include_defaults=not set(tasks) <= local)
 
 
 def run_tasks(model: Any, tokenizer: Any, tasks: list[str], *, limit: int | None = None, num_fewshot: int = 0,
@@ -58,14 +58,14 @@ def run_tasks(model: Any, tokenizer: Any, tasks: list[str], *, limit: int | None
     from lm_eval.models.huggingface import HFLM
 
     for name in ("lm-eval", "lm_eval"):  # its per-task INFO lines would drown a CLI's output
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(logging.ERROR)
     # 100 draws: accuracy's standard error is closed-form; the count only gates whether it is computed.
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
               device=str(next(model.parameters()).device))
     out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
                                   task_manager=manager, log_samples=False, bootstrap_iters=100,
                                   random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                  fewshot_random_seed=seed, verbosity="ERROR")
+                                  fewshot_random_seed=seed)
     results: dict[str, dict[str, Any]] = {}
     for task in tasks:
         raw = out["results"].get(task, {})
