@@ -100,7 +100,9 @@ def test_model_card_states_the_reports_facts_and_reproduces_the_job(searched):
     rows = re.findall(r"^\| (\d+) \| ([\d.]+) % \|", text, flags=re.M)
     assert [int(i) for i, _ in rows] == list(range(4))
     assert [float(p) for _, p in rows] == [round(100 * s, 1) for s in report["block_sparsity"]]
-    # the block figures are the per-linear ones weighted by size: they average back to the global figure
+    # the block figures are the per-linear ones weighted by size: the tiny model's equal blocks average
+    # back to the global figure
+    assert sum(report["block_sparsity"]) / 4 == pytest.approx(report["global_sparsity"], abs=1e-12)
     assert report["provenance"]["source"]["sha256"]["model.safetensors"] in text
     # the command in the card rebuilds exactly this job's spec
     command = re.search(r"```bash\n(evosparse prune .*)\n```", text).group(1)
