@@ -133,6 +133,7 @@ class Job:
     started_at: str = ""
     source: dict[str, Any] = field(default_factory=dict)  # provenance.source_info of the model loaded
     compute: dict[str, Any] = field(default_factory=dict)  # device and dtype the job runs in
+    environment: dict[str, Any] = field(default_factory=dict)  # provenance.environment: versions, commit
     linear_sizes: dict[str, int] = field(default_factory=dict)  # weights per prunable linear, dense
 
     @property
@@ -158,6 +159,7 @@ def load(job: Job) -> None:
     job.blocks = find_blocks(job.model)
     job.compute = provenance.compute(job.model)
     job.source = provenance.source_info(job.spec.model, job.model)
+    job.environment = provenance.environment()
     job.linear_sizes = {n: weight_matrix(m).numel() for b in job.blocks for n, m in b.linears.items()}
     if job.spec.structured:  # a target that needs every head of a layer removed fails now, before any work
         from evosparse.pruning.sensitivity import allocation_counts
@@ -375,12 +377,10 @@ def _file_metadata(job: Job) -> dict[str, str]:
     """What the safetensors headers say about the file: who wrote it, from what, how."""
     import json
 
-    from evosparse.pruning import provenance
-
-    git = provenance.evosparse_commit()
+    git = job.environment.get("git") or {}
     s = job.spec
-    return {"evosparse.version": provenance.environment()["versions"]["evosparse"],
-            "evosparse.commit": git["commit"] if git else "",
+    return {"evosparse.version": job.environment["versions"]["evosparse"],
+            "evosparse.commit": git.get("commit", ""),
             "evosparse.source": str(job.source.get("name", s.model)),
             "evosparse.source_sha256": json.dumps(job.source.get("sha256") or {}, sort_keys=True),
             "evosparse.pruner": s.pruner, "evosparse.allocation": s.allocation, "evosparse.pattern": s.pattern,
@@ -439,7 +439,7 @@ def _export(job: Job, folder: Path, timings: dict[str, float], t_job: float) -> 
     report["provenance"] = {
         "schema_version": provenance.SCHEMA_VERSION,
         "source": job.source,
-        "environment": provenance.environment(),
+        "environment": job.environment,
         "compute": job.compute,
         "started_at": job.started_at,
         "finished_at": None,
