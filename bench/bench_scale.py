@@ -165,6 +165,9 @@ def run_one(model_path: str, sparsity: float, workers: int, generations: int, of
         "search_seconds": round(out.seconds, 2),
         "candidates_per_minute": round(60 * out.candidates_scored / out.seconds, 2),
         "remote_scored": getattr(fitness, "remote_scored", 0),
+        # The coordinator's parent traces: fetched from the scorer that held them, or recomputed here.
+        "coordinator_traces": {"fetched": getattr(fitness, "local", fitness).traces_fetched,
+                               "rebuilt": getattr(fitness, "local", fitness).traces_rebuilt},
         "best_levels": out.best_levels, "best_fitness": out.best_fitness,
         "setup_seconds": {k: round(v, 2) for k, v in out.timings.items() if k != "search"},
         "leveldb": out.leveldb, "load_seconds": round(load_s, 2),
@@ -190,7 +193,8 @@ def cmd_throughput(args: argparse.Namespace) -> dict:
           f"| 1 | {one['candidates_scored']} | {one['search_seconds']} | {one['candidates_per_minute']} |\n"
           f"| 2 | {two['candidates_scored']} | {two['search_seconds']} | {two['candidates_per_minute']} |\n"
           f"speed-up {result['speedup']}x; same best vector: {result['same_best_vector']}; "
-          f"candidates scored by the scoring worker: {two['remote_scored']}")
+          f"candidates scored by the scoring worker: {two['remote_scored']}; coordinator's parent traces "
+          f"fetched/rebuilt: {two['coordinator_traces']['fetched']}/{two['coordinator_traces']['rebuilt']}")
     return result
 
 

@@ -54,6 +54,13 @@ class Settings(BaseSettings):
     scoring_lease_s: float = Field(10.0, gt=0, description=(
         "A scorer refreshes its lease on a candidate while scoring it; a candidate whose lease lapsed this "
         "long (its scorer died) is scored again by another process."))
+    scoring_share_traces: bool | None = Field(None, description=(
+        "Scorers of one job pass the new parent's hidden states to each other through Redis instead of "
+        "each recomputing them (worker/scoring.py). Default: on for CPU jobs, off on GPUs (there a forward "
+        "costs less than moving the bytes)."))
+    leveldb_scratch_gb: float = Field(50.0, gt=0, description=(
+        "Local copies of stored level databases a worker machine keeps in its work dir; past this size the "
+        "least recently used are deleted (the object store keeps them)."))
     task_time_limit_s: int = Field(12 * 3600, ge=10, description=(
         "Hard limit on one job attempt; the worker process running it is killed past it."))
     visibility_timeout_s: int | None = Field(None, description=(

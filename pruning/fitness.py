@@ -20,6 +20,9 @@ Work is never repeated:
   the parent's hidden state entering block k, skipping blocks 0..k-1.
 - A candidate's own hidden states are kept for a while (``trace_memory_bytes``), so when it
   becomes the next parent its trace is already there.
+- A process that did not score the new parent itself can take its trace from elsewhere
+  (``trace_source``: worker/scoring.py fetches the one the parent's scorer published) instead of
+  recomputing it; ``held_traces``, ``trace_to_bytes`` and ``trace_from_bytes`` are the other end.
 
 Exactness: windows are always batched by range ``[lo, hi)`` and split into chunks of
 ``batch_windows`` from ``lo``, so a range reached through reuse runs exactly the same kernels on
@@ -36,9 +39,11 @@ database touches any weight; a scoring process builds its own from the same wind
 
 from __future__ import annotations
 
+import json
 import math
+import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from evosparse.pruning.blockwise import capture_block_inputs, head_logits, run_block
@@ -155,6 +160,10 @@ class ProxyFitness:
         self._recent_bytes = 0
         self.blocks_run = 0  # window-blocks run, for the tests and the benchmark
         self.windows_scored = 0
+        # Where a parent trace this process lacks may be found before recomputing it (None: recompute).
+        self.trace_source: Callable[[tuple[int, ...], Range], Trace | None] | None = None
+        self.traces_fetched = 0  # parent traces taken from trace_source / rebuilt here
+        self.traces_rebuilt = 0
 
     # ------------------------------------------------------------------ helpers
     def windows_for(self, tokens: int) -> int:
@@ -183,6 +192,12 @@ class ProxyFitness:
     def _parent_trace(self, rng: Range) -> Trace:
         if rng not in self.parent_trace:
             assert self.parent is not None
+            fetched = self.trace_source(self.parent, rng) if self.trace_source is not None else None
+            if fetched is not None:
+                self.parent_trace[rng] = fetched
+                self.traces_fetched += 1
+                return fetched
+            self.traces_rebuilt += 1
             self._apply(self.parent)
             keep: Trace = []
             self._run_from(self.inputs[rng[0] : rng[1]], 0, keep)
@@ -248,6 +263,17 @@ class ProxyFitness:
         self.recent.clear()  # children of the old parent: none of them can be adopted any more
         self._recent_bytes = 0
 
+    def held_traces(self, vector: Sequence[int]) -> dict[Range, Trace]:
+        """The per-block hidden states this process holds for ``vector``, per window range."""
+        vector = tuple(vector)
+        if vector == self.parent:
+            return dict(self.parent_trace)
+        return {rng: trace for rng, (trace, _) in self.recent.get(vector, {}).items()}
+
+    def is_final(self, tokens: int) -> bool:
+        """Whether ``tokens`` reach the last selection stage: its winner becomes the next parent."""
+        return self.windows_for(tokens) >= (self.bounds[-1] if self.bounds else self.n_windows)
+
     def _ranges(self, done: int, n: int) -> list[Range]:
         """The window ranges that take a vector from ``done`` scored windows to ``n``, cut at the bounds."""
         cuts = [b for b in self.bounds if done < b < n] + [n]
@@ -278,6 +304,24 @@ class ProxyFitness:
         vector = tuple(vector)
         if len(scores) > len(self.window_scores.get(vector, [])):
             self.window_scores[vector] = list(scores)
+
+
+def trace_to_bytes(trace: Trace) -> bytes:
+    """One trace as bytes (a JSON header, then the stacked hidden states): exact, any dtype."""
+    stacked = torch.stack([t.detach() for t in trace]).cpu().contiguous()
+    header = json.dumps({"dtype": str(stacked.dtype).removeprefix("torch."), "shape": list(stacked.shape)}).encode()
+    return len(header).to_bytes(4, "little") + header + stacked.view(torch.uint8).numpy().tobytes()
+
+
+def trace_from_bytes(data: bytes, device: torch.device | str = "cpu") -> Trace:
+    """The inverse of ``trace_to_bytes``, on ``device``; the bits are those that were sent."""
+    n = int.from_bytes(data[:4], "little")
+    meta = json.loads(data[4 : 4 + n])
+    with warnings.catch_warnings():  # read-only memory is fine: a trace is only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(data, dtype=torch.uint8, offset=4 + n)  # no copy of the (large) payload
+    stacked = flat.view(getattr(torch, meta["dtype"])).reshape(meta["shape"]).to(device)
+    return list(stacked.unbind(0))
 
 
 def _logsumexp_rows(x: torch.Tensor, chunk: int = 32) -> torch.Tensor:

@@ -181,7 +181,12 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> tuple[nn
         ) from exc
     except ValueError as exc:
         raise ModelLoadError(f"could not load model {spec!r}: {str(exc).splitlines()[0]}") from exc
-    model.to(dev)
+    from evosparse.pruning.offload import fits_on, offload_blocks
+
+    if fits_on(model, dev):
+        model.to(dev)
+    else:  # larger than the device: its blocks stay in host memory and visit the device one at a time
+        offload_blocks(model, dev)
     model.eval()
     # Scoring passes never reuse a KV cache; the source's setting is what a saved checkpoint gets back.
     model.evosparse_use_cache = bool(getattr(model.config, "use_cache", True))

@@ -31,7 +31,8 @@ def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
 
 def wanda_scores(weight: torch.Tensor, input_sq_norms: torch.Tensor) -> torch.Tensor:
     """|W_ij| · ‖X_j‖₂, with ``input_sq_norms[j]`` = Σ over calibration tokens of x_j²."""
-    return weight.detach().float().abs() * input_sq_norms.float().clamp_min(0).sqrt().unsqueeze(0)
+    # Statistics may sit on the device while an offloaded block's weight is in host memory.
+    return weight.detach().float().abs() * input_sq_norms.to(weight.device).float().clamp_min(0).sqrt().unsqueeze(0)
 
 
 def dass_scores(weight: torch.Tensor, channel_sq_norms: torch.Tensor) -> torch.Tensor:
@@ -40,7 +41,7 @@ def dass_scores(weight: torch.Tensor, channel_sq_norms: torch.Tensor) -> torch.T
     ``channel_sq_norms[i]`` = Σ over tokens of A_i², A being the down projection's input, so
     ‖A_i‖^½ = (Σ A_i²)^¼. Compare these scores along dim 0 (across channels in one input column).
     """
-    return weight.detach().float().abs() * channel_sq_norms.float().clamp_min(0).pow(0.25).unsqueeze(1)
+    return weight.detach().float().abs() * channel_sq_norms.to(weight.device).float().clamp_min(0).pow(0.25).unsqueeze(1)
 
 
 def spread_counts(count: int, groups: int) -> torch.Tensor:
@@ -173,7 +174,9 @@ def obs_prune_quantize(
     Joint prune-and-quantize is the SparseGPT paper's recipe (50 % + 4 bit). Returns the float32
     weights (dequantized when quantizing) and the integer codes (None without ``quant``).
     """
-    w = weight.detach().float().clone(memory_format=torch.contiguous_format)  # Conv1D views are transposed
+    # On the Hessian's device: with offloaded blocks (pruning/offload.py) the weight is in host memory.
+    w = weight.detach().to(hessian.device).float().clone(memory_format=torch.contiguous_format)  # Conv1D: transposed
+    keep = keep.to(hessian.device) if keep is not None else None
     rows, cols = w.shape
     if keep is None and (count < 0 or count > w.numel()):
         raise PruningConfigError(f"cannot prune {count} of {w.numel()} weights")

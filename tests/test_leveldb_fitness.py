@@ -267,3 +267,39 @@ def test_full_kl_equals_torch_kl_div_of_the_pruned_model(tiny_llama, tiny_tokens
     ref = F.kl_div(pruned, dense, log_target=True, reduction="none").sum(-1).mean()
     assert kl > 1e-4
     assert kl == pytest.approx(float(ref), rel=1e-4)
+
+
+def test_a_parent_trace_taken_from_another_process_gives_the_same_scores_without_recomputing(tiny_tokens):
+    import random
+
+    from evosparse.pruning.fitness import trace_from_bytes, trace_to_bytes
+    from evosparse.search.operators import mutate
+
+    from tests.conftest import make_tiny_llama
+
+    holder, space = make_fitness(make_tiny_llama(), tiny_tokens, batch_windows=2)
+    rng = random.Random(4)
+    grandparent = mutate(space, space.zero(), rng, switches=3)
+    parent = mutate(space, grandparent, rng)
+    children = [mutate(space, parent, rng) for _ in range(5)]
+    holder.set_parent(grandparent)
+    holder(parent, 32), holder(parent, 96)  # the holder scored the parent: it holds its trace
+    rebuilt = holder.traces_rebuilt
+    holder.set_parent(parent)
+    want = [(holder(c, 32), holder(c, 96)) for c in children]
+    assert holder.traces_rebuilt == rebuilt  # it scored the parent: its trace was at hand
+
+    other, _ = make_fitness(make_tiny_llama(), tiny_tokens, batch_windows=2)
+    asked = []
+
+    def source(vector, rng_):  # noqa: ANN001, ANN202 - the bytes another process would publish
+        asked.append(rng_)
+        held = holder.held_traces(vector)
+        return trace_from_bytes(trace_to_bytes(held[rng_])) if rng_ in held else None
+
+    other.trace_source = source
+    other.add_known_windows(parent, holder.known_windows(parent))
+    other.set_parent(parent)
+    got = [(other(c, 32), other(c, 96)) for c in children]
+    assert got == want
+    assert other.traces_rebuilt == 0 and other.traces_fetched == len(set(asked)) > 0

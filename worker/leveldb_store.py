@@ -7,6 +7,9 @@ So the key is sha256 of (format version, model content fingerprint, pruner, cali
 fingerprint, device type) and a job on the same model content reuses what an earlier job built,
 whatever its sparsity. Stored under ``leveldb/<key>/`` in the object store (local folder or
 S3), published with the store's completion marker, so a half-written database is never read.
+
+Each machine keeps local copies under its scratch folder (the work dir); past ``scratch_bytes``
+the least recently used copies are deleted (the store keeps the original).
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -38,9 +43,12 @@ def leveldb_key(model_hash: str, pruner: str, calib_hash: str, device_type: str)
 class LevelStore(LevelSource):
     """Loads level databases from ``store`` when present; builds, then publishes them otherwise."""
 
-    def __init__(self, store: Store, scratch: str | Path) -> None:
+    def __init__(self, store: Store, scratch: str | Path, scratch_bytes: int | None = None,
+                 scratch_min_age_s: float = 600.0) -> None:
         self.store = store
         self.scratch = Path(scratch)
+        self.scratch_bytes = scratch_bytes
+        self.scratch_min_age_s = scratch_min_age_s  # a copy used more recently may be loading elsewhere
         self.last_key: str | None = None  # the key of the database the last load/build served
         self.built = 0
         self.loaded = 0
@@ -62,6 +70,7 @@ class LevelStore(LevelSource):
         """A local copy of the stored database, downloaded once per machine."""
         folder = self.scratch / key
         if (folder / "meta.json").is_file():
+            self._touch(folder)
             return folder
         if not self.store.is_complete(self.prefix(key)):
             return None
@@ -74,7 +83,37 @@ class LevelStore(LevelSource):
                 shutil.rmtree(tmp, ignore_errors=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        self._touch(folder)
+        self.trim(keep=folder)
         return folder
+
+    @staticmethod
+    def _touch(folder: Path) -> None:
+        now = time.time()
+        os.utime(folder, (now, now))
+
+    def trim(self, keep: Path | None = None) -> list[str]:
+        """Delete the least recently used local copies until the rest fit in ``scratch_bytes``.
+
+        A copy used in the last ``scratch_min_age_s`` stays (another process may be loading it).
+        """
+        if self.scratch_bytes is None or not self.scratch.is_dir():
+            return []
+        copies = [f for f in self.scratch.iterdir() if f.is_dir() and not f.name.startswith(".")]
+        sizes = {f: sum(x.stat().st_size for x in f.rglob("*") if x.is_file()) for f in copies}
+        total = sum(sizes.values())
+        removed = []
+        for folder in sorted(copies, key=lambda f: f.stat().st_mtime):
+            if total <= self.scratch_bytes:
+                break
+            if folder == keep or time.time() - folder.stat().st_mtime < self.scratch_min_age_s:
+                continue
+            shutil.rmtree(folder, ignore_errors=True)  # a job loading it right now holds its tensors already
+            total -= sizes[folder]
+            removed.append(folder.name)
+        if removed:
+            log.info("level database scratch: removed %d least recently used copies", len(removed))
+        return removed
 
     def load_key(self, key: str, model: nn.Module, pruner: str, **kwargs: Any) -> LevelDB | None:
         folder = self._local(key)
@@ -99,6 +138,8 @@ class LevelStore(LevelSource):
                 tmp.rename(folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        self._touch(folder)
+        self.trim(keep=folder)
         self.last_key = key
         self.built += 1
         log.info("level database %s built and stored", key)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from evosparse.jobs.spec import JobSpec
 from evosparse.pruning.errors import CancelledError, PruningConfigError
+from evosparse.pruning.offload import offload_of
 from evosparse.pruning.provenance import utc_now
 from evosparse.worker.hooks import RunHooks
 
@@ -155,6 +156,8 @@ def load(job: Job) -> None:
     from evosparse.worker.compress_stage import Compression
 
     job.model, job.tokenizer = load_model(job.spec.model, device=job.spec.device, dtype=job.spec.dtype)
+    # Where the weights ran: a model larger than its device keeps its blocks in host memory.
+    job.report["blocks_offloaded"] = offload_of(job.model) is not None
     job.compression = Compression.prepare(job.spec, job.model)  # shape checks before any expensive stage
     job.blocks = find_blocks(job.model)
     job.compute = provenance.compute(job.model)
@@ -201,6 +204,11 @@ def sensitivity(job: Job) -> None:
     from evosparse.pruning import sensitivity as sens
 
     needs = job.needs()
+    if "fisher" in needs and offload_of(job.model) is not None:
+        # Gradients would keep every block's device copy alive: the model would have to fit after all.
+        raise PruningConfigError("the model is larger than the device, so its blocks are offloaded and the "
+                                 "Fisher sensitivity (gradients) cannot run; use seed_from / allocation "
+                                 "hessian, owl or uniform")
     if "fisher" in needs:
         job.sensitivity["fisher"] = sens.fisher_traces(job.model, job.calib, blocks=job.blocks,
                                                        progress=job.progress.counter("sensitivity", "window"))

@@ -267,7 +267,8 @@ def level_store(settings: Settings):  # noqa: ANN201 - worker.leveldb_store.Leve
     """Level databases in the object store, with a local copy per machine under the work folder."""
     from evosparse.worker.leveldb_store import LevelStore
 
-    return LevelStore(store_from_settings(settings), settings.resolved_work_dir / "leveldb")
+    return LevelStore(store_from_settings(settings), settings.resolved_work_dir / "leveldb",
+                      scratch_bytes=int(settings.leveldb_scratch_gb * 2**30))
 
 
 def scoring_for(namespace: str, spec: JobSpec, settings: Settings, levels):  # noqa: ANN001, ANN201
@@ -291,7 +292,8 @@ def scoring_for(namespace: str, spec: JobSpec, settings: Settings, levels):  # n
 
         context = {"namespace": namespace, "spec": spec.model_dump(mode="json"), "leveldb_key": levels.last_key}
         return DistributedFitness(local, redis_from_url(settings.broker_url), namespace, context,
-                                  spec.search.workers, send, settings.scoring_lease_s, on_close=connection.release)
+                                  spec.search.workers, send, settings.scoring_lease_s, on_close=connection.release,
+                                  share_traces=settings.scoring_share_traces)
 
     return make
 

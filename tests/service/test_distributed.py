@@ -134,8 +134,14 @@ def test_two_scoring_workers_give_exactly_the_one_process_search_and_reuse_the_s
         assert fanned.leveldb == "loaded" and levels3.loaded == 1 and levels3.built == 0
         assert fitness.remote_scored > 0, "the scoring workers scored nothing"
         _same(fanned, alone)
-        # When the job is over the scorers' warm state is released (the alive key is gone).
-        assert not redis_from_url(env["EVOSPARSE_BROKER_URL"]).exists("evosparse:score:t3:1:alive")
+        # Parent traces went through Redis: a parent another process scored was fetched, not recomputed.
+        print("traces: coordinator fetched", fitness.local.traces_fetched, "rebuilt", fitness.local.traces_rebuilt,
+              "published", fitness.traces.published)
+        assert fitness.local.traces_fetched > 0
+        # When the job is over the scorers' warm state is released (the alive key is gone), traces deleted.
+        r = redis_from_url(env["EVOSPARSE_BROKER_URL"])
+        assert not r.exists("evosparse:score:t3:1:alive")
+        assert not list(r.scan_iter(match="evosparse:score:t3:1:trace*"))
     finally:
         scorers.stop()
 
