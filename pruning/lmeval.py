@@ -29,6 +29,10 @@ def lm_eval_version() -> str | None:
         return None
 
 
+def _local_tasks() -> set[str]:
+    return {p.stem for p in TASK_DIR.glob("*.yaml")}
+
+
 def _task_manager(tasks: list[str]):
     try:
         from lm_eval.tasks import TaskManager
@@ -36,8 +40,24 @@ def _task_manager(tasks: list[str]):
         raise PruningConfigError("task evaluation needs lm-eval (part of the [worker] extra): "
                                  "pip install 'evosparse[eval]'") from exc
     # Indexing lm-eval's own few thousand task files takes seconds: skip it when only ours are asked for.
-    local = {p.stem for p in TASK_DIR.glob("*.yaml")}
-    return TaskManager(include_path=str(TASK_DIR), include_defaults=not set(tasks) <= local)
+    return TaskManager(include_path=str(TASK_DIR), include_defaults=not set(tasks) <= _local_tasks())
+
+
+def check_reachable(tasks: list[str]) -> None:
+    """Tasks whose data lives on the hub fail at once on a machine that cannot reach it.
+
+    With HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set the user means the local datasets cache: lm-eval
+    is left to read it.
+    """
+    from evosparse.pruning.config import offline_requested
+    from evosparse.pruning.hub import unreachable
+
+    remote = [t for t in tasks if t not in _local_tasks()]
+    if remote and not offline_requested():
+        why = unreachable("huggingface.co", 443)
+        if why is not None:
+            raise PruningConfigError(f"{', '.join(remote)}: lm-eval's tasks read their data from the Hugging Face "
+                                     f"hub, which this machine cannot reach ({why}); pydoc_cloze runs offline")
 
 
 def run_tasks(model: Any, tokenizer: Any, tasks: list[str], *, limit: int | None = None, num_fewshot: int = 0,
@@ -49,8 +69,10 @@ def run_tasks(model: Any, tokenizer: Any, tasks: list[str], *, limit: int | None
     """
     if not tasks:
         return {}
+    check_reachable(tasks)
     manager = _task_manager(list(tasks))
-    unknown = [t for t in tasks if not manager.match_tasks([t])]
+    known = set(manager.all_tasks)
+    unknown = [t for t in tasks if t not in known]  # exact names: lm-eval would read others as globs
     if unknown:
         raise PruningConfigError(f"unknown lm-eval task(s) {', '.join(unknown)}; offline: pydoc_cloze; "
                                  f"with network e.g. hellaswag, arc_easy, arc_challenge, piqa, winogrande")
@@ -59,9 +81,9 @@ def run_tasks(model: Any, tokenizer: Any, tasks: list[str], *, limit: int | None
 
     for name in ("lm-eval", "lm_eval"):  # its per-task INFO lines would drown a CLI's output
         logging.getLogger(name).setLevel(logging.ERROR)
-    # 100 draws: accuracy's standard error is closed-form; the count only gates whether it is computed.
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
               device=str(next(model.parameters()).device))
+    # bootstrap_iters: accuracy's standard error is closed-form; a count above 0 only switches it on.
     out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
                                   task_manager=manager, log_samples=False, bootstrap_iters=100,
                                   random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,

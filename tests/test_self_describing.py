@@ -271,6 +271,17 @@ def test_eval_tasks_runs_the_offline_task_and_records_it(tiny_llama_dir, tmp_pat
     assert re.search(rf"\| pydoc_cloze \| 8 \| 0 \| — \| {100 * entry['pruned']['acc']:.1f} %", card)
 
 
+def test_hub_task_on_an_offline_machine_fails_in_one_line(tiny_llama_dir, capsys):
+    from evosparse.pruning.hub import unreachable
+
+    pytest.importorskip("lm_eval", reason="lm-eval (the [eval] extra) is not installed")
+    if unreachable("huggingface.co", 443) is None:
+        pytest.skip("the hub is reachable from this machine: hellaswag would download")
+    assert main(["eval", str(tiny_llama_dir), "--windows", "1", "--seq-len", "32", "--tasks", "hellaswag"]) == 2
+    err = capsys.readouterr().err
+    assert "hellaswag" in err and "cannot reach" in err and "pydoc_cloze runs offline" in err
+
+
 def test_unknown_eval_task_is_refused_before_anything_runs(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "never"
     assert main(["prune", str(tiny_llama_dir), "--sparsity", "0.5", "--eval-tasks", "mmlu", "--out", str(out)]) == 2
