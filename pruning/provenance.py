@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import platform
 import subprocess
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -112,8 +111,7 @@ def environment() -> dict[str, Any]:
         v = _package_version(dist)
         if v is not None:
             versions[dist] = v
-    return {"versions": versions, "git": evosparse_commit(), "platform": platform.platform(),
-            "argv0": Path(sys.argv[0]).name if sys.argv else None}
+    return {"versions": versions, "git": evosparse_commit(), "platform": platform.platform()}
 
 
 def compute(model: Any) -> dict[str, Any]:
