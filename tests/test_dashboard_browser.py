@@ -40,13 +40,15 @@ _SHOWN_GENERATION = """() => {
 }"""
 
 
-def _spec(model_dir: Path, generations: int, seed: int, sparsity: float = 0.6, pattern: str = "unstructured") -> dict:
+def _spec(model_dir: Path, generations: int, seed: int, sparsity: float = 0.6, pattern: str = "unstructured",
+          **extra: object) -> dict:
     from evosparse.jobs.spec import JobSpec
 
     return JobSpec(
         model=str(model_dir), sparsity=sparsity, pattern=pattern, pruner="wanda", allocation="evolutionary",
         calib_windows=4, eval_windows=4, seq_len=64, seed=seed,
         search={"generations": generations, "offspring": 4, "selection": "64:2,128:1", "seed_from": "fisher"},
+        **extra,
     ).model_dump(mode="json")
 
 
@@ -100,8 +102,11 @@ def service(tmp_path_factory, tiny_llama_dir):
         assert isinstance(claim, repo.Claim), claim
         return claim
 
-    # The finished job searches a per-layer N:8 (mixed:8) so its bars carry each layer's pattern.
-    finished = claimed(_spec(tiny_llama_dir, generations=4, seed=1, sparsity=0.625, pattern="mixed:8"))
+    # The finished job searches a per-layer N:8 (mixed:8) so its bars carry each layer's pattern, and
+    # scores the offline lm-eval task so its page shows task accuracy.
+    pytest.importorskip("lm_eval", reason="lm-eval (the [eval] extra) is not installed")
+    finished = claimed(_spec(tiny_llama_dir, generations=4, seed=1, sparsity=0.625, pattern="mixed:8",
+                             eval_tasks=["pydoc_cloze"], eval_tasks_limit=8))
     assert execute(finished, settings) == "SUCCEEDED"
 
     # A long search in the background: the page must show it grow, then cancel it.
@@ -201,7 +206,16 @@ def test_dashboard_in_a_real_browser(service, browser) -> None:
             f"{report['perplexity']['pruned']:.2f}")
         expect(page.locator('#ppl-table tr[data-row="uniform"] td.num').first).to_have_text(
             f"{report['perplexity']['uniform']:.2f}")
+        # the lm-eval task the spec asked for, dense and pruned accuracy as report.json has them
+        cloze = report["lm_eval"]["results"]["pydoc_cloze"]
+        row = page.locator('#tasks-table tr[data-task="pydoc_cloze"] td')
+        expect(row.nth(1)).to_have_text(str(cloze["samples"]))
+        expect(row.nth(2)).to_contain_text(f"{100 * cloze['dense']['acc']:.1f} %")
+        expect(row.nth(3)).to_contain_text(f"{100 * cloze['pruned']['acc']:.1f} %")
+        expect(page.locator("#job-facts")).to_contain_text("pydoc_cloze")
         expect(page.locator('a.artifact[data-name="report.json"]')).to_be_visible()
+        expect(page.locator('a.artifact[data-name="README.md"]')).to_be_visible()  # the model card
+        expect(page.locator('a.artifact[data-name="recipe.yaml"]')).to_be_visible()
         assert page.locator("a.artifact").count() >= 3  # config, weights, report at least
         expect(page.locator("#conn")).to_have_text("finished")  # a finished job stops polling
         ARTIFACTS.mkdir(exist_ok=True)

@@ -3,10 +3,14 @@
 A job is a short list of named stages over one ``Job`` (the model, its block layout computed
 once, one dense snapshot in host memory, the token windows, what each stage found):
 
-    load → data → dense_eval → sensitivity → allocation → uniform_baseline → prune → eval → export
+    load → data → dense_eval → dense_tasks → sensitivity → allocation → uniform_baseline → prune → eval
+    → tasks → export
 
 ``sensitivity`` runs when the allocation (or the search's seed) needs it; ``uniform_baseline``
-only for the evolutionary allocation (the comparison its report shows). Every allocation is one
+only for the evolutionary allocation (the comparison its report shows); ``dense_tasks`` and
+``tasks`` only when the spec asks for lm-eval tasks (``eval_tasks``). The export writes the
+checkpoint, an llm-compressor recipe of the allocation, the model card (README.md) and report.json
+with its provenance block. Every allocation is one
 ``Allocator``: a function of the job that returns per-linear prune counts meeting the global
 target exactly. The output folder appears only when complete: everything is written to a
 temporary sibling folder, renamed to ``out_dir`` at the end and removed if anything fails.
@@ -29,6 +33,7 @@ import torch
 from evosparse.jobs.spec import JobSpec
 from evosparse.pruning.errors import CancelledError, PruningConfigError
 from evosparse.pruning.offload import offload_of
+from evosparse.pruning.provenance import utc_now
 from evosparse.worker.hooks import RunHooks
 
 # Share of overall progress per stage; stages a job skips are dropped and the rest rescaled.
@@ -36,11 +41,13 @@ STAGE_WEIGHTS = {
     "load": 2.0,
     "data": 1.0,
     "dense_eval": 6.0,
+    "dense_tasks": 6.0,
     "sensitivity": 12.0,
     "allocation": 50.0,
     "uniform_baseline": 20.0,
     "prune": 20.0,
     "eval": 6.0,
+    "tasks": 6.0,
     "export": 3.0,
 }
 
@@ -122,7 +129,13 @@ class Job:
     compression: Any = None  # worker.compress_stage.Compression: N:M plan, quantization, checkpoint dtype/format
     quantized: dict[str, Any] = field(default_factory=dict)  # integer codes per linear (quantize jobs)
     perplexities: dict[str, float] = field(default_factory=dict)
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)  # lm-eval results: task -> {dense, pruned}
     report: dict[str, Any] = field(default_factory=dict)
+    started_at: str = ""
+    source: dict[str, Any] = field(default_factory=dict)  # provenance.source_info of the model loaded
+    compute: dict[str, Any] = field(default_factory=dict)  # device and dtype the job runs in
+    environment: dict[str, Any] = field(default_factory=dict)  # provenance.environment: versions, commit
+    linear_sizes: dict[str, int] = field(default_factory=dict)  # weights per prunable linear, dense
 
     @property
     def evolutionary(self) -> bool:
@@ -136,7 +149,8 @@ class Job:
 
 # ---------------------------------------------------------------------------------------- stages
 def load(job: Job) -> None:
-    from evosparse.pruning.layers import find_blocks
+    from evosparse.pruning import provenance
+    from evosparse.pruning.layers import find_blocks, weight_matrix
     from evosparse.pruning.loading import load_model
     from evosparse.pruning.snapshot import DenseWeights
     from evosparse.worker.compress_stage import Compression
@@ -146,6 +160,10 @@ def load(job: Job) -> None:
     job.report["blocks_offloaded"] = offload_of(job.model) is not None
     job.compression = Compression.prepare(job.spec, job.model)  # shape checks before any expensive stage
     job.blocks = find_blocks(job.model)
+    job.compute = provenance.compute(job.model)
+    job.source = provenance.source_info(job.spec.model, job.model)
+    job.environment = provenance.environment()
+    job.linear_sizes = {n: weight_matrix(m).numel() for b in job.blocks for n, m in b.linears.items()}
     if job.spec.structured:  # a target that needs every head of a layer removed fails now, before any work
         from evosparse.pruning.sensitivity import allocation_counts
         from evosparse.pruning.structured import check_structured
@@ -166,6 +184,20 @@ def dense_eval(job: Job) -> None:
     from evosparse.pruning.evaluate import perplexity
 
     job.perplexities["dense"] = perplexity(job.model, job.evalw, progress=job.progress.counter("dense_eval", "batch"))
+
+
+def _run_tasks(job: Job, which: str) -> None:
+    from evosparse.pruning.lmeval import run_tasks
+
+    s = job.spec
+    results = run_tasks(job.model, job.tokenizer, list(s.eval_tasks), limit=s.eval_tasks_limit, seed=s.seed)
+    for task, metrics in results.items():
+        job.tasks.setdefault(task, {"samples": metrics.pop("samples"), "num_fewshot": metrics.pop("num_fewshot")})
+        job.tasks[task][which] = metrics
+
+
+def dense_tasks(job: Job) -> None:
+    _run_tasks(job, "dense")
 
 
 def sensitivity(job: Job) -> None:
@@ -299,6 +331,10 @@ def evaluate(job: Job) -> None:
     job.perplexities["pruned"] = perplexity(job.model, job.evalw, progress=job.progress.counter("eval", "batch"))
 
 
+def tasks(job: Job) -> None:
+    _run_tasks(job, "pruned")
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -310,11 +346,13 @@ STAGES: tuple[Stage, ...] = (
     Stage("load", load),
     Stage("data", data),
     Stage("dense_eval", dense_eval),
+    Stage("dense_tasks", dense_tasks, when=lambda job: bool(job.spec.eval_tasks)),
     Stage("sensitivity", sensitivity, when=lambda job: bool(job.needs())),
     Stage("allocation", allocation),
     Stage("uniform_baseline", uniform_baseline, when=lambda job: job.evolutionary),
     Stage("prune", prune),
     Stage("eval", evaluate),
+    Stage("tasks", tasks, when=lambda job: bool(job.spec.eval_tasks)),
 )  # then "export", which writes the folder (below)
 
 
@@ -343,20 +381,49 @@ def _atomic_folder(out_dir: Path, overwrite: bool) -> Iterator[Path]:
         raise
 
 
+def _file_metadata(job: Job) -> dict[str, str]:
+    """What the safetensors headers say about the file: who wrote it, from what, how."""
+    import json
+
+    git = job.environment.get("git") or {}
+    s = job.spec
+    return {"evosparse.version": job.environment["versions"]["evosparse"],
+            "evosparse.commit": git.get("commit", ""),
+            "evosparse.source": str(job.source.get("name", s.model)),
+            "evosparse.source_sha256": json.dumps(job.source.get("sha256") or {}, sort_keys=True),
+            "evosparse.pruner": s.pruner, "evosparse.allocation": s.allocation, "evosparse.pattern": s.pattern,
+            "evosparse.sparsity_target": repr(s.sparsity), "evosparse.started_at": job.started_at}
+
+
+def _block_sparsity(job: Job, layer_sparsity: dict[str, float]) -> list[float]:
+    """Per decoder block: zero (or removed) weights over the dense block's weights, from the per-linear figures."""
+    out = []
+    for b in job.blocks:
+        sizes = {n: job.linear_sizes[n] for n in b.linears}
+        out.append(sum(layer_sparsity[n] * k for n, k in sizes.items()) / sum(sizes.values()))
+    return out
+
+
 def _export(job: Job, folder: Path, timings: dict[str, float], t_job: float) -> dict[str, Any]:
-    """Weights and tokenizer first; then report.json, once, with the measured sparsity and every timing."""
+    """Weights and tokenizer first; then the recipe and the model card; report.json once, last."""
+    from evosparse.cli.spec_flags import spec_command
+    from evosparse.pruning import provenance
     from evosparse.pruning.export import save_checkpoint, write_report
+    from evosparse.pruning.lmeval import lm_eval_version
+    from evosparse.pruning.recipe import write_recipe
+    from evosparse.worker.model_card import write_card
 
     t0 = time.perf_counter()
     job.progress("export", 0.0)
+    metadata = _file_metadata(job)
     if job.spec.structured:  # smaller shapes: sparsity is measured as weights removed, not zeros
         from evosparse.pruning.structured_export import save_structured
 
         job.model.to(job.compression.dtype)  # the source dtype here too (export is the model's last use)
-        measured = save_structured(job.model, job.tokenizer, folder)
+        measured = save_structured(job.model, job.tokenizer, folder, metadata=metadata)
     else:
         measured = save_checkpoint(job.model, job.tokenizer, folder, [n for b in job.blocks for n in b.linears],
-                                   **job.compression.export_kwargs(job.quantized))
+                                   metadata=metadata, **job.compression.export_kwargs(job.quantized))
     s = job.spec
     report = dict(job.report)
     report.update({
@@ -373,9 +440,25 @@ def _export(job: Job, folder: Path, timings: dict[str, float], t_job: float) -> 
         **job.compression.report(),
         **measured,
     })
+    report["block_sparsity"] = _block_sparsity(job, measured["layer_sparsity"])
+    report["command"] = spec_command(s)
+    if job.tasks:
+        report["lm_eval"] = {"version": lm_eval_version(), "limit": s.eval_tasks_limit, "results": job.tasks}
+    report["provenance"] = {
+        "schema_version": provenance.SCHEMA_VERSION,
+        "source": job.source,
+        "environment": job.environment,
+        "compute": job.compute,
+        "started_at": job.started_at,
+        "finished_at": None,
+        "stop_reason": (report.get("search") or {}).get("stopped_by"),
+    }
+    report["llmcompressor_recipe"] = write_recipe(folder, report)
     timings["export"] = round(time.perf_counter() - t0, 3)
     timings["total"] = round(time.perf_counter() - t_job, 3)
     report["timings"] = timings
+    report["provenance"]["finished_at"] = provenance.utc_now()
+    write_card(folder, report)
     write_report(folder, report)
     job.progress("export", 1.0)
     return report
@@ -405,6 +488,7 @@ def run_job(
     job.progress = _Progress(hooks, [st.name for st in stages] + ["export"])
     timings: dict[str, float] = {}
     t_job = time.perf_counter()
+    job.started_at = utc_now()
     torch.manual_seed(spec.seed)
     for st in stages:
         job.progress.check_cancel()

@@ -198,6 +198,14 @@
       ? "  (measured " + pct(report.global_sparsity) + ")" : ""));
     fact(dl, "pruner / allocation", (spec.pruner || "–") + " / " + (spec.allocation || "–"));
     fact(dl, "pattern", spec.pattern || "unstructured");
+    if ((spec.eval_tasks || []).length) {
+      fact(dl, "eval tasks", spec.eval_tasks.join(", ") + (spec.eval_tasks_limit ? " (" + spec.eval_tasks_limit + " items each)" : ""));
+    }
+    const prov = report.provenance;
+    if (prov && prov.source) {
+      fact(dl, "source", (prov.source.name || spec.model) + (prov.compute ? "  on " + prov.compute.device + ", " + prov.compute.dtype : ""));
+      if (prov.stop_reason) fact(dl, "search stopped by", prov.stop_reason);
+    }
     fact(dl, "stage", (job.stage || "–") + "  " + Math.round(100 * (job.progress || 0)) + " %");
     if (job.generations_total || job.generation !== null && job.generation !== undefined) {
       fact(dl, "generation", (job.generation ?? "–") + " / " + (job.generations_total ?? "–"));
@@ -308,6 +316,18 @@
       h("tr", {}, h("td", {}, k), h("td", { class: "num" }, num(v, 1)))));
   }
 
+  // lm-eval task accuracy (report.lm_eval.results: task -> {samples, dense, pruned}).
+  function renderTasks(job) {
+    const results = ((job.report || {}).lm_eval || {}).results || {};
+    const names = Object.keys(results);
+    $("tasks-card").hidden = names.length === 0;
+    const cell = m => !m || m.acc === undefined ? "–"
+      : num(100 * m.acc, 1) + " %" + (m.acc_norm !== undefined ? " (" + num(100 * m.acc_norm, 1) + " %)" : "");
+    $("tasks-table").tBodies[0].replaceChildren(...names.map(name => h("tr", { "data-task": name },
+      h("td", {}, name), h("td", { class: "num" }, String(results[name].samples ?? "–")),
+      h("td", { class: "num" }, cell(results[name].dense)), h("td", { class: "num" }, cell(results[name].pruned)))));
+  }
+
   async function download(item) {
     // A plain link cannot send the Authorization header, so fetch the bytes and save them.
     const res = await fetch(apiUrl(item.url), { headers: { Authorization: "Bearer " + apiKey() } });
@@ -359,6 +379,7 @@
       renderFitness(job, gens);
       renderSparsity(job, gens);
       renderReport(job);
+      renderTasks(job);
       if (job.status === "SUCCEEDED" && !artifactsShown) {
         renderArtifacts(job, (await api(`v1/jobs/${encodeURIComponent(id)}/artifacts`)).items || []);
         artifactsShown = true;

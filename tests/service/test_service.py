@@ -206,10 +206,15 @@ def _bad_inputs(model_root):  # noqa: ANN001, ANN202
         ("JSON nested 5000 deep", '{"model": ' + "[" * 5000 + "]" * 5000 + "}", 400),
         ("webhook to loopback", {**ok, "webhook_url": "http://127.0.0.1:6379/"}, 400),
         ("webhook with control characters", {**ok, "webhook_url": "http://x.example.com/\u0000"}, 422),
+        ("unknown eval task", {**ok, "eval_tasks": ["mmlu_pro"]}, 422),
+        ("eval task listed twice", {**ok, "eval_tasks": ["pydoc_cloze", "pydoc_cloze"]}, 422),
+        ("eval task not a list", {**ok, "eval_tasks": "pydoc_cloze"}, 422),
+        ("eval task needing the hub (hub disabled)", {**ok, "eval_tasks": ["pydoc_cloze", "hellaswag"]}, 400),
+        ("eval tasks limit zero", {**ok, "eval_tasks": ["pydoc_cloze"], "eval_tasks_limit": 0}, 422),
     ]
 
 
-@pytest.mark.parametrize("case", range(57))
+@pytest.mark.parametrize("case", range(62))
 def test_bad_input_is_refused_and_creates_no_job(stack, case):
     name, body, status = _bad_inputs(stack.model_root)[case]
     client = stack.client("bad-input")
@@ -227,7 +232,7 @@ def test_bad_input_is_refused_and_creates_no_job(stack, case):
 
 
 def test_bad_input_table_is_complete(model_root):
-    assert len(_bad_inputs(model_root)) == 57
+    assert len(_bad_inputs(model_root)) == 62
 
 
 def test_oversized_chunked_body_is_refused(stack):
