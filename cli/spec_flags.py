@@ -141,9 +141,7 @@ def _argparse_kwargs(f: SpecFlag) -> dict[str, Any]:
         convert = get_args(annotation)[0]
     else:  # dicts, unions, ...: the same JSON the REST API takes
         convert, extra = json.loads, " (JSON)"
-    if "action" in kw:
-        pass
-    elif annotation is not bool:
+    if "action" not in kw:  # bool and KEY=VALUE flags turn their words into values themselves
         kw["type"] = _none_or(convert) if nullable else convert
         if "choices" not in kw:
             kw["metavar"] = f.flag.lstrip("-").replace("-", "_").upper()

@@ -5,6 +5,8 @@ Dependency-free, so the client install shares it with the API.
 
 from __future__ import annotations
 
+import re
+
 from evosparse.jobs.spec import check_label
 
 # Columns of the job record a list may be sorted by ('-' in front: descending).
@@ -22,3 +24,14 @@ def parse_label_filters(raw: list[str] | tuple[str, ...]) -> tuple[tuple[str, st
         check_label(key, value if eq else None)
         out.append((key, value if eq else None))
     return tuple(out)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+SEARCH_MAX = 100
+
+
+def check_search(text: str) -> str:
+    """The free-text search, stripped; ValueError for control characters (PostgreSQL refuses NUL)."""
+    if len(text) > SEARCH_MAX or _CONTROL.search(text):
+        raise ValueError(f"search must be at most {SEARCH_MAX} printable characters")
+    return text.strip()

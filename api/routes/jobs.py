@@ -13,7 +13,7 @@ from evosparse.api.auth import current_team
 from evosparse.api.deps import db_session, get_store
 from evosparse.api.schemas import ArtifactList, GenerationList, JobList, JobOut, JobSubmit, Status, Submitted
 from evosparse.jobs import queue, repo
-from evosparse.jobs.listing import DEFAULT_SORT, SORT_KEYS, SORT_PATTERN, parse_label_filters
+from evosparse.jobs.listing import DEFAULT_SORT, SORT_KEYS, SORT_PATTERN, check_search, parse_label_filters
 from evosparse.jobs.netguard import UrlRefused, check_url
 from evosparse.jobs.spec import check_name
 from evosparse.jobs.store import LocalStore, Store
@@ -169,9 +169,10 @@ def list_jobs(request: Request, status: Status | None = None, limit: int = Query
             raise HTTPException(status_code=422, detail=f"name filter: {exc}") from None
     try:
         labels = parse_label_filters(label)
+        search = check_search(q or "") or None
     except ValueError as exc:
-        raise HTTPException(status_code=422, detail=f"label filter: {exc}") from None
-    where = repo.JobFilter(name=name, labels=labels, search=(q or "").strip() or None)
+        raise HTTPException(status_code=422, detail=f"filter: {exc}") from None
+    where = repo.JobFilter(name=name, labels=labels, search=search)
     with db_session(request) as db:
         jobs, total = repo.list_jobs(db, team_id, status, limit, offset, where=where, sort=sort)
         return {"items": [repo.job_view(j) for j in jobs], "total": total, "limit": limit, "offset": offset}

@@ -13,7 +13,7 @@ import threading
 
 import httpx
 import pytest
-from evosparse.jobs.client import ApiError
+from evosparse.jobs.client import ApiError, Client
 from evosparse.jobs.webhook import verify
 
 from tests.service.conftest import WEBHOOK_HOST, wait_status, wait_until
@@ -206,10 +206,19 @@ def _bad_inputs(model_root):  # noqa: ANN001, ANN202
         ("JSON nested 5000 deep", '{"model": ' + "[" * 5000 + "]" * 5000 + "}", 400),
         ("webhook to loopback", {**ok, "webhook_url": "http://127.0.0.1:6379/"}, 400),
         ("webhook with control characters", {**ok, "webhook_url": "http://x.example.com/\u0000"}, 422),
+        ("name 101 characters", {**ok, "name": "n" * 101}, 422),
+        ("name with a newline", {**ok, "name": "nightly\nrun"}, 422),
+        ("name with surrounding blanks", {**ok, "name": " nightly "}, 422),
+        ("label key upper case", {**ok, "labels": {"Team": "nlp"}}, 422),
+        ("label value with a space", {**ok, "labels": {"team": "n l p"}}, 422),
+        ("label value 201 characters", {**ok, "labels": {"team": "x" * 201}}, 422),
+        ("21 labels", {**ok, "labels": {f"k{i}": "v" for i in range(21)}}, 422),
+        ("labels not an object", {**ok, "labels": ["team=nlp"]}, 422),
+        ("label value not a string", {**ok, "labels": {"team": 3}}, 422),
     ]
 
 
-@pytest.mark.parametrize("case", range(57))
+@pytest.mark.parametrize("case", range(66))
 def test_bad_input_is_refused_and_creates_no_job(stack, case):
     name, body, status = _bad_inputs(stack.model_root)[case]
     client = stack.client("bad-input")
@@ -227,7 +236,7 @@ def test_bad_input_is_refused_and_creates_no_job(stack, case):
 
 
 def test_bad_input_table_is_complete(model_root):
-    assert len(_bad_inputs(model_root)) == 57
+    assert len(_bad_inputs(model_root)) == 66
 
 
 def test_oversized_chunked_body_is_refused(stack):
@@ -361,17 +370,31 @@ def test_cli_keys_submit_wait_download_and_exit_codes(stack, tmp_path):
     assert made.returncode == 0, made.stderr
     key = made.stdout.strip()
     assert key.startswith("evs_") and "shown only once" in made.stderr
-    common = ["--calib-windows", "4", "--eval-windows", "2", "--seq-len", "32", "--server", stack.url,
-              "--key", key, "--quiet"]
-    ok = cli("submit", str(stack.model_root / "tiny"), "--sparsity", "0.5", "--out", str(tmp_path / "ckpt"), *common)
+    server = ["--server", stack.url, "--key", key]
+    common = ["--calib-windows", "4", "--eval-windows", "2", "--seq-len", "32", *server, "--quiet"]
+    # A pipeline's run: the spec from a file (name and labels included), the result as JSON, the job id
+    # found again by its label, its artifacts downloaded by id.
+    (tmp_path / "job.yaml").write_text(f"model: {stack.model_root / 'tiny'}\nsparsity: 0.5\nname: nightly\n"
+                                       f"labels: {{pipeline: release, run: '{stack.kind}'}}\n")
+    ok = cli("submit", "--spec", "job.yaml", "--out", str(tmp_path / "ckpt"), "--json", *common)
     assert ok.returncode == 0, ok.stderr[-2000:]
+    done = json.loads(ok.stdout)
+    assert done["status"] == "SUCCEEDED" and done["name"] == "nightly" and done["labels"]["pipeline"] == "release"
     assert json.loads((tmp_path / "ckpt" / "report.json").read_text())["pruner"] == "wanda"
+    found = cli("list", "--label", "pipeline=release", "--label", f"run={stack.kind}", "--json", *server)
+    assert [j["id"] for j in json.loads(found.stdout)["items"]] == [done["id"]], found.stderr
+    status = cli("status", done["id"], "--json", *server)
+    assert json.loads(status.stdout)["report"]["global_sparsity"] > 0.4
+    fetched = cli("download", done["id"], "--out", str(tmp_path / "again"), *server)
+    assert fetched.returncode == 0 and (tmp_path / "again" / "report.json").read_bytes() == \
+        (tmp_path / "ckpt" / "report.json").read_bytes()
     failed = cli("submit", str(stack.model_root / "broken"), "--sparsity", "0.5", "--wait", *common)
     assert failed.returncode == 1 and "job failed: could not load model" in failed.stderr
     refused = cli("submit", "/etc", "--sparsity", "0.5", "--wait", *common)
     assert refused.returncode == 2 and "outside the allowed model folders" in refused.stderr
     slow = cli("submit", str(stack.model_root / "tiny"), "--sparsity", "0.5", "--wait", "--timeout", "0.5",
-               "--seed", "99", *common)
-    assert slow.returncode == 4 and "still" in slow.stderr
-    job_id = slow.stdout.strip() or slow.stderr.split()[1]
-    stack.client("cli-team").http.post(f"/v1/jobs/{job_id}/cancel", headers={"Authorization": f"Bearer {key}"})
+               "--seed", "99", "--cancel-on-timeout", *common)
+    assert slow.returncode == 4 and "still" in slow.stderr and "cancelled (--cancel-on-timeout)" in slow.stderr
+    job_id = slow.stdout.strip()  # the job id alone on stdout
+    with Client(stack.url, key) as client:
+        assert client.get(job_id).cancel_requested
