@@ -74,18 +74,33 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
+def _tracker(args: argparse.Namespace, spec):  # noqa: ANN001, ANN202 - MlflowTracker | None
+    """The job's MLflow run, opened before anything is loaded: a tracking URI that does not work
+    stops the command at once, in one line."""
+    from evosparse.worker.tracking import MlflowTracker, TrackingUnavailable
+
+    if not args.mlflow_uri:
+        return None
+    try:
+        return MlflowTracker(args.mlflow_uri, args.mlflow_experiment, spec.model_dump(mode="json"))
+    except TrackingUnavailable:
+        raise
+    except Exception as exc:  # noqa: BLE001 - MLflow's own errors: unreachable server, bad URI scheme
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise PruningConfigError(f"--mlflow-uri {args.mlflow_uri}: {first}") from None
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from evosparse.pruning.errors import CancelledError
     from evosparse.worker.runner import RunHooks, _check_out_dir, run_job
-    from evosparse.worker.tracking import MlflowTracker, TrackingHooks
+    from evosparse.worker.tracking import TrackingHooks
 
     _quiet_transformers()
 
     spec = build_spec(args)
     out = Path(args.out) if args.out else default_out(spec)
     _check_out_dir(out, args.overwrite)  # refuse before loading anything
-    tracker = (MlflowTracker(args.mlflow_uri, args.mlflow_experiment, spec.model_dump(mode="json"))
-               if args.mlflow_uri else None)
+    tracker = _tracker(args, spec)
 
     class Hooks(CliHooks, RunHooks):
         pass

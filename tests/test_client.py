@@ -358,7 +358,7 @@ def test_version_and_every_help_shows_the_defaults(capsys) -> None:
             if DefaultsFormatter._names_default(action):
                 assert f"(default: {action.default})" in text, (p.prog, action.dest)
                 checked += 1
-    assert checked >= 15
+    assert checked >= 10  # serve, list, eval, keys ... (the spec flags are checked below)
     # the spec flags name their spec default themselves
     text = " ".join(build_parser()._subparsers._group_actions[0].choices["submit"].format_help().split())
     assert "(default: wanda)" in text and "--labels KEY=VALUE [KEY=VALUE ...]" in text

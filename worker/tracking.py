@@ -36,14 +36,15 @@ class TrackingUnavailable(PruningConfigError):
     """Tracking was asked for, but the mlflow package is not installed."""
 
 
-def _mlflow_client(tracking_uri: str):  # noqa: ANN202 - mlflow.tracking.MlflowClient
+def _mlflow():  # noqa: ANN202 - the module mlflow.entities and the class MlflowClient
     try:
+        from mlflow import entities
         from mlflow.tracking import MlflowClient
     except ImportError:
         raise TrackingUnavailable(
             "MLflow tracking is on (a tracking URI is set) but the mlflow package is missing: "
             "pip install 'evosparse[tracking]' (mlflow-skinny), or unset the tracking URI") from None
-    return MlflowClient(tracking_uri=tracking_uri)
+    return entities, MlflowClient
 
 
 def flatten(spec: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -64,9 +65,8 @@ class MlflowTracker:
     """The MLflow run of one job. Every call after a tracking failure is a no-op."""
 
     def __init__(self, tracking_uri: str, experiment: str, spec: dict[str, Any], job_id: str | None = None):
-        from mlflow.entities import Param
-
-        self.client = _mlflow_client(tracking_uri)
+        self.entities, client_class = _mlflow()
+        self.client = client_class(tracking_uri=tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found is not None else self.client.create_experiment(experiment)
         tags = {f"label.{k}": v for k, v in (spec.get("labels") or {}).items()}
@@ -78,7 +78,8 @@ class MlflowTracker:
             run = runs[0] if runs else None
         if run is None:
             run = self.client.create_run(experiment_id, run_name=spec.get("name") or job_id, tags=tags)
-            self.client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in flatten(spec).items()])
+            self.client.log_batch(run.info.run_id, params=[self.entities.Param(k, v[:6000])
+                                                           for k, v in flatten(spec).items()])
         self.run_id: str = run.info.run_id
         self.broken = False
 
@@ -92,21 +93,17 @@ class MlflowTracker:
             log.warning("MLflow tracking stopped (%s failed); the job goes on untracked", what, exc_info=True)
 
     def generation(self, record: dict) -> None:
-        from mlflow.entities import Metric
-
         step, now = int(record["generation"]), int(time.time() * 1000)
-        metrics = [Metric(f"fitness_{k}", float(record[k]), now, step) for k in ("best", "mean")
+        metrics = [self.entities.Metric(f"fitness_{k}", float(record[k]), now, step) for k in ("best", "mean")
                    if record.get(k) is not None]
         self._safely("logging a generation", lambda: self.client.log_batch(self.run_id, metrics=metrics))
 
     def outputs(self, out_dir: Path, report: dict[str, Any]) -> None:
         """The finished job's numbers (step 0) and its report and model card as artifacts."""
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         numbers = {f"perplexity_{k}": v for k, v in (report.get("perplexity") or {}).items()}
         numbers["global_sparsity"] = report.get("global_sparsity")
-        metrics = [Metric(k, float(v), now, 0) for k, v in numbers.items() if isinstance(v, int | float)]
+        metrics = [self.entities.Metric(k, float(v), now, 0) for k, v in numbers.items() if isinstance(v, int | float)]
 
         def log_all() -> None:
             self.client.log_batch(self.run_id, metrics=metrics)
