@@ -9,7 +9,13 @@ from __future__ import annotations
 from evosparse.api.deps import db_session
 from evosparse.api.limits import RateLimiter, retry_after_header
 from evosparse.jobs.repo import team_for_token
-from fastapi import HTTPException, Request
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+# Declares the Bearer scheme in /openapi.json (so /docs has an "Authorize" button and sends the key);
+# auto_error=False because the checks below answer with their own messages.
+bearer_scheme = HTTPBearer(auto_error=False, scheme_name="ApiKey",
+                           description="an API key from `evosparse keys create --team NAME`")
 
 
 def _unauthorized(detail: str) -> HTTPException:
@@ -24,7 +30,8 @@ def _limiter(request: Request) -> RateLimiter:
     return state.rate_limiter
 
 
-def current_team(request: Request) -> int:
+def current_team(request: Request,
+                 _declared: HTTPAuthorizationCredentials | None = Depends(bearer_scheme)) -> int:
     # A sync dependency: FastAPI runs it in the threadpool, so the database lookup never blocks the loop.
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")

@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 
 from evosparse.api.metrics import MetricsMiddleware
-from evosparse.api.routes import dashboard, health, jobs
+from evosparse.api.routes import dashboard, docs, health, jobs
 from evosparse.jobs.log import configure_logging
 from evosparse.jobs.settings import Settings, get_settings
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from evosparse import __version__
 
 log = logging.getLogger("evosparse.api")
 
@@ -80,12 +82,13 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
         from evosparse.jobs.db import migrate as run_migrations
 
         run_migrations(settings.resolved_database_url)
-    app = FastAPI(title="evosparse", version="0.1.0",
+    app = FastAPI(title="evosparse", version=__version__, docs_url=None, redoc_url=None,
                   description="Per-layer sparsity search and pruning for LLMs, as a job service.")
     app.state.settings = settings
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(dashboard.router)
+    app.include_router(docs.router)  # /docs from local assets (FastAPI's own loads a CDN)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -43,6 +43,8 @@ class Submitted(BaseModel):
 class JobOut(BaseModel):
     id: str
     status: Status
+    name: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
     spec: dict[str, Any]
     created_at: str | None
     started_at: str | None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--out", help="output folder (default: ./pruned-<model>-<pruner>-<allocation>-<pct>)")
     o.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    o.add_argument("--json", action="store_true", help="print {out, report} as one JSON document on stdout")
+    t = p.add_argument_group("experiment tracking")
+    t.add_argument("--mlflow-uri", default=os.environ.get("EVOSPARSE_MLFLOW_TRACKING_URI") or None, help=(
+        "log the job as an MLflow run here (sqlite:///mlflow.db, http://host:5000, ...; needs the [tracking] "
+        "extra) (default: $EVOSPARSE_MLFLOW_TRACKING_URI, else off)"))
+    t.add_argument("--mlflow-experiment", default="evosparse", help="MLflow experiment of the run")
     p.set_defaults(func=cmd_prune)
 
     e = sub.add_parser("eval", help="perplexity of a saved checkpoint on a data source's evaluation half "
@@ -70,23 +77,54 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
+def _tracker(args: argparse.Namespace, spec):  # noqa: ANN001, ANN202 - MlflowTracker | None
+    """The job's MLflow run, opened before anything is loaded: a tracking URI that does not work
+    stops the command at once, in one line."""
+    from evosparse.worker.tracking import MlflowTracker, TrackingUnavailable
+
+    if not args.mlflow_uri:
+        return None
+    try:
+        return MlflowTracker(args.mlflow_uri, args.mlflow_experiment, spec.model_dump(mode="json"))
+    except TrackingUnavailable:
+        raise
+    except Exception as exc:  # noqa: BLE001 - MLflow's own errors: unreachable server, bad URI scheme
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise PruningConfigError(f"--mlflow-uri {args.mlflow_uri}: {first}") from None
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
+    from evosparse.pruning.errors import CancelledError
     from evosparse.worker.runner import RunHooks, _check_out_dir, run_job
+    from evosparse.worker.tracking import TrackingHooks
 
     _quiet_transformers()
 
     spec = build_spec(args)
     out = Path(args.out) if args.out else default_out(spec)
     _check_out_dir(out, args.overwrite)  # refuse before loading anything
+    tracker = _tracker(args, spec)
 
     class Hooks(CliHooks, RunHooks):
         pass
 
     hooks = Hooks()
+    status = "FAILED"
     try:
-        report = run_job(spec, out, hooks, overwrite=args.overwrite)
+        report = run_job(spec, out, TrackingHooks(hooks, tracker) if tracker else hooks, overwrite=args.overwrite)
+        status = "SUCCEEDED"
+        if tracker:
+            tracker.outputs(out, report)
+    except CancelledError:
+        status = "CANCELLED"
+        raise
     finally:
         hooks.close()
+        if tracker:
+            tracker.finish(status)
+    if args.json:
+        print(json.dumps({"out": str(out.resolve()), "report": report}))
+        return 0
     ppl = report["perplexity"]
     print(f"perplexity dense {ppl['dense']:.3f} -> pruned {ppl['pruned']:.3f}"
           + (f" (uniform {ppl['uniform']:.3f})" if "uniform" in ppl else ""))

@@ -1,4 +1,6 @@
-"""`evosparse serve`, `evosparse submit`, `evosparse keys`: run the service, talk to it, manage keys."""
+"""`evosparse serve`, `evosparse keys`, `evosparse migrate`: run the service and manage its keys and database.
+
+The verbs that talk to a running server (submit, status, list, ...) are in cli/client_cmd.py."""
 
 from __future__ import annotations
 
@@ -13,14 +15,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-
-import httpx
-from evosparse.cli.spec_flags import add_spec_arguments, build_spec
-from evosparse.jobs.client import ApiError, Client, ClientSettings, WaitTimeout
-from evosparse.jobs.spec import JobSpec
-from evosparse.pruning.errors import EvosparseError
-
-EXIT_OK, EXIT_FAILED, EXIT_CANCELLED, EXIT_TIMEOUT = 0, 1, 3, 4
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,24 +33,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: $EVOSPARSE_SCORING_WORKERS, 0)")
     s.add_argument("--broker-url", help="use this Redis instead of the embedded one")
     s.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("submit", help="submit a pruning job to a server (optionally wait and download)",
-                       description="Submit one pruning job to an evosparse server. Every job-spec field is a "
-                                   "flag (the same fields POST /v1/jobs takes).")
-    add_spec_arguments(p, help_overrides={"model": "'smollm2-135m', a hub id, or a path the server may read "
-                                                    "(a local path is sent absolute)"})
-    c = p.add_argument_group("server")
-    env = ClientSettings.from_env()
-    c.add_argument("--server", default=env.server, help="server URL (default: $EVOSPARSE_SERVER or %(default)s)")
-    c.add_argument("--key", default=env.api_key, help="API key (default: $EVOSPARSE_API_KEY)")
-    c.add_argument("--wait", action="store_true", help="wait for the job; exit 0 done, 1 failed, 3 cancelled, "
-                                                      "4 timeout")
-    c.add_argument("--timeout", type=float, help="seconds to wait (with --wait)")
-    c.add_argument("--out", help="download the artifact here when it succeeds (implies --wait)")
-    c.add_argument("--idempotency-key", help="resubmitting with the same key returns the same job")
-    c.add_argument("--webhook-url")
-    c.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_submit)
 
     k = sub.add_parser("keys", help="manage API keys (talks to the database directly)")
     ksub = k.add_subparsers(dest="keys_command", required=True)
@@ -196,78 +172,6 @@ def cmd_keys_webhook_secret(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- submit -------------------------------------------------------------------------------------
-
-class SubmitError(EvosparseError):
-    """`evosparse submit` cannot go on: no key, the server refused the job or cannot be reached."""
-
-
-def cmd_submit(args: argparse.Namespace) -> int:
-    if not args.key:
-        raise SubmitError("no API key: pass --key or set EVOSPARSE_API_KEY (create one with "
-                          "`evosparse keys create --team NAME`)")
-    local = Path(args.model).expanduser()
-    if local.exists():  # the server needs an absolute path (it checks it against its allowed folders)
-        args.model = str(local.resolve())
-    spec = build_spec(args)
-    try:
-        with Client(args.server, args.key) as client:
-            return _submit_and_follow(client, spec, args)
-    except httpx.TransportError as exc:
-        raise SubmitError(f"cannot reach the server at {args.server}: {exc}") from None
-
-
-def _submit_and_follow(client: Client, spec: JobSpec, args: argparse.Namespace) -> int:
-    try:
-        sub = client.submit(spec, idempotency_key=args.idempotency_key, webhook_url=args.webhook_url)
-    except ApiError as exc:
-        raise SubmitError(f"server refused the job: {exc}") from None
-    print(f"job {sub['id']} {sub['status']}", file=sys.stderr)
-    if not (args.wait or args.out):
-        print(sub["id"])
-        return EXIT_OK
-    bar = None if args.quiet else _ProgressBar()
-    try:
-        job = client.wait(sub["id"], timeout=args.timeout, on_update=bar.update if bar else None)
-    except WaitTimeout as exc:
-        print(f"evosparse: {exc}", file=sys.stderr)
-        return EXIT_TIMEOUT
-    finally:
-        if bar:
-            bar.close()
-    print(json.dumps({k: job[k] for k in ("id", "status", "error", "attempts")}))
-    if job["status"] == "FAILED":
-        print(f"evosparse: job failed: {job['error']}", file=sys.stderr)
-        return EXIT_FAILED
-    if job["status"] == "CANCELLED":
-        return EXIT_CANCELLED
-    if args.out:
-        dest = client.download(sub["id"], args.out)
-        print(f"artifact downloaded to {dest}", file=sys.stderr)
-    return EXIT_OK
-
-
-class _ProgressBar:
-    def __init__(self) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=1000, file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
-
-    def update(self, job: dict) -> None:
-        self.bar.n = int(1000 * (job.get("progress") or 0.0))
-        desc = job["status"] if job["status"] != "RUNNING" else (job.get("stage") or "running")
-        self.bar.set_description(desc[:20])
-        post = []
-        if job.get("generation") is not None:
-            post.append(f"gen {job['generation']}/{job.get('generations_total') or '?'}")
-        if job.get("best_fitness") is not None:
-            post.append(f"best {job['best_fitness']:.4g}")
-        self.bar.set_postfix_str(" ".join(post))
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 # --- serve --------------------------------------------------------------------------------------
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -312,9 +216,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                               env=env))
             procs.append(subprocess.Popen(celery_worker_cmd(settings.resolved_webhook_queue,
                                                             "evosparse-webhooks@%h", webhooks=True), env=env))
+        from evosparse.jobs.log import uvicorn_log_config
+
+        log_config = settings.data_dir / "uvicorn-logging.json"  # uvicorn's own lines in our format too
+        log_config.write_text(json.dumps(uvicorn_log_config()))
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--factory", "evosparse.api.main:create_app", "--host", args.host,
-             "--port", str(args.port), "--workers", str(args.api_workers), "--no-access-log"], env=env))
+             "--port", str(args.port), "--workers", str(args.api_workers), "--no-access-log",
+             "--log-config", str(log_config)], env=env))
         print(f"evosparse: serving http://{args.host}:{args.port}  (Ctrl-C stops everything; "
               f"create a key with `evosparse keys create --team NAME`)", file=sys.stderr)
         while all(p.poll() is None for p in procs):

@@ -7,7 +7,11 @@ default and ``Field(description=...)``. A field added to the spec later appears 
 an edit; a field type this module cannot turn into a flag is read as JSON.
 
 Flags the user did not give are left out of the spec, so JobSpec's own defaults apply (the help
-shows them). A field that may be None (e.g. ``search.time_budget_min``) takes ``none``.
+shows them). A field that may be None (e.g. ``search.time_budget_min``) takes ``none``; a
+``dict[str, str]`` field (``labels``) takes ``KEY=VALUE`` words.
+
+``--spec FILE`` reads a whole JobSpec from YAML or JSON (the body POST /v1/jobs takes); flags given
+beside it override the file's fields, so one file serves `evosparse prune` and `evosparse submit`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 from evosparse.jobs.spec import JobSpec
@@ -102,11 +107,27 @@ def _flag(path: tuple[str, ...], info: FieldInfo, group: tuple[str, FieldInfo] |
     return SpecFlag(path, flag, info, group)
 
 
+class _KeyValues(argparse.Action):
+    """``--labels team=nlp stage=nightly``: words KEY=VALUE into one dict (repeated flags add up)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        found = dict(getattr(namespace, self.dest, None) or {})
+        for word in values:
+            key, eq, value = word.partition("=")
+            if not eq or not key:
+                parser.error(f"{option_string}: expected KEY=VALUE, got {word!r}")
+            found[key] = value
+        setattr(namespace, self.dest, found)
+
+
 def _argparse_kwargs(f: SpecFlag) -> dict[str, Any]:
     annotation, nullable = _split_optional(f.field.annotation)
     kw: dict[str, Any] = {}
     extra = ""
-    if get_origin(annotation) is Literal:
+    if get_origin(annotation) is dict and get_args(annotation) == (str, str):
+        kw.update(action=_KeyValues, nargs="+", metavar="KEY=VALUE")
+    elif get_origin(annotation) is Literal:
         values = get_args(annotation)
         kw["choices"] = values
         convert: Callable[[str], Any] = type(values[0])
@@ -120,18 +141,17 @@ def _argparse_kwargs(f: SpecFlag) -> dict[str, Any]:
         convert = get_args(annotation)[0]
     else:  # dicts, unions, ...: the same JSON the REST API takes
         convert, extra = json.loads, " (JSON)"
-    if annotation is not bool:
+    if "action" not in kw:  # bool and KEY=VALUE flags turn their words into values themselves
         kw["type"] = _none_or(convert) if nullable else convert
         if "choices" not in kw:
             kw["metavar"] = f.flag.lstrip("-").replace("-", "_").upper()
     help_text = (f.field.description or "") + extra
-    if not f.flag.startswith("--"):  # the positional: always given, so no default to show
-        return {"help": help_text, **({"type": kw["type"]} if "type" in kw else {})}
     if f.field.is_required():
-        kw["required"] = True
+        # Not argparse-required: --spec may give it. A missing one is reported by build_spec.
+        help_text += " (required, here or in --spec)"
     else:
         default = f.field.get_default(call_default_factory=True)
-        if default is not PydanticUndefined and not isinstance(default, BaseModel):
+        if default is not PydanticUndefined and not isinstance(default, BaseModel) and default != {}:
             help_text += f" (default: {'none' if default is None else default}"
             help_text += "; 'none' unsets it)" if nullable else ")"
     kw["help"] = help_text.strip().replace("%", "%%")
@@ -155,8 +175,10 @@ def add_spec_arguments(parser: argparse.ArgumentParser, help_overrides: dict[str
             target = groups[name]
         if f.flag.startswith("--"):
             target.add_argument(f.flag, **kw)
-        else:
-            target.add_argument(f.flag, **{k: v for k, v in kw.items() if k in ("help", "type")})
+        else:  # the positional (model) may be left out: --spec or the spec's default gives it
+            target.add_argument(f.flag, nargs="?", **{k: v for k, v in kw.items() if k in ("help", "type", "default")})
+    parser.add_argument("--spec", metavar="FILE", dest="spec_file", help=(
+        "read the job spec from this YAML or JSON file (the body POST /v1/jobs takes); flags override its fields"))
 
 
 def _given(args: argparse.Namespace) -> Iterator[tuple[SpecFlag, Any]]:
@@ -166,14 +188,32 @@ def _given(args: argparse.Namespace) -> Iterator[tuple[SpecFlag, Any]]:
 
 
 def spec_dict(args: argparse.Namespace) -> dict[str, Any]:
-    """The JobSpec fields the user gave on the command line, as the spec's JSON shape."""
-    out: dict[str, Any] = {}
+    """The JobSpec fields the user gave: the --spec file's, overridden by the flags, as the spec's JSON shape."""
+    out: dict[str, Any] = read_spec_file(args.spec_file) if getattr(args, "spec_file", None) else {}
     for f, value in _given(args):
         node = out
         for part in f.path[:-1]:
-            node = node.setdefault(part, {})
+            child = node.get(part)
+            node[part] = child = dict(child) if isinstance(child, dict) else {}
+            node = child
         node[f.path[-1]] = value
     return out
+
+
+def read_spec_file(path: str | Path) -> dict[str, Any]:
+    """A JobSpec's fields from a YAML (or JSON, a subset of YAML) file; PruningConfigError if it is not a mapping."""
+    text = Path(path).expanduser().read_text()
+    try:
+        import yaml
+
+        data = yaml.safe_load(text)
+    except ImportError:  # the base install has PyYAML; a trimmed one still reads JSON
+        data = json.loads(text)
+    except yaml.YAMLError as exc:
+        raise PruningConfigError(f"--spec {path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise PruningConfigError(f"--spec {path}: expected a mapping of job spec fields, got {type(data).__name__}")
+    return data
 
 
 def _flag_of(loc: tuple[Any, ...]) -> str:
@@ -185,13 +225,16 @@ def _flag_of(loc: tuple[Any, ...]) -> str:
 
 
 def build_spec(args: argparse.Namespace) -> JobSpec:
-    """JobSpec from the parsed flags; a validation error becomes one PruningConfigError line."""
+    """JobSpec from --spec and the flags; a validation error becomes one PruningConfigError line."""
     try:
         return JobSpec.model_validate(spec_dict(args))
     except ValidationError as exc:
         err = exc.errors()[0]
+        where = _flag_of(tuple(err.get("loc", ())))
+        if err.get("type") == "missing":
+            raise PruningConfigError(f"missing {where}: give it as a flag or in --spec") from None
         msg = str(err.get("msg", exc)).removeprefix("Value error, ")
-        raise PruningConfigError(f"invalid {_flag_of(tuple(err.get('loc', ())))}: {msg}") from None
+        raise PruningConfigError(f"invalid {where}: {msg}") from None
 
 
 def _flag_value(value: Any) -> list[str]:

@@ -2,8 +2,9 @@
 
 The public Python surface:
 
-- ``Client``: the REST client of an evosparse server (submit, wait, download); needs only the
-  base install (``pip install evosparse``).
+- ``Client`` / ``AsyncClient``: the REST client of an evosparse server (submit, wait, download),
+  answering with typed models and raising ``NotFound``, ``Conflict``, ``JobFailed``, ... (all
+  ``ClientError``); needs only the base install (``pip install evosparse``).
 - ``prune(spec, out_dir)``: run one pruning job in this process and return its report; needs the
   ``[worker]`` extra (torch, transformers).
 - ``JobSpec``: the job specification both take.
@@ -20,13 +21,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from evosparse.jobs.client import ApiError, Client, WaitTimeout
+    from evosparse.jobs.client import (
+        ApiError,
+        AsyncClient,
+        ChecksumMismatch,
+        Client,
+        ClientError,
+        Conflict,
+        JobCancelled,
+        JobFailed,
+        NotFound,
+        RateLimited,
+        WaitTimeout,
+    )
     from evosparse.jobs.spec import JobSpec
     from evosparse.worker.hooks import RunHooks
 
 # Imported on first use, so `import evosparse.search` (torch-free, dependency-free) stays light.
-_LAZY = {"ApiError": "evosparse.jobs.client", "Client": "evosparse.jobs.client",
-         "WaitTimeout": "evosparse.jobs.client", "JobSpec": "evosparse.jobs.spec"}
+_CLIENT_NAMES = ("ApiError", "AsyncClient", "ChecksumMismatch", "Client", "ClientError", "Conflict", "JobCancelled",
+                 "JobFailed", "NotFound", "RateLimited", "WaitTimeout")
+_LAZY = {**dict.fromkeys(_CLIENT_NAMES, "evosparse.jobs.client"), "JobSpec": "evosparse.jobs.spec"}
 
 
 def __getattr__(name: str) -> Any:
@@ -39,7 +53,8 @@ try:
 except metadata.PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["ApiError", "Client", "JobSpec", "WaitTimeout", "__version__", "prune"]
+__all__ = ["ApiError", "AsyncClient", "ChecksumMismatch", "Client", "ClientError", "Conflict", "JobCancelled",
+           "JobFailed", "JobSpec", "NotFound", "RateLimited", "WaitTimeout", "__version__", "prune"]
 
 
 def prune(

@@ -24,8 +24,13 @@ from collections.abc import Iterator
 _job_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("evosparse_job_id", default=None)
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and is logged too.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "job_id"}
+# uvicorn's color_message is its message with terminal colour codes: noise in a JSON line.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "job_id",
+                                                                            "color_message"}
 _HANDLER_NAME = "evosparse"
+# uvicorn installs its own handlers on these (plain text, not propagated); configure_logging sends
+# their records to the root handler instead, so a server's whole output is one format.
+UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 
 
 @contextlib.contextmanager
@@ -133,6 +138,22 @@ def configure_logging(fmt: str | None = None, level: str | int | None = None, st
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root.addHandler(handler)
     root.setLevel(level if isinstance(level, int) else str(level).upper())
+    for name in UVICORN_LOGGERS:
+        uv = logging.getLogger(name)
+        for h in list(uv.handlers):
+            uv.removeHandler(h)
+        uv.propagate = True
     # httpx logs every request URL at INFO; the webhook sender logs its own (redacted) outcome.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     return handler
+
+
+def uvicorn_log_config() -> dict:
+    """A ``logging.config.dictConfig`` for uvicorn's ``--log-config`` (as a JSON file): uvicorn's
+    supervisor process logs before any app is loaded, so it must be given our format up front."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "handlers": {_HANDLER_NAME: {"()": "evosparse.jobs.log.configure_logging"}},
+        "loggers": {name: {"handlers": [], "propagate": True} for name in UVICORN_LOGGERS},
+    }

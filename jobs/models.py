@@ -94,12 +94,16 @@ class Job(Base):
         Index("ix_jobs_team_status_created", "team_id", "status", "created_at"),
         Index("ix_jobs_team_created", "team_id", "created_at"),
         Index("ix_jobs_status_created", "status", "created_at"),
+        Index("ix_jobs_team_name", "team_id", "name"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id)
     team_id: Mapped[int] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
     status: Mapped[str] = mapped_column(String(16), default="QUEUED")
     spec: Mapped[dict] = mapped_column(JSON)
+    # Copies of spec.name / spec.labels, written once at insert: columns the job list filters on.
+    name: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    labels: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
     webhook_url: Mapped[str | None] = mapped_column(String(2000), nullable=True)
     webhook_status: Mapped[str | None] = mapped_column(String(200), nullable=True)

@@ -13,6 +13,7 @@ import secrets
 import uuid
 from dataclasses import dataclass
 
+from evosparse.jobs.listing import DEFAULT_SORT, SORT_KEYS
 from evosparse.jobs.models import TERMINAL, ApiKey, Artifact, Generation, Job, Team, WebhookDelivery, utcnow
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -163,7 +164,8 @@ def create_job(session: Session, team_id: int, spec: dict, idempotency_key: str 
             return _same_or_conflict(existing, spec, webhook_url), False
     generations_total = spec["search"]["generations"] if spec.get("allocation") == "evolutionary" else None
     job = Job(team_id=team_id, spec=spec, idempotency_key=idempotency_key, webhook_url=webhook_url,
-              status="QUEUED", generations_total=generations_total, enqueued_at=utcnow())
+              status="QUEUED", generations_total=generations_total, enqueued_at=utcnow(),
+              name=spec.get("name"), labels=spec.get("labels") or {})
     session.add(job)
     try:
         session.commit()
@@ -202,14 +204,41 @@ def get_job(session: Session, team_id: int, job_id: str) -> Job | None:
     return session.scalar(select(Job).where(Job.id == job_id, Job.team_id == team_id))
 
 
-def list_jobs(session: Session, team_id: int, status: str | None, limit: int, offset: int
-              ) -> tuple[list[Job], int]:
-    q = select(Job).where(Job.team_id == team_id)
-    c = select(func.count()).select_from(Job).where(Job.team_id == team_id)
+# The columns jobs.listing names as sortable; ties break by id.
+SORTABLE = {key: getattr(Job, key) for key in SORT_KEYS}
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """What GET /v1/jobs narrows the team's jobs to, besides the status. ``labels`` maps a key to a value, or to None
+    for "has this label"; ``search`` matches the id's start, or a part of the name or model."""
+
+    name: str | None = None
+    labels: tuple[tuple[str, str | None], ...] = ()
+    search: str | None = None
+
+
+def list_jobs(session: Session, team_id: int, status: str | None, limit: int, offset: int,
+              where: JobFilter | None = None, sort: str = DEFAULT_SORT) -> tuple[list[Job], int]:
+    where = where or JobFilter()
+    conditions = [Job.team_id == team_id]
     if status:
-        q, c = q.where(Job.status == status), c.where(Job.status == status)
-    total = session.scalar(c) or 0
-    rows = session.scalars(q.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)).all()
+        conditions.append(Job.status == status)
+    if where.name is not None:
+        conditions.append(Job.name == where.name)
+    for key, value in where.labels:
+        field = Job.labels[key].as_string()
+        conditions.append(field.is_not(None) if value is None else field == value)
+    if where.search:
+        needle = where.search.lower()
+        conditions.append(Job.id.startswith(needle, autoescape=True)
+                          | func.lower(Job.name).contains(needle, autoescape=True)
+                          | func.lower(Job.spec["model"].as_string()).contains(needle, autoescape=True))
+    descending = sort.startswith("-")
+    column = SORTABLE[sort.lstrip("-")]
+    order = [column.desc() if descending else column.asc(), Job.id]
+    total = session.scalar(select(func.count()).select_from(Job).where(*conditions)) or 0
+    rows = session.scalars(select(Job).where(*conditions).order_by(*order).limit(limit).offset(offset)).all()
     return list(rows), int(total)
 
 
@@ -265,6 +294,8 @@ def job_view(job: Job) -> dict:
     return {
         "id": job.id,
         "status": job.status,
+        "name": job.name,
+        "labels": job.labels or {},
         "spec": job.spec,
         "created_at": _iso(job.created_at),
         "started_at": _iso(job.started_at),

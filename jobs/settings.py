@@ -162,6 +162,13 @@ class Settings(BaseSettings):
         "json: one JSON object per line, with the job id (for log collectors); text: readable lines."))
     log_level: str = Field("INFO", description="Level of the root logger (DEBUG, INFO, WARNING, ERROR).")
 
+    # --- experiment tracking (worker/tracking.py) -------------------------------------------------
+    mlflow_tracking_uri: str | None = Field(None, description=(
+        "MLflow tracking URI (http(s)://host, sqlite:///file.db, ...): every job the workers run is logged "
+        "as one run (spec, fitness per generation, report, model card). Needs the [tracking] extra. Default: off."))
+    mlflow_experiment: str = Field("evosparse", min_length=1, max_length=200,
+                                   description="MLflow experiment the runs go to.")
+
     @field_validator("allowed_model_roots", "allowed_data_roots", mode="before")
     @classmethod
     def _split_roots(cls, v: object) -> object:

@@ -34,6 +34,30 @@ _SELECTION_RE = re.compile(r"^\d+:\d+(,\d+:\d+)*$")
 LOCAL_EVAL_TASKS = ("pydoc_cloze",)
 HUB_EVAL_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande")
 EVAL_TASKS = LOCAL_EVAL_TASKS + HUB_EVAL_TASKS
+# Job metadata (name, labels): they find a job again (list filters, experiment tracking) and never
+# change its result. Label keys look like Kubernetes label names, values are one token (no spaces),
+# so a filter `key=value` can never be ambiguous.
+NAME_MAX = 100
+LABELS_MAX = 20
+LABEL_KEY_RE = re.compile(r"^[a-z0-9]([a-z0-9._/-]{0,61}[a-z0-9])?$")
+LABEL_VALUE_RE = re.compile(r"^[A-Za-z0-9._:/@+-]{0,200}$")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_name(v: str) -> str:
+    """A job name: 1-100 printable characters, no surrounding blanks (ValueError otherwise)."""
+    if not v or len(v) > NAME_MAX or v != v.strip() or _CONTROL_RE.search(v):
+        raise ValueError(f"name must be 1-{NAME_MAX} printable characters without leading or trailing blanks")
+    return v
+
+
+def check_label(key: str, value: str | None) -> None:
+    """ValueError unless ``key`` (and ``value``, when given) fit the label charset and lengths."""
+    if not LABEL_KEY_RE.match(key):
+        raise ValueError(f"label key {key[:80]!r} must be 1-63 characters of a-z 0-9 . _ / -, "
+                         f"starting and ending with a letter or digit")
+    if value is not None and not LABEL_VALUE_RE.match(value):
+        raise ValueError(f"label {key!r}: the value must be at most 200 characters of A-Z a-z 0-9 . _ : / @ + -")
 
 
 @dataclass(frozen=True)
@@ -201,6 +225,25 @@ class JobSpec(BaseModel):
         f"(pydoc_cloze is offline; the others download their data from the Hugging Face hub)"))
     eval_tasks_limit: int | None = Field(None, ge=1, le=100_000, description=(
         "items per lm-eval task (none: all of them; hellaswag has 10042)"))
+    name: str | None = Field(None, max_length=NAME_MAX, description=(
+        "a name to find the job by (list filter, experiment tracking run name); does not change the result"))
+    labels: dict[str, str] = Field(default_factory=dict, description=(
+        f"free-form key=value labels (at most {LABELS_MAX}; keys a-z 0-9 . _ / -, values without spaces); "
+        f"the job list filters on them"))
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str | None) -> str | None:
+        return None if v is None else check_name(v)
+
+    @field_validator("labels")
+    @classmethod
+    def _check_labels(cls, v: dict[str, str]) -> dict[str, str]:
+        if len(v) > LABELS_MAX:
+            raise ValueError(f"at most {LABELS_MAX} labels")
+        for key, value in v.items():
+            check_label(key, value)
+        return v
 
     @field_validator("sparsity")
     @classmethod

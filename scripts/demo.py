@@ -130,25 +130,25 @@ class Progress:
         self.width = 0
         self.key: tuple = ()
 
-    def update(self, job: dict) -> None:
-        frac = float(job.get("progress") or 0.0)
+    def update(self, job) -> None:  # noqa: ANN001 - a JobOut
+        frac = float(job.progress or 0.0)
         filled = int(round(30 * frac))
-        stage = job["status"] if job["status"] != "RUNNING" else (job.get("stage") or "running")
+        stage = job.status if job.status != "RUNNING" else (job.stage or "running")
         extra = ""
-        if stage == "allocation" and job.get("generation") is not None:
-            extra = f"  gen {job['generation']}/{job.get('generations_total') or '?'}"
-            if job.get("best_fitness") is not None:
-                extra += f"  best KL {job['best_fitness']:.4f}"
+        if stage == "allocation" and job.generation is not None:
+            extra = f"  gen {job.generation}/{job.generations_total or '?'}"
+            if job.best_fitness is not None:
+                extra += f"  best KL {job.best_fitness:.4f}"
         elapsed = (time.monotonic() - self.t0) / 60
-        eta = f", ~{job['eta_seconds'] / 60:.1f} min left" if job.get("eta_seconds") else ""
+        eta = f", ~{job.eta_seconds / 60:.1f} min left" if job.eta_seconds else ""
         line = f"[{'#' * filled}{'.' * (30 - filled)}] {100 * frac:5.1f} %  {stage:<16}{extra}  ({elapsed:.1f} min{eta})"
         if self.tty:
             sys.stdout.write("\r" + line.ljust(self.width))
             sys.stdout.flush()
             self.width = len(line)
-        elif (stage, job.get("generation")) != self.key:
+        elif (stage, job.generation) != self.key:
             print(line, flush=True)
-        self.key = (stage, job.get("generation"))
+        self.key = (stage, job.generation)
 
     def close(self) -> None:
         if self.tty:
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    export EVOSPARSE_API_KEY={key}")
         with Client(service.url, key) as client:
             sub = client.submit(spec)
-            job_id = sub["id"]
+            job_id = sub.id
             print(f"==> job {job_id} submitted: prune {args.model} to {pct} % with {args.pruner} + evolutionary "
                   f"search ({args.generations} generations x {args.offspring} offspring, at most "
                   f"{args.time_budget:g} min of search)")
@@ -200,17 +200,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"$EVOSPARSE_API_KEY\" {service.url}/v1/jobs/{job_id}")
             bar = Progress()
             try:
-                job = client.wait(job_id, timeout=args.timeout, poll_s=1.0, max_poll_s=2.0, on_update=bar.update)
+                job = client.wait(job_id, timeout=args.timeout, poll_s=1.0, max_poll_s=2.0, on_update=bar.update,
+                                  raise_on_failure=False)
             finally:
                 bar.close()
-            if job["status"] != "SUCCEEDED":
-                print(f"==> job {job['status']}: {job.get('error')}", file=sys.stderr)
+            if job.status != "SUCCEEDED":
+                print(f"==> job {job.status}: {job.error}", file=sys.stderr)
                 print(f"    service log: {service.log_path}", file=sys.stderr)
                 return 1
             if out.exists():
                 shutil.rmtree(out)
             client.download(job_id, out)
-        report = job["report"]
+        report = job.report
         print_results(report, job, out, time.monotonic() - t_start)
         if args.keep_serving:
             print(f"==> the service keeps running at {service.url}/ ; Ctrl-C stops it")
@@ -228,11 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         service.stop()
 
 
-def print_results(report: dict, job: dict, out: Path, wall_s: float) -> None:
+def print_results(report: dict, job, out: Path, wall_s: float) -> None:  # noqa: ANN001 - a JobOut
     ppl = report["perplexity"]
     search = report.get("search", {})
     timings = report.get("timings", {})
-    target = report.get("sparsity_target", job["spec"]["sparsity"])
+    target = report.get("sparsity_target", job.spec["sparsity"])
     rows = [
         ("dense", "0.0 %", f"{ppl['dense']:.2f}", "1.00"),
         (f"uniform ({report['pruner']})", f"{100 * target:.1f} %", f"{ppl['uniform']:.2f}",
@@ -241,7 +242,7 @@ def print_results(report: dict, job: dict, out: Path, wall_s: float) -> None:
          f"{ppl['pruned']:.2f}", f"{ppl['pruned'] / ppl['dense']:.2f}"),
     ]
     print()
-    print(f"Perplexity on held-out text ({report.get('eval_tokens', '?')} tokens of {job['spec']['eval']}, "
+    print(f"Perplexity on held-out text ({report.get('eval_tokens', '?')} tokens of {job.spec['eval']}, "
           f"second half; calibration on the first half):")
     print(table(rows, ("model", "sparsity", "perplexity", "x dense")))
     print()

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.live_server import LiveServer
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
@@ -41,39 +42,15 @@ _SHOWN_GENERATION = """() => {
 
 
 def _spec(model_dir: Path, generations: int, seed: int, sparsity: float = 0.6, pattern: str = "unstructured",
-          **extra: object) -> dict:
+          name: str | None = None, labels: dict | None = None, **extra: object) -> dict:
     from evosparse.jobs.spec import JobSpec
 
     return JobSpec(
         model=str(model_dir), sparsity=sparsity, pattern=pattern, pruner="wanda", allocation="evolutionary",
-        calib_windows=4, eval_windows=4, seq_len=64, seed=seed,
+        calib_windows=4, eval_windows=4, seq_len=64, seed=seed, name=name, labels=labels or {},
         search={"generations": generations, "offspring": 4, "selection": "64:2,128:1", "seed_from": "fisher"},
         **extra,
     ).model_dump(mode="json")
-
-
-class _Server:
-    """uvicorn serving the real app on an ephemeral loopback port, in a daemon thread."""
-
-    def __init__(self, app) -> None:  # noqa: ANN001
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True, name="dashboard-uvicorn")
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.05)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -106,17 +83,23 @@ def service(tmp_path_factory, tiny_llama_dir):
     # scores the offline lm-eval task so its page shows task accuracy.
     pytest.importorskip("lm_eval", reason="lm-eval (the [eval] extra) is not installed")
     finished = claimed(_spec(tiny_llama_dir, generations=4, seed=1, sparsity=0.625, pattern="mixed:8",
+                             name="mixed-search", labels={"sweep": "a"},
                              eval_tasks=["pydoc_cloze"], eval_tasks_limit=8))
     assert execute(finished, settings) == "SUCCEEDED"
+    # A second finished job to compare with the first (another pattern, sparsity and length of search).
+    other = claimed(_spec(tiny_llama_dir, generations=3, seed=3, sparsity=0.5, name="plain-search",
+                          labels={"sweep": "a"}))
+    assert execute(other, settings) == "SUCCEEDED"
 
     # A long search in the background: the page must show it grow, then cancel it.
-    running = claimed(_spec(tiny_llama_dir, generations=100_000, seed=2))
+    running = claimed(_spec(tiny_llama_dir, generations=100_000, seed=2, name="live-search"))
     outcome: dict[str, str] = {}
     runner = threading.Thread(target=lambda: outcome.setdefault("status", execute(running, settings)),
                               daemon=True, name="dash-running-job")
     runner.start()
     try:
         yield {"app": app, "token": token, "finished": finished.job_id, "running": running.job_id,
+               "other": other.job_id,
                "settings": settings, "outcome": outcome, "runner": runner}
     finally:
         with session_scope(url) as db:  # whatever the test did, stop the background job
@@ -157,7 +140,7 @@ def test_dashboard_in_a_real_browser(service, browser) -> None:
     expect = sync_api.expect
     page_errors: list[str] = []
     foreign: list[str] = []
-    with _Server(service["app"]) as base:
+    with LiveServer(service["app"]) as base:
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.on("pageerror", lambda e: page_errors.append(str(e)))
         # The page must load nothing from other hosts (the machine may be offline).
@@ -174,7 +157,7 @@ def test_dashboard_in_a_real_browser(service, browser) -> None:
         page.fill("#key-input", service["token"])
         page.click("#key-form button")
         rows = page.locator("#jobs-table tbody tr")
-        expect(rows).to_have_count(2)
+        expect(rows).to_have_count(3)
         expect(page.locator(f'tr[data-job-id="{service["finished"]}"] .badge')).to_have_text("SUCCEEDED")
         expect(page.locator(f'tr[data-job-id="{service["running"]}"] .badge')).to_have_text("RUNNING")
         assert page.evaluate("localStorage.getItem('evosparse.apiKey')") == service["token"]
@@ -226,6 +209,55 @@ def test_dashboard_in_a_real_browser(service, browser) -> None:
             page.click('a.artifact[data-name="report.json"]')
         saved = dl.value.path()
         assert b'"global_sparsity"' in Path(saved).read_bytes()
+
+        # The generation history as CSV, one row per generation (downloaded with the key).
+        with page.expect_download() as dl:
+            page.click("#export-csv")
+        table = Path(dl.value.path()).read_text().splitlines()
+        assert table[0].startswith("generation,attempt,best,mean") and len(table) == 1 + n_gen
+
+        # 3b. The list: search, sort by a column, tick two jobs and compare them.
+        page.goto(base + "/#/")
+        expect(rows).to_have_count(3)
+        page.fill("#job-search", "PLAIN")
+        expect(rows).to_have_count(1)
+        expect(rows.first).to_have_attribute("data-job-id", service["other"])
+        page.fill("#job-search", "")
+        expect(rows).to_have_count(3)
+        page.click('th[data-sort="name"]')
+        by_name = [service["running"], service["finished"], service["other"]]  # live-, mixed-, plain-search
+        for i, job_id in enumerate(by_name):  # (the newest-first order had the running job first too)
+            expect(rows.nth(i)).to_have_attribute("data-job-id", job_id)
+        expect(page.locator('th[data-sort="name"]')).to_have_class("sortable sorted-asc")
+        page.click('th[data-sort="name"]')
+        for i, job_id in enumerate(reversed(by_name)):
+            expect(rows.nth(i)).to_have_attribute("data-job-id", job_id)
+        expect(page.locator("#compare-btn")).to_be_disabled()
+        for job_id in (service["finished"], service["other"]):
+            page.check(f'tr[data-job-id="{job_id}"] input.compare-pick')
+        page.click("#compare-btn")
+        expect(page.locator("#compare-view")).to_be_visible()
+        expect(page.locator("#compare-title")).to_have_text("Compare 2 jobs")
+        # fitness curves overlaid: one line per job, one point per generation of that job
+        expect(page.locator("#compare-fitness path.series")).to_have_count(2)
+        other_gen = _generation_count(service, service["other"])
+        expect(page.locator("#compare-fitness circle.s-c0")).to_have_count(n_gen)
+        expect(page.locator("#compare-fitness circle.s-c1")).to_have_count(other_gen)
+        # per-unit sparsity side by side: one bar per unit per job, the values of each report
+        other_report = _report(service, service["other"])
+        expect(page.locator("#compare-sparsity rect.bar.s-c0")).to_have_count(len(report["search"]["best_vector"]))
+        expect(page.locator("#compare-sparsity rect.bar.s-c1")).to_have_count(len(other_report["search"]["best_vector"]))
+        # one perplexity table, one row per job, the reports' numbers
+        for job_id, rep in ((service["finished"], report), (service["other"], other_report)):
+            row = page.locator(f'#compare-table tr[data-job-id="{job_id}"]')
+            expect(row.locator("td.ppl-pruned")).to_have_text(f"{rep['perplexity']['pruned']:.2f}")
+            expect(row.locator("td.ppl-dense")).to_have_text(f"{rep['perplexity']['dense']:.2f}")
+        page.screenshot(path=str(ARTIFACTS / "dashboard-compare.png"), full_page=True)
+
+        # /docs: Swagger UI from this server's own files, with the Bearer key declared ("Authorize").
+        page.goto(base + "/docs")
+        expect(page.locator(".swagger-ui .info .title")).to_contain_text("evosparse")
+        expect(page.locator(".swagger-ui button.authorize")).to_be_visible()
 
         # 4. The running job: the chart grows without a reload, then the Cancel button stops the job.
         # Waits go on what the page guarantees whatever the machine's speed: the latest generation it

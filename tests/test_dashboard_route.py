@@ -53,3 +53,24 @@ def test_nothing_outside_the_static_folder(client: TestClient, name: str) -> Non
 def test_api_still_requires_a_key(client: TestClient) -> None:
     # the open page must not open the data behind it
     assert client.get("/v1/jobs").status_code == 401
+
+
+def test_docs_work_offline_and_declare_the_bearer_key(client: TestClient) -> None:
+    r = client.get("/docs")
+    assert r.status_code == 200 and "SwaggerUIBundle" in r.text
+    # nothing from another host: no absolute URL at all, and each asset it names is served here
+    assert not re.search(r"[a-z]+://|//[a-z0-9.-]+\.[a-z]{2,}", r.text, re.I), r.text
+    refs = re.findall(r'(?:src|href)="([^"]+)"', r.text) + re.findall(r"url: '([^']+)'", r.text)
+    assert {"/docs/assets/swagger-ui-bundle.js", "/docs/assets/swagger-ui.css", "/openapi.json"} <= set(refs)
+    for ref in refs:
+        assert client.get(ref).status_code == 200, ref
+    assert client.get("/docs/assets/../main.py").status_code == 404
+    assert client.get("/redoc").status_code == 404  # ReDoc exists only as a CDN page: not offered
+    schema = client.get("/openapi.json").json()
+    [(name, scheme)] = schema["components"]["securitySchemes"].items()
+    assert scheme == {**scheme, "type": "http", "scheme": "bearer"}
+    for path, methods in schema["paths"].items():
+        for method, op in methods.items():
+            if path.startswith("/v1/"):  # every job route says it needs the key ("Authorize" in /docs sends it)
+                assert op.get("security") == [{name: []}], (method, path)
+    assert "security" not in schema["paths"]["/healthz"]["get"]

@@ -65,3 +65,36 @@ def test_configure_twice_keeps_one_handler_and_rejects_bad_format() -> None:
             configure_logging("xml")
     finally:
         root.removeHandler(h2)
+
+
+def test_uvicorns_own_lines_come_out_as_json(capsys) -> None:
+    """`evosparse serve` hands uvicorn this dictConfig (--log-config): its supervisor logs before any
+    app exists. In a process that loads the app, configure_logging takes uvicorn's loggers over too."""
+    import logging.config
+
+    import uvicorn.config
+    from evosparse.jobs.log import UVICORN_LOGGERS, uvicorn_log_config
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        logging.config.dictConfig(uvicorn.config.LOGGING_CONFIG)  # what uvicorn installs by default
+        logging.config.dictConfig(uvicorn_log_config())
+        logging.getLogger("uvicorn.error").info("Started parent process [%d]", 41, extra={"color_message": "\x1b[1m"})
+        buf = io.StringIO()
+        logging.config.dictConfig(uvicorn.config.LOGGING_CONFIG)  # uvicorn configured first, then the app
+        configure_logging("json", "INFO", stream=buf)
+        logging.getLogger("uvicorn.error").info("Started server process [%d]", 42)
+        logging.getLogger("uvicorn.access").info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:1", "GET", "/v1/jobs", "1.1", 200)
+    finally:
+        for h in list(root.handlers):
+            if h not in before:
+                root.removeHandler(h)
+        for name in UVICORN_LOGGERS:
+            logging.getLogger(name).handlers.clear()
+    [supervisor] = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert supervisor["logger"] == "uvicorn.error" and supervisor["message"] == "Started parent process [41]"
+    assert "color_message" not in supervisor  # uvicorn's terminal-colour copy of the message stays out
+    server, access = _lines(buf)
+    assert (server["logger"], server["message"]) == ("uvicorn.error", "Started server process [42]")
+    assert access["logger"] == "uvicorn.access" and "GET /v1/jobs" in access["message"]

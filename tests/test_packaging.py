@@ -89,7 +89,11 @@ def test_base_install_cli_generates_flags_and_names_the_missing_extra(venv: Path
     assert not (tmp_path / "o").exists()
     # `evosparse submit --wait` draws its progress bar with the base install alone
     bar = subprocess.run([str(venv / "bin" / "python"), "-c",
-                          "from evosparse.cli.service_cmd import _ProgressBar\n"
-                          "b = _ProgressBar(); b.update({'status': 'RUNNING', 'progress': 0.5}); b.close()"],
+                          "from evosparse.api.schemas import JobOut\n"
+                          "from evosparse.cli.client_cmd import _ProgressBar\n"
+                          "job = JobOut(id='j', status='RUNNING', spec={}, created_at=None, started_at=None,"
+                          " finished_at=None, progress=0.5, stage='search', generation=3, generations_total=9,"
+                          " best_fitness=0.25, eta_seconds=None, error=None, attempts=1, worker=None, report=None)\n"
+                          "b = _ProgressBar(); b.update(job); b.close()"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert bar.returncode == 0, bar.stderr

@@ -46,6 +46,7 @@ from evosparse.jobs.validation import SpecRejected, check_spec
 from evosparse.pruning.errors import CancelledError, EvosparseError
 from evosparse.worker.celery_app import app
 from evosparse.worker.hooks import RunHooks
+from evosparse.worker.tracking import MlflowTracker, TrackingHooks, TrackingUnavailable
 
 log = logging.getLogger("evosparse.worker")
 
@@ -212,6 +213,7 @@ def execute(claim: repo.Claim, settings: Settings) -> str:
     _lower_priority(settings)
     store = store_from_settings(settings)
     hooks = ServiceHooks(claim, settings, store=store)
+    tracker: MlflowTracker | None = None
     beat = Heartbeat(hooks, settings.heartbeat_s)
     beat.start()
     work = settings.resolved_work_dir / f"{claim.job_id}-{claim.attempt}-{uuid.uuid4().hex[:8]}"
@@ -220,17 +222,21 @@ def execute(claim: repo.Claim, settings: Settings) -> str:
     status, error, report, objects, prefix = "FAILED", None, None, None, None
     try:
         spec = check_spec(JobSpec.model_validate(claim.spec), settings)  # paths re-checked at run time
+        tracker = tracker_for(settings, claim)  # mlflow asked for but missing: the job fails saying so
         os.chdir(work)  # relative paths in a spec must not reach the worker's own folder
         if claim.resume_state is not None:
             log.info("job %s attempt %d resumes after generation %s", claim.job_id, claim.attempt,
                      claim.resume_generation)
         levels = level_store(settings)
-        report = run_job(spec, work / "out", hooks, resume_state=resume_state(claim.resume_state, store),
+        report = run_job(spec, work / "out", TrackingHooks(hooks, tracker) if tracker else hooks,
+                         resume_state=resume_state(claim.resume_state, store),
                          levels=levels,
                          scoring=scoring_for(f"evosparse:score:{claim.job_id}:{claim.attempt}", spec, settings,
                                              levels))
         if hooks.lost:
             return "lost"
+        if tracker:
+            tracker.outputs(work / "out", report)
         hooks.stage("upload", 0.99, "publishing artifacts")
         prefix = f"jobs/{claim.job_id}/attempt-{claim.attempt}"
         objects = store.put_dir(work / "out", prefix)
@@ -255,12 +261,28 @@ def execute(claim: repo.Claim, settings: Settings) -> str:
         if not repo.finish_job(db, claim, status, error=error, report=report, artifacts=objects,
                                artifact_prefix=prefix):
             return "lost"
+    if tracker:
+        tracker.finish(status)
     try:  # a finished job resumes no more: its search states go (the generations stay in the database)
         store.delete_prefix(state_prefix(claim.job_id))
     except Exception:  # noqa: BLE001 - leftover state objects are harmless
         log.warning("could not delete the search states of job %s", claim.job_id, exc_info=True)
     _collect_orphans(settings, claim.job_id, claim.attempt, prefix if status == "SUCCEEDED" else None)
     return status
+
+
+def tracker_for(settings: Settings, claim: repo.Claim) -> MlflowTracker | None:
+    """The job's MLflow run when the service tracks jobs; a tracking server that cannot be reached
+    at the start costs the job its tracking (a warning), not its result."""
+    if not settings.mlflow_tracking_uri:
+        return None
+    try:
+        return MlflowTracker(settings.mlflow_tracking_uri, settings.mlflow_experiment, claim.spec, claim.job_id)
+    except TrackingUnavailable:
+        raise
+    except Exception:  # noqa: BLE001
+        log.warning("MLflow tracking unavailable for job %s; it runs untracked", claim.job_id, exc_info=True)
+        return None
 
 
 def level_store(settings: Settings):  # noqa: ANN201 - worker.leveldb_store.LevelStore (imports torch)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import re
@@ -11,7 +13,9 @@ from evosparse.api.auth import current_team
 from evosparse.api.deps import db_session, get_store
 from evosparse.api.schemas import ArtifactList, GenerationList, JobList, JobOut, JobSubmit, Status, Submitted
 from evosparse.jobs import queue, repo
+from evosparse.jobs.listing import DEFAULT_SORT, SORT_KEYS, SORT_PATTERN, check_search, parse_label_filters
 from evosparse.jobs.netguard import UrlRefused, check_url
+from evosparse.jobs.spec import check_name
 from evosparse.jobs.store import LocalStore, Store
 from evosparse.jobs.validation import SpecRejected, check_spec
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
@@ -148,10 +152,29 @@ def submit_job(body: JobSubmit, request: Request, team_id: int = Depends(current
 
 @router.get("/jobs", response_model=JobList)
 def list_jobs(request: Request, status: Status | None = None, limit: int = Query(50, ge=1, le=1_000_000),
-              offset: int = Query(0, ge=0, le=1_000_000_000), team_id: int = Depends(current_team)) -> dict:
+              offset: int = Query(0, ge=0, le=1_000_000_000),
+              name: str | None = Query(None, max_length=100, description="jobs with exactly this name"),
+              label: list[str] = Query([], max_length=20, description=(
+                  "key=value: jobs with that label value; key: jobs with that label (repeat: all must hold)")),
+              q: str | None = Query(None, max_length=100, description=(
+                  "search: the start of the id, or part of the name or model (case-insensitive)")),
+              sort: str = Query(DEFAULT_SORT, pattern=SORT_PATTERN, description=(
+                  "column to sort by, '-' in front for descending: " + ", ".join(SORT_KEYS))),
+              team_id: int = Depends(current_team)) -> dict:
     limit = min(limit, request.app.state.settings.page_limit_max)
+    if name is not None:
+        try:
+            check_name(name)
+        except ValueError as exc:
+            raise HTTPException(status_code=422, detail=f"name filter: {exc}") from None
+    try:
+        labels = parse_label_filters(label)
+        search = check_search(q or "") or None
+    except ValueError as exc:
+        raise HTTPException(status_code=422, detail=f"filter: {exc}") from None
+    where = repo.JobFilter(name=name, labels=labels, search=search)
     with db_session(request) as db:
-        jobs, total = repo.list_jobs(db, team_id, status, limit, offset)
+        jobs, total = repo.list_jobs(db, team_id, status, limit, offset, where=where, sort=sort)
         return {"items": [repo.job_view(j) for j in jobs], "total": total, "limit": limit, "offset": offset}
 
 
@@ -169,6 +192,34 @@ def get_generations(job_id: str, request: Request, team_id: int = Depends(curren
     with db_session(request) as db:
         job = _job_or_404(db, team_id, job_id)
         return {"items": [repo.generation_view(g) for g in repo.generations_of(db, job.id)]}
+
+
+CSV_COLUMNS = ("generation", "attempt", "best", "mean", "tokens", "seconds")
+
+
+def generations_csv(generations: list[dict], units: list[str] | None) -> str:
+    """One row per generation; the best vector spread over one column per searched unit."""
+    width = max((len(g["best_vector"] or []) for g in generations), default=0)
+    names = units if units and len(units) == width else [f"unit_{i}" for i in range(width)]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([*CSV_COLUMNS, *names])
+    for g in generations:
+        vector = list(g["best_vector"] or [])
+        writer.writerow([*("" if g[c] is None else g[c] for c in CSV_COLUMNS), *vector, *[""] * (width - len(vector))])
+    return out.getvalue()
+
+
+@router.get("/jobs/{job_id}/generations.csv", response_class=Response,
+            responses={200: {"content": {"text/csv": {}}, "description": "the generation history as CSV"}})
+def get_generations_csv(job_id: str, request: Request, team_id: int = Depends(current_team)) -> Response:
+    """The generation history as CSV (a spreadsheet or pandas reads it as is)."""
+    with db_session(request) as db:
+        job = _job_or_404(db, team_id, job_id)
+        rows = [repo.generation_view(g) for g in repo.generations_of(db, job.id)]
+        units = ((job.report or {}).get("search") or {}).get("units")
+    return Response(generations_csv(rows, units if isinstance(units, list) else None), media_type="text/csv",
+                    headers={"Content-Disposition": f'attachment; filename="{job_id}-generations.csv"'})
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut)

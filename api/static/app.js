@@ -1,6 +1,8 @@
 /* evosparse dashboard: a single page over the REST API (/v1), with hash routes
- *   #/            the team's jobs
- *   #/jobs/<id>   one job: live fitness chart, per-unit sparsity, perplexity table, artifacts
+ *   #/                 the team's jobs (search, sort by a column, tick jobs to compare)
+ *   #/jobs/<id>        one job: live fitness chart, per-unit sparsity, perplexity table, artifacts, CSV export
+ *   #/compare/<id>,<id>,...  two or more jobs: fitness curves overlaid, per-unit sparsity side by side,
+ *                      one perplexity table
  * It polls every 2 s (no reload) and stops polling a job once it is finished. The API key lives
  * in localStorage and goes out only as an Authorization header to this same origin.
  * All server-provided strings are inserted with textContent, never as HTML. */
@@ -16,6 +18,10 @@
   let loop = 0;            // bumps on every route change so a stale poll loop ends itself
   let listOffset = 0;
   let listStatus = "";
+  let listSort = "-created_at";   // a column of jobs.listing.SORT_KEYS, '-' in front: descending
+  let listSearch = "";
+  const picked = new Set();       // job ids ticked for the comparison view
+  const COMPARE_MAX = 6;          // one colour each (style.css --c0 .. --c5)
 
   // ---------------------------------------------------------------- API access
 
@@ -108,7 +114,7 @@
   // ---------------------------------------------------------------- views
 
   function show(view) {
-    for (const id of ["key-view", "list-view", "job-view"]) $(id).hidden = id !== view;
+    for (const id of ["key-view", "list-view", "job-view", "compare-view"]) $(id).hidden = id !== view;
     $("forget-key").hidden = view === "key-view";
   }
 
@@ -144,8 +150,9 @@
   // ------------------------------ job list
 
   async function refreshList() {
-    const q = new URLSearchParams({ limit: PAGE, offset: listOffset });
+    const q = new URLSearchParams({ limit: PAGE, offset: listOffset, sort: listSort });
     if (listStatus) q.set("status", listStatus);
+    if (listSearch) q.set("q", listSearch);
     const page = await api("v1/jobs?" + q);
     const body = $("jobs-table").tBodies[0];
     body.replaceChildren(...page.items.map(jobRow));
@@ -155,7 +162,23 @@
     $("page-info").textContent = total ? `${listOffset + 1}–${listOffset + page.items.length} of ${total}` : "";
     $("prev-page").disabled = listOffset === 0;
     $("next-page").disabled = listOffset + PAGE >= total;
+    for (const th of document.querySelectorAll("#jobs-table th.sortable")) {
+      const key = th.dataset.sort;
+      th.classList.toggle("sorted-asc", listSort === key);
+      th.classList.toggle("sorted-desc", listSort === "-" + key);
+    }
+    updateCompareButton();
     return true;
+  }
+
+  function updateCompareButton() {
+    const n = picked.size;
+    $("compare-btn").disabled = n < 2 || n > COMPARE_MAX;
+    $("compare-btn").textContent = n ? `Compare (${n})` : "Compare";
+  }
+
+  function labelTags(labels) {
+    return Object.entries(labels || {}).map(([k, v]) => h("span", { class: "label-tag" }, v ? k + "=" + v : k));
   }
 
   function jobRow(job) {
@@ -163,11 +186,20 @@
     const link = h("a", { href: "#/jobs/" + encodeURIComponent(job.id), class: "mono" }, job.id.slice(0, 8));
     const prog = h("td", {}, progressBar(job.progress, "small"),
       h("span", { class: "muted small" }, " " + Math.round(100 * (job.progress || 0)) + " %"));
+    const pick = h("input", { type: "checkbox", class: "compare-pick", "aria-label": "compare " + job.id });
+    pick.checked = picked.has(job.id);
+    pick.addEventListener("change", () => {
+      if (pick.checked) picked.add(job.id); else picked.delete(job.id);
+      updateCompareButton();
+    });
     const tr = h("tr", { "data-job-id": job.id, "data-status": job.status },
-      h("td", {}, link), h("td", {}, spec.model || "–"), h("td", {}, pct(spec.sparsity)),
+      h("td", {}, pick), h("td", {}, link), h("td", { class: "job-name" }, job.name || "", " ", ...labelTags(job.labels)),
+      h("td", {}, spec.model || "–"), h("td", {}, pct(spec.sparsity)),
       h("td", {}, spec.pruner || "–"), h("td", {}, spec.allocation || "–"), h("td", {}, badge(job.status)),
       prog, h("td", {}, num(job.best_fitness, 4)), h("td", { class: "small" }, when(job.created_at)));
-    tr.addEventListener("click", ev => { if (ev.target.tagName !== "A") location.hash = "#/jobs/" + job.id; });
+    tr.addEventListener("click", ev => {
+      if (ev.target.tagName !== "A" && ev.target.tagName !== "INPUT") location.hash = "#/jobs/" + job.id;
+    });
     return tr;
   }
 
@@ -360,6 +392,8 @@
     $("job-facts").replaceChildren();
     $("job-title").textContent = "Job " + id.slice(0, 8);
     let artifactsShown = false;
+    $("export-csv").onclick = () => download({ url: `v1/jobs/${encodeURIComponent(id)}/generations.csv`,
+                                               name: id + "-generations.csv" });
     $("cancel-job").onclick = async () => {
       if (!confirm("Cancel this job? The search stops within one generation.")) return;
       try { await api(`v1/jobs/${encodeURIComponent(id)}/cancel`, { method: "POST" }); } catch (err) { alert(err.message); }
@@ -388,12 +422,88 @@
     });
   }
 
+  // ------------------------------ several jobs side by side
+
+  const jobLabel = job => (job.name || job.id.slice(0, 8)).slice(0, 18);
+
+  // The per-unit sparsity a job ended with (or has reached): the search's best vector, else the
+  // latest generation's, else what the report measured per linear layer.
+  function unitVector(job, gens) {
+    const search = (job.report || {}).search;
+    if (search && Array.isArray(search.best_vector) && search.best_vector.length) {
+      return { values: search.best_vector, units: Array.isArray(search.units) ? search.units : null };
+    }
+    const last = gens[gens.length - 1];
+    if (last && Array.isArray(last.best_vector)) return { values: last.best_vector, units: null };
+    const layers = (job.report || {}).layer_sparsity;
+    if (layers) return { values: Object.values(layers), units: Object.keys(layers) };
+    return { values: [], units: null };
+  }
+
+  function renderCompare(jobs, gensPerJob) {
+    $("compare-title").textContent = `Compare ${jobs.length} jobs`;
+    const kinds = new Set(jobs.map(j => ((j.spec || {}).search || {}).fitness || "kl"));
+    $("compare-fitness-note").textContent = kinds.size > 1
+      ? "these jobs use different fitness measures (" + [...kinds].join(", ") + "): compare their shapes, not their values"
+      : (kinds.has("ppl") ? "perplexity" : "KL divergence from dense") + " of the best candidate (lower is better)";
+    EvoCharts.line($("compare-fitness"), {
+      xLabel: "generation", xInteger: true, yLabel: kinds.size === 1 && kinds.has("ppl") ? "perplexity" : "fitness",
+      emptyText: "none of these jobs has search generations",
+      series: jobs.map((job, i) => ({ name: jobLabel(job), cls: "s-c" + (i % COMPARE_MAX),
+        points: gensPerJob[i].map(g => [g.generation, g.best]) })),
+    });
+    const vectors = jobs.map((job, i) => unitVector(job, gensPerJob[i]));
+    const n = Math.max(0, ...vectors.map(v => v.values.length));
+    const named = vectors.find(v => v.units && v.units.length === n);
+    const labels = named ? named.units : Array.from({ length: n }, (_, i) => "unit " + i);
+    $("compare-sparsity-note").textContent = n
+      ? `${n} units; bars in the order of the table` + (vectors.some(v => v.values.length !== n) ? " (jobs with fewer units leave gaps)" : "")
+      : "";
+    EvoCharts.bars($("compare-sparsity"), {
+      labels: labels,
+      shortLabels: labels.map((l, i) => { const m = /layers?\.(\d+)/.exec(l); return m ? m[1] : String(i); }),
+      xLabel: "unit", yLabel: "sparsity", yFormat: v => Math.round(100 * v) + "%",
+      emptyText: "no per-unit sparsity yet",
+      series: jobs.map((job, i) => ({ name: jobLabel(job), cls: "s-c" + (i % COMPARE_MAX),
+        values: Array.from({ length: n }, (_, k) => vectors[i].values[k]) })),
+    });
+    $("compare-table").tBodies[0].replaceChildren(...jobs.map((job, i) => {
+      const spec = job.spec || {};
+      const report = job.report || {};
+      const ppl = report.perplexity || {};
+      const link = h("a", { href: "#/jobs/" + encodeURIComponent(job.id) }, jobLabel(job));
+      const swatch = h("span", { class: "swatch c" + (i % COMPARE_MAX) }, "■");
+      return h("tr", { "data-job-id": job.id },
+        h("td", {}, swatch, " ", link), h("td", {}, badge(job.status)), h("td", {}, spec.model || "–"),
+        h("td", {}, (spec.pruner || "–") + " / " + (spec.allocation || "–")), h("td", { class: "num" }, pct(spec.sparsity)),
+        h("td", { class: "num" }, pct(report.global_sparsity)),
+        h("td", { class: "num ppl-dense" }, num(ppl.dense, 2)), h("td", { class: "num ppl-uniform" }, num(ppl.uniform, 2)),
+        h("td", { class: "num ppl-pruned" }, num(ppl.pruned, 2)),
+        h("td", { class: "num" }, ppl.pruned && ppl.dense ? "×" + num(ppl.pruned / ppl.dense, 2) : "–"),
+        h("td", { class: "num" }, num(job.best_fitness, 4)), h("td", { class: "num" }, String(gensPerJob[i].length)));
+    }));
+  }
+
+  function showCompare(ids) {
+    show("compare-view");
+    document.title = "evosparse — compare " + ids.length + " jobs";
+    poll(async () => {
+      const jobs = await Promise.all(ids.map(id => api("v1/jobs/" + encodeURIComponent(id))));
+      const gens = await Promise.all(ids.map(id => api(`v1/jobs/${encodeURIComponent(id)}/generations`)
+        .then(page => (page.items || []).sort((a, b) => a.generation - b.generation))));
+      renderCompare(jobs, gens);
+      return jobs.some(job => !TERMINAL.has(job.status));  // stop polling once all have finished
+    });
+  }
+
   // ---------------------------------------------------------------- routing and wiring
 
   function route() {
     if (!apiKey()) { needKey(""); return; }
     const m = /^#\/jobs\/([^/?#]+)/.exec(location.hash);
+    const c = /^#\/compare\/([^/?#]+)/.exec(location.hash);
     if (m) showJob(decodeURIComponent(m[1]));
+    else if (c) showCompare(decodeURIComponent(c[1]).split(",").filter(Boolean).slice(0, COMPARE_MAX));
     else showList();
   }
 
@@ -409,6 +519,24 @@
   $("status-filter").addEventListener("change", ev => { listStatus = ev.target.value; listOffset = 0; showList(); });
   $("prev-page").addEventListener("click", () => { listOffset = Math.max(0, listOffset - PAGE); showList(); });
   $("next-page").addEventListener("click", () => { listOffset += PAGE; showList(); });
+  $("compare-btn").addEventListener("click", () => {
+    if (picked.size >= 2) location.hash = "#/compare/" + [...picked].map(encodeURIComponent).join(",");
+  });
+  let searchTimer = 0;
+  $("job-search").addEventListener("input", ev => {
+    clearTimeout(searchTimer);  // wait for a pause in typing: one request, not one per key
+    searchTimer = setTimeout(() => { listSearch = ev.target.value.trim(); listOffset = 0; showList(); }, 300);
+  });
+  for (const th of document.querySelectorAll("#jobs-table th.sortable")) {
+    th.addEventListener("click", () => {
+      const key = th.dataset.sort;
+      // first click: the natural order for the column (newest, best first); again: reversed
+      const first = key === "created_at" || key === "progress" ? "-" + key : key;
+      listSort = listSort === first ? (first.startsWith("-") ? key : "-" + key) : first;
+      listOffset = 0;
+      showList();
+    });
+  }
   window.addEventListener("hashchange", route);
   route();
 })();

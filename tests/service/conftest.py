@@ -275,7 +275,7 @@ def stack(request, tmp_path_factory, broker, model_root):
 def wait_status(client, job_id: str, statuses: tuple[str, ...], timeout: float = 180, stack=None):  # noqa: ANN001, ANN201
     def check():  # noqa: ANN202
         job = client.get(job_id)
-        return job if job["status"] in statuses else None
+        return job if job.status in statuses else None
 
     try:
         return wait_until(check, timeout, f"job {job_id} to reach {statuses}", interval=0.3)

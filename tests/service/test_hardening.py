@@ -92,13 +92,13 @@ def hstack(request, tmp_path_factory, model_root):
 def _busy(stack, team: str) -> tuple[object, str]:  # noqa: ANN001
     """Occupy the stack's only pruning worker with a long search; returns (client, job id)."""
     client = stack.client(team)
-    job_id = client.submit(stack.evo_spec(generations=150))["id"]
+    job_id = client.submit(stack.evo_spec(generations=150)).id
     wait_status(client, job_id, ("RUNNING",), timeout=120, stack=stack)
     return client, job_id
 
 
 def _started(client, job_id: str) -> dt.datetime:  # noqa: ANN001
-    return dt.datetime.fromisoformat(client.get(job_id)["started_at"].replace("Z", "+00:00"))
+    return dt.datetime.fromisoformat(client.get(job_id).started_at.replace("Z", "+00:00"))
 
 
 # --- 1. SSRF ------------------------------------------------------------------------------------
@@ -136,8 +136,8 @@ def test_webhook_is_checked_again_at_delivery_and_the_status_is_generic(hstack):
             job, _ = repo.create_job(db, team.id, hstack.tiny_spec(seed=11), None, inside.url)
             job_id = job.id
         queue.enqueue(hstack.settings, job_id)
-        assert wait_status(client, job_id, DONE, stack=hstack)["status"] == "SUCCEEDED"
-        assert wait_until(lambda: client.get(job_id)["webhook_status"] == "failed", 30, "delivery refused")
+        assert wait_status(client, job_id, DONE, stack=hstack).status == "SUCCEEDED"
+        assert wait_until(lambda: client.get(job_id).webhook_status == "failed", 30, "delivery refused")
         assert inside.calls == []
     finally:
         inside.close()
@@ -162,12 +162,12 @@ def test_a_slow_webhook_does_not_hold_the_pruning_worker(hstack):
     slow = Receiver(status=503, delay_s=8.0)  # slow and failing: would be retried for a long time
     try:
         a_client, b_client = hstack.client("slow-hook"), hstack.client("after-slow-hook")
-        a = a_client.submit(hstack.tiny_spec(seed=21), webhook_url=slow.url)["id"]
-        b = b_client.submit(hstack.tiny_spec(seed=22))["id"]
+        a = a_client.submit(hstack.tiny_spec(seed=21), webhook_url=slow.url).id
+        b = b_client.submit(hstack.tiny_spec(seed=22)).id
         job_a = wait_status(a_client, a, DONE, stack=hstack)
         job_b = wait_status(b_client, b, DONE, stack=hstack)
-        assert job_a["status"] == job_b["status"] == "SUCCEEDED"
-        started_b = dt.datetime.fromisoformat(job_b["started_at"].replace("Z", "+00:00"))
+        assert job_a.status == job_b.status == "SUCCEEDED"
+        started_b = dt.datetime.fromisoformat(job_b.started_at.replace("Z", "+00:00"))
         wait_until(lambda: len(slow.calls) >= 1, 20, "first delivery attempt")
         # B started while A's receiver was still holding the first delivery attempt (8 s), where a
         # delivery inside the pruning task made B wait for every attempt and backoff.
@@ -183,12 +183,12 @@ def test_outbox_delivers_after_the_webhook_worker_died_and_its_message_was_lost(
             w.sigkill()
         hstack.webhook_workers.clear()
         client = hstack.client("outbox")
-        job_id = client.submit(hstack.tiny_spec(seed=31), webhook_url=recv.url)["id"]
-        assert wait_status(client, job_id, DONE, stack=hstack)["status"] == "SUCCEEDED"
-        assert client.get(job_id)["webhook_status"] == "pending" and recv.calls == []
+        job_id = client.submit(hstack.tiny_spec(seed=31), webhook_url=recv.url).id
+        assert wait_status(client, job_id, DONE, stack=hstack).status == "SUCCEEDED"
+        assert client.get(job_id).webhook_status == "pending" and recv.calls == []
         hstack.broker.server.delete(hstack.settings.resolved_webhook_queue)  # the message is gone too
         hstack.start_webhook_worker()
-        wait_until(lambda: client.get(job_id)["webhook_status"] == "delivered", 60, "delivery from the outbox")
+        wait_until(lambda: client.get(job_id).webhook_status == "delivered", 60, "delivery from the outbox")
         time.sleep(2)  # re-sent messages of an already delivered row must not deliver it again
         assert len(recv.calls) == 1
         assert json.loads(recv.calls[0][1])["job"]["id"] == job_id
@@ -201,8 +201,8 @@ def test_outbox_delivers_after_the_webhook_worker_died_and_its_message_was_lost(
 def test_fair_order_and_the_queued_cap(hstack):
     hog, running = _busy(hstack, "hog")
     small = hstack.client("small")
-    backlog = [hog.submit(hstack.tiny_spec(seed=40 + i))["id"] for i in range(2)]
-    first = small.submit(hstack.tiny_spec(seed=49))["id"]
+    backlog = [hog.submit(hstack.tiny_spec(seed=40 + i)).id for i in range(2)]
+    first = small.submit(hstack.tiny_spec(seed=49)).id
     # The queued cap: with 2 queued, the hog's next submission is refused and creates nothing.
     hstack.settings.max_queued_per_team = 2
     try:
@@ -216,11 +216,11 @@ def test_fair_order_and_the_queued_cap(hstack):
     finally:
         hstack.settings.max_queued_per_team = 50
     hog.cancel(running)
-    assert wait_status(small, first, DONE, stack=hstack)["status"] == "SUCCEEDED"
+    assert wait_status(small, first, DONE, stack=hstack).status == "SUCCEEDED"
     # The small team's first job went before the hog's backlog, although it was submitted last.
     for job_id in backlog:
         job = hog.get(job_id)
-        assert job["status"] == "QUEUED" or _started(hog, job_id) > _started(small, first), job
+        assert job.status == "QUEUED" or _started(hog, job_id) > _started(small, first), job
     for job_id in backlog:
         hog.cancel(job_id)
         wait_status(hog, job_id, DONE, stack=hstack)
@@ -271,7 +271,7 @@ def test_pick_fair_respects_the_running_cap(db_url):
 def test_no_job_lost_when_redis_is_sigkilled(hstack):
     busy, running = _busy(hstack, "redis-busy")
     client = hstack.client("redis-kill")
-    ids = [client.submit(hstack.tiny_spec(seed=60 + i))["id"] for i in range(3)]
+    ids = [client.submit(hstack.tiny_spec(seed=60 + i)).id for i in range(3)]
     time.sleep(1.5)  # the append-only file is fsynced every second
     hstack.broker.sigkill()
     # Broker dead: /healthz says so, and a submission is refused without leaving a job behind.
@@ -290,8 +290,8 @@ def test_no_job_lost_when_redis_is_sigkilled(hstack):
     busy.cancel(running)
     for job_id in ids:
         job = wait_status(client, job_id, DONE, timeout=240, stack=hstack)
-        assert job["status"] == "SUCCEEDED" and job["attempts"] == 1, job  # ran, and ran once
-        names = [a["name"] for a in client.artifacts(job_id)]
+        assert job.status == "SUCCEEDED" and job.attempts == 1, job  # ran, and ran once
+        names = [a.name for a in client.artifacts(job_id)]
         assert len(names) == len(set(names)) and "report.json" in names
 
 

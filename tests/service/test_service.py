@@ -13,7 +13,7 @@ import threading
 
 import httpx
 import pytest
-from evosparse.jobs.client import ApiError
+from evosparse.jobs.client import ApiError, Client
 from evosparse.jobs.webhook import verify
 
 from tests.service.conftest import WEBHOOK_HOST, wait_status, wait_until
@@ -55,8 +55,8 @@ def done_job(stack):
     """One succeeded job (team 'alpha') shared by the artifact and isolation tests."""
     client = stack.client("alpha")
     sub = client.submit(stack.tiny_spec(), idempotency_key="done-job")
-    job = wait_status(client, sub["id"], ("SUCCEEDED", "FAILED", "CANCELLED"), stack=stack)
-    assert job["status"] == "SUCCEEDED", (job["error"], stack.logs())
+    job = wait_status(client, sub.id, ("SUCCEEDED", "FAILED", "CANCELLED"), stack=stack)
+    assert job.status == "SUCCEEDED", (job.error, stack.logs())
     return client, job
 
 
@@ -64,19 +64,19 @@ def test_submit_runs_to_success_and_the_artifact_loads(stack, done_job, tmp_path
     from transformers import AutoModelForCausalLM
 
     client, job = done_job
-    assert job["progress"] == 1.0 and job["attempts"] == 1 and job["finished_at"] >= job["started_at"]
-    report = job["report"]
+    assert job.progress == 1.0 and job.attempts == 1 and job.finished_at >= job.started_at
+    report = job.report
     assert abs(report["global_sparsity"] - 0.5) < 0.01
-    arts = {a["name"]: a for a in client.artifacts(job["id"])}
+    arts = {a.name: a for a in client.artifacts(job.id)}
     assert {"config.json", "report.json", "model.safetensors"} <= set(arts)
-    out = client.download(job["id"], tmp_path / "ckpt")
+    out = client.download(job.id, tmp_path / "ckpt")
     model = AutoModelForCausalLM.from_pretrained(out)
     weights = [p for n, p in model.named_parameters() if "mlp" in n or "self_attn" in n]
     zero = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     assert abs(zero - 0.5) < 0.01
     assert json.loads((out / "report.json").read_text())["global_sparsity"] == report["global_sparsity"]
     if stack.kind == "postgresql-s3":  # S3: ?redirect=1 answers with a working presigned URL
-        r = client.http.get(f"/v1/jobs/{job['id']}/artifacts/config.json", params={"redirect": 1})
+        r = client.http.get(f"/v1/jobs/{job.id}/artifacts/config.json", params={"redirect": 1})
         assert r.status_code == 307
         presigned = r.headers["location"]
         assert "X-Amz-Signature" in presigned
@@ -86,8 +86,8 @@ def test_submit_runs_to_success_and_the_artifact_loads(stack, done_job, tmp_path
 def test_webhook_is_signed_and_retried(stack, webhook):
     client = stack.client("hooks")
     sub = client.submit(stack.tiny_spec(seed=1), webhook_url=webhook.url)
-    job = wait_status(client, sub["id"], ("SUCCEEDED", "FAILED"), stack=stack)
-    assert job["status"] == "SUCCEEDED"
+    job = wait_status(client, sub.id, ("SUCCEEDED", "FAILED"), stack=stack)
+    assert job.status == "SUCCEEDED"
     wait_until(lambda: len(webhook.calls) >= 2, 30, "webhook retry")
     headers, body = webhook.calls[-1]
     ts, delivery, sig = (headers["X-Evosparse-Timestamp"], headers["X-Evosparse-Delivery"],
@@ -99,10 +99,10 @@ def test_webhook_is_signed_and_retried(stack, webhook):
     assert not verify(secret, ts, delivery, body, sig, now=int(ts) + 3600)  # too old: a replay
     assert webhook.calls[0][0]["X-Evosparse-Delivery"] == delivery  # a retry is the same delivery
     payload = json.loads(body)
-    assert payload["event"] == "job.finished" and payload["job"]["id"] == job["id"]
+    assert payload["event"] == "job.finished" and payload["job"]["id"] == job.id
     assert payload["job"]["status"] == "SUCCEEDED" and payload["delivery_id"] == delivery
     # The user sees a generic status, never the receiver's answers.
-    assert "delivered" == wait_until(lambda: client.get(job["id"])["webhook_status"] == "delivered"
+    assert "delivered" == wait_until(lambda: client.get(job.id).webhook_status == "delivered"
                                      and "delivered", 10, "status")
 
 
@@ -112,7 +112,7 @@ def test_idempotent_resubmission_returns_the_same_job(stack):
     spec = stack.tiny_spec(seed=7)
     first = client.submit(spec, idempotency_key="pipeline-run-1")
     r = client.http.post("/v1/jobs", json=spec, headers={"Idempotency-Key": "pipeline-run-1"})
-    assert r.status_code == 202 and r.json()["id"] == first["id"]
+    assert r.status_code == 202 and r.json()["id"] == first.id
     assert r.headers["Idempotent-Replayed"] == "true" and r.headers["Location"] == f"/v1/jobs/{first['id']}"
     assert stack.count_jobs() == before + 1
     with pytest.raises(ApiError) as err:  # same key, different spec: refused, not silently merged
@@ -122,13 +122,13 @@ def test_idempotent_resubmission_returns_the_same_job(stack):
         client.submit(spec, idempotency_key="pipeline-run-1", webhook_url=f"http://{WEBHOOK_HOST}:9/other")
     assert err.value.status == 409
     assert stack.count_jobs() == before + 1
-    client.cancel(first["id"])
+    client.cancel(first.id)
 
 
 def test_teams_are_isolated_on_every_route(stack, done_job):
     owner, job = done_job
     other = stack.client("beta")
-    jid = job["id"]
+    jid = job.id
     for method, path in [("GET", f"/v1/jobs/{jid}"), ("GET", f"/v1/jobs/{jid}/generations"),
                          ("POST", f"/v1/jobs/{jid}/cancel"), ("GET", f"/v1/jobs/{jid}/artifacts"),
                          ("GET", f"/v1/jobs/{jid}/artifacts/config.json"),
@@ -136,12 +136,12 @@ def test_teams_are_isolated_on_every_route(stack, done_job):
         r = other.http.request(method, path)
         assert r.status_code == 404, (method, path, r.status_code)
         assert owner.http.request(method, path).status_code in (200, 307), (method, path)
-    assert jid not in {j["id"] for j in other.list()["items"]}
-    assert jid in {j["id"] for j in owner.list(limit=200)["items"]}
+    assert jid not in {j.id for j in other.list().items}
+    assert jid in {j.id for j in owner.list(limit=200).items}
     # No key, or a wrong key: 401 everywhere.
     assert httpx.get(f"{stack.url}/v1/jobs/{jid}").status_code == 401
     assert httpx.get(f"{stack.url}/v1/jobs", headers={"Authorization": "Bearer evs_nope"}).status_code == 401
-    assert owner.get(jid)["status"] == "SUCCEEDED"  # beta's cancel did nothing
+    assert owner.get(jid).status == "SUCCEEDED"  # beta's cancel did nothing
 
 
 def _bad_inputs(model_root):  # noqa: ANN001, ANN202
@@ -211,10 +211,19 @@ def _bad_inputs(model_root):  # noqa: ANN001, ANN202
         ("eval task not a list", {**ok, "eval_tasks": "pydoc_cloze"}, 422),
         ("eval task needing the hub (hub disabled)", {**ok, "eval_tasks": ["pydoc_cloze", "hellaswag"]}, 400),
         ("eval tasks limit zero", {**ok, "eval_tasks": ["pydoc_cloze"], "eval_tasks_limit": 0}, 422),
+        ("name 101 characters", {**ok, "name": "n" * 101}, 422),
+        ("name with a newline", {**ok, "name": "nightly\nrun"}, 422),
+        ("name with surrounding blanks", {**ok, "name": " nightly "}, 422),
+        ("label key upper case", {**ok, "labels": {"Team": "nlp"}}, 422),
+        ("label value with a space", {**ok, "labels": {"team": "n l p"}}, 422),
+        ("label value 201 characters", {**ok, "labels": {"team": "x" * 201}}, 422),
+        ("21 labels", {**ok, "labels": {f"k{i}": "v" for i in range(21)}}, 422),
+        ("labels not an object", {**ok, "labels": ["team=nlp"]}, 422),
+        ("label value not a string", {**ok, "labels": {"team": 3}}, 422),
     ]
 
 
-@pytest.mark.parametrize("case", range(62))
+@pytest.mark.parametrize("case", range(71))
 def test_bad_input_is_refused_and_creates_no_job(stack, case):
     name, body, status = _bad_inputs(stack.model_root)[case]
     client = stack.client("bad-input")
@@ -232,7 +241,7 @@ def test_bad_input_is_refused_and_creates_no_job(stack, case):
 
 
 def test_bad_input_table_is_complete(model_root):
-    assert len(_bad_inputs(model_root)) == 62
+    assert len(_bad_inputs(model_root)) == 71
 
 
 def test_oversized_chunked_body_is_refused(stack):
@@ -250,10 +259,10 @@ def test_oversized_chunked_body_is_refused(stack):
 def test_unloadable_model_fails_with_a_readable_message(stack):
     client = stack.client("broken")
     sub = client.submit(stack.tiny_spec(model=str(stack.model_root / "broken")))
-    job = wait_status(client, sub["id"], ("SUCCEEDED", "FAILED", "CANCELLED"), stack=stack)
-    assert job["status"] == "FAILED" and job["finished_at"] is not None
-    assert "broken" in job["error"] and "Traceback" not in job["error"]
-    assert client.artifacts(sub["id"]) == []
+    job = wait_status(client, sub.id, ("SUCCEEDED", "FAILED", "CANCELLED"), stack=stack)
+    assert job.status == "FAILED" and job.finished_at is not None
+    assert "broken" in job.error and "Traceback" not in job.error
+    assert client.artifacts(sub.id) == []
 
 
 def test_health_and_metrics(stack, done_job):
@@ -266,8 +275,8 @@ def test_health_and_metrics(stack, done_job):
 def test_list_filter_and_pagination(stack, done_job):
     client, job = done_job
     listing = client.list(status="SUCCEEDED", limit=1)
-    assert listing["limit"] == 1 and listing["total"] >= 1 and len(listing["items"]) == 1
-    assert all(j["status"] == "SUCCEEDED" for j in listing["items"])
+    assert listing.limit == 1 and listing.total >= 1 and len(listing.items) == 1
+    assert all(j.status == "SUCCEEDED" for j in listing.items)
     assert client.http.get("/v1/jobs", params={"status": "DONE"}).status_code == 422
     assert client.http.get("/v1/jobs", params={"limit": 0}).status_code == 422
 
@@ -275,14 +284,14 @@ def test_list_filter_and_pagination(stack, done_job):
 def test_cancel_mid_search_keeps_history(stack):
     client = stack.client("cancel")
     sub = client.submit(stack.evo_spec(generations=150))
-    wait_until(lambda: (client.get(sub["id"])["generation"] or 0) >= 2, 240, "two generations")
-    client.cancel(sub["id"])
-    job = wait_status(client, sub["id"], ("SUCCEEDED", "FAILED", "CANCELLED"), timeout=120, stack=stack)
-    assert job["status"] == "CANCELLED" and job["cancel_requested"]
-    gens = [g["generation"] for g in client.generations(sub["id"])]
+    wait_until(lambda: (client.get(sub.id).generation or 0) >= 2, 240, "two generations")
+    client.cancel(sub.id)
+    job = wait_status(client, sub.id, ("SUCCEEDED", "FAILED", "CANCELLED"), timeout=120, stack=stack)
+    assert job.status == "CANCELLED" and job.cancel_requested
+    gens = [g.generation for g in client.generations(sub.id)]
     assert len(gens) >= 3 and gens == list(range(gens[0], gens[0] + len(gens)))
     assert gens[-1] < 150  # stopped long before the end
-    assert client.artifacts(sub["id"]) == []
+    assert client.artifacts(sub.id) == []
 
 
 # Long enough that the job is still searching when the test kills its worker after generation 3,
@@ -310,10 +319,10 @@ def test_sigkill_mid_search_resumes_on_another_worker_with_the_same_result(stack
     victim = stack.start_worker("victim")
     client = stack.client("sigkill")
     sub = client.submit(stack.evo_spec(generations=SIGKILL_GENERATIONS))
-    wait_until(lambda: (client.get(sub["id"])["generation"] or 0) >= 3, 240, "three generations")
+    wait_until(lambda: (client.get(sub.id).generation or 0) >= 3, 240, "three generations")
     victim.sigkill()
-    killed_at = client.get(sub["id"])["generation"]
-    assert client.get(sub["id"])["status"] == "RUNNING"  # nobody has noticed yet
+    killed_at = client.get(sub.id).generation
+    assert client.get(sub.id).status == "RUNNING"  # nobody has noticed yet
     # The row names the last generation's search state; the state itself is in the object store.
     from evosparse.jobs.db import session_scope
     from evosparse.jobs.models import Job
@@ -321,24 +330,24 @@ def test_sigkill_mid_search_resumes_on_another_worker_with_the_same_result(stack
     from evosparse.worker.tasks import STATE_REF, resume_state, state_prefix
 
     with session_scope(stack.settings.resolved_database_url) as db:
-        row = db.get(Job, sub["id"])
+        row = db.get(Job, sub.id)
         ref_bytes, ref_gen = row.search_state, row.search_state_generation
-    assert ref_bytes.startswith(STATE_REF) and state_prefix(sub["id"]).encode() in ref_bytes
+    assert ref_bytes.startswith(STATE_REF) and state_prefix(sub.id).encode() in ref_bytes
     assert json.loads(resume_state(ref_bytes, store_from_settings(stack.settings)))["generation"] == ref_gen
     stack.workers.remove(victim)
     stack.start_worker("rescuer")
-    job = wait_status(client, sub["id"], ("SUCCEEDED", "FAILED", "CANCELLED"), timeout=300, stack=stack)
-    assert job["status"] == "SUCCEEDED", job["error"]
-    assert job["attempts"] == 2
-    gens = client.generations(sub["id"])
-    numbers = [g["generation"] for g in gens]
+    job = wait_status(client, sub.id, ("SUCCEEDED", "FAILED", "CANCELLED"), timeout=300, stack=stack)
+    assert job.status == "SUCCEEDED", job.error
+    assert job.attempts == 2
+    gens = client.generations(sub.id)
+    numbers = [g.generation for g in gens]
     assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))  # continuous, no gap, no repeat
-    assert {g["attempt"] for g in gens if g["generation"] <= killed_at} == {1}
-    assert {g["attempt"] for g in gens if g["generation"] > killed_at} == {2}  # resumed, not restarted
+    assert {g.attempt for g in gens if g.generation <= killed_at} == {1}
+    assert {g.attempt for g in gens if g.generation > killed_at} == {2}  # resumed, not restarted
     ref = undisturbed_report
-    got = job["report"]
+    got = job.report
     assert got["search"]["best_vector"] == ref["search"]["best_vector"]
-    assert [g["best"] for g in gens] == pytest.approx([h["best"] for h in ref["search"]["history"]], rel=1e-9)
+    assert [g.best for g in gens] == pytest.approx([h["best"] for h in ref["search"]["history"]], rel=1e-9)
     assert got["layer_sparsity"] == pytest.approx(ref["layer_sparsity"], abs=1e-12)
     assert math.isclose(got["perplexity"]["pruned"], ref["perplexity"]["pruned"], rel_tol=1e-6)
     assert not store_from_settings(stack.settings).exists(ref_bytes[len(STATE_REF):].decode())  # cleaned up
@@ -348,10 +357,10 @@ def test_redelivered_task_for_a_finished_job_does_nothing(stack, done_job):
     client, job = done_job
     from evosparse.worker.celery_app import make_celery
 
-    make_celery(stack.settings).send_task("evosparse.run_job", args=[job["id"]], queue=stack.settings.queue)
-    wait_until(lambda: f"job {job['id']} not run: terminal" in stack.logs(), 60, "the worker to skip the job")
-    after = client.get(job["id"])
-    assert (after["status"], after["attempts"], after["finished_at"]) == ("SUCCEEDED", 1, job["finished_at"])
+    make_celery(stack.settings).send_task("evosparse.run_job", args=[job.id], queue=stack.settings.queue)
+    wait_until(lambda: f"job {job.id} not run: terminal" in stack.logs(), 60, "the worker to skip the job")
+    after = client.get(job.id)
+    assert (after.status, after.attempts, after.finished_at) == ("SUCCEEDED", 1, job.finished_at)
 
 
 def test_cli_keys_submit_wait_download_and_exit_codes(stack, tmp_path):
@@ -366,17 +375,31 @@ def test_cli_keys_submit_wait_download_and_exit_codes(stack, tmp_path):
     assert made.returncode == 0, made.stderr
     key = made.stdout.strip()
     assert key.startswith("evs_") and "shown only once" in made.stderr
-    common = ["--calib-windows", "4", "--eval-windows", "2", "--seq-len", "32", "--server", stack.url,
-              "--key", key, "--quiet"]
-    ok = cli("submit", str(stack.model_root / "tiny"), "--sparsity", "0.5", "--out", str(tmp_path / "ckpt"), *common)
+    server = ["--server", stack.url, "--key", key]
+    common = ["--calib-windows", "4", "--eval-windows", "2", "--seq-len", "32", *server, "--quiet"]
+    # A pipeline's run: the spec from a file (name and labels included), the result as JSON, the job id
+    # found again by its label, its artifacts downloaded by id.
+    (tmp_path / "job.yaml").write_text(f"model: {stack.model_root / 'tiny'}\nsparsity: 0.5\nname: nightly\n"
+                                       f"labels: {{pipeline: release, run: '{stack.kind}'}}\n")
+    ok = cli("submit", "--spec", "job.yaml", "--out", str(tmp_path / "ckpt"), "--json", *common)
     assert ok.returncode == 0, ok.stderr[-2000:]
+    done = json.loads(ok.stdout)
+    assert done["status"] == "SUCCEEDED" and done["name"] == "nightly" and done["labels"]["pipeline"] == "release"
     assert json.loads((tmp_path / "ckpt" / "report.json").read_text())["pruner"] == "wanda"
+    found = cli("list", "--label", "pipeline=release", "--label", f"run={stack.kind}", "--json", *server)
+    assert [j["id"] for j in json.loads(found.stdout)["items"]] == [done["id"]], found.stderr
+    status = cli("status", done["id"], "--json", *server)
+    assert json.loads(status.stdout)["report"]["global_sparsity"] > 0.4
+    fetched = cli("download", done["id"], "--out", str(tmp_path / "again"), *server)
+    assert fetched.returncode == 0 and (tmp_path / "again" / "report.json").read_bytes() == \
+        (tmp_path / "ckpt" / "report.json").read_bytes()
     failed = cli("submit", str(stack.model_root / "broken"), "--sparsity", "0.5", "--wait", *common)
     assert failed.returncode == 1 and "job failed: could not load model" in failed.stderr
     refused = cli("submit", "/etc", "--sparsity", "0.5", "--wait", *common)
     assert refused.returncode == 2 and "outside the allowed model folders" in refused.stderr
     slow = cli("submit", str(stack.model_root / "tiny"), "--sparsity", "0.5", "--wait", "--timeout", "0.5",
-               "--seed", "99", *common)
-    assert slow.returncode == 4 and "still" in slow.stderr
-    job_id = slow.stdout.strip() or slow.stderr.split()[1]
-    stack.client("cli-team").http.post(f"/v1/jobs/{job_id}/cancel", headers={"Authorization": f"Bearer {key}"})
+               "--seed", "99", "--cancel-on-timeout", *common)
+    assert slow.returncode == 4 and "still" in slow.stderr and "cancelled (--cancel-on-timeout)" in slow.stderr
+    job_id = slow.stdout.strip()  # the job id alone on stdout
+    with Client(stack.url, key) as client:
+        assert client.get(job_id).cancel_requested
