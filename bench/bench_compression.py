@@ -259,6 +259,8 @@ def cmd_report(args) -> None:
         d = json.loads(f.read_text())
         a = d["args"]
         lines += [f"## N:M, {a['pruner']} (`{f.name}`)", "",
+                  f"Command: `python bench/bench_compression.py nm --pruner {a['pruner']} --search-min "
+                  f"{a['search_min']:g}` (under `/work/helpers/heavy.sh bench`, the shared lock).", "",
                   f"dense ppl {d['dense_ppl']:.2f}; {a['calib_windows']} calibration / {a['eval_windows']} evaluation "
                   f"windows × 256 tokens; search budget {a['search_min']} min per sparsity; level database "
                   f"{d.get('leveldb_s', 0):.0f} s.", "",
@@ -279,6 +281,8 @@ def cmd_report(args) -> None:
         d = json.loads(f.read_text())
         a = d["args"]
         lines += [f"## Size budget {a['bpw']:g} bits per weight, {a['pruner']} + RTN (`{f.name}`)", "",
+                  f"Command: `python bench/bench_compression.py bpw --pruner {a['pruner']} --bpw {a['bpw']:g} --group "
+                  f"{a['group']} --search-min {a['search_min']:g}` (under `/work/helpers/heavy.sh bench`).", "",
                   f"dense ppl {d['dense_ppl']:.2f}; {a['calib_windows']} calibration / {a['eval_windows']} evaluation "
                   f"windows × 256 tokens; group size {a['group']}, symmetric; search budget {a['search_min']} min; "
                   "bits per weight by the cost model of search/bitbudget.py ((1 - s)·b + 1 bit of bitmap when "

@@ -104,7 +104,7 @@ def test_evolution_over_choices_keeps_the_budget_and_resumes_exactly():
     whole = run.run()
     resumed = EvolutionarySearch(space, _Quality(space), cfg, seed_vector=space.zero(), state=state).run()
     assert resumed.best == whole.best and resumed.best_score == whole.best_score
-    assert whole.best_score < run.cache[(space.zero(), 256)]  # it improved on the uniform vector
+    assert whole.best_score < _Quality(space)(space.zero(), 256)  # it improved on the uniform vector
     for v, _ in run.cache:
         assert space.cost(v) <= space.budget
     other = ChoiceSpace.build([4096] * 8, 3.5, 64)

@@ -79,7 +79,8 @@ class Compression:
     def report(self, counts: dict[str, int] | None = None, blocks: list | None = None) -> dict[str, Any]:
         """Quantization, format, dtype; for a size budget also the cost model's bits per weight of the result."""
         q = self.spec.quantize
-        out: dict[str, Any] = {"quantize": q.model_dump() if q is not None else None, "format": self.spec.format,
+        out: dict[str, Any] = {"quantize": q.model_dump(exclude_none=True) if q is not None else None,
+                               "format": self.spec.format,
                                "dtype": str(self.dtype).removeprefix("torch.")}
         if self.spec.bits_per_weight is not None and q is not None and counts is not None and blocks is not None:
             from evosparse.pruning.layers import weight_matrix
