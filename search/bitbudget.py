@@ -39,6 +39,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from evosparse.search.operators import draw_switches
+
 Vector = tuple[int, ...]
 
 SCALE_BITS = 16  # one scale per group, in the 16-bit checkpoint dtype
@@ -247,9 +249,7 @@ class ChoiceSpace:
             cands = [d for d, ch in enumerate(self.choices) if ch.bits == widths[w]]
             return min(cands, key=lambda d: (abs(bits_per_weight(self.choices[d].sparsity, widths[w],
                                                                  self.group_size, self.symmetric) - here), d))
-        k = 1
-        while k < max_jump and rng.random() > 0.5:
-            k += 1
+        k = draw_switches(rng, cap=max_jump) if max_jump > 1 else 1
         d = c + rng.choice((-k, k))
         while not self._same_width(c, d):  # clip to the width's ladder
             d += 1 if d < c else -1
@@ -258,11 +258,7 @@ class ChoiceSpace:
     def mutate(self, vector: Sequence[int], rng: random.Random, switches: int | None = None,
                max_jump: int = 1) -> Vector:
         """``switches`` moves (drawn biased toward one when not given), each repaired onto the budget."""
-        k = switches
-        if k is None:
-            k = 1
-            while k < 8 and rng.random() > 0.5:
-                k += 1
+        k = draw_switches(rng) if switches is None else switches
         v = tuple(vector)
         for _ in range(k):
             i = rng.randrange(self.n)
