@@ -98,9 +98,16 @@ def test_searched_budget_job_keeps_the_budget_and_exports_per_layer_bits(tiny_ll
     _check_checkpoint(tmp_path / "out", report, (2, 3, 4, 8))
 
 
-def test_uniform_budget_job_gives_every_layer_one_width(tiny_llama_dir, tmp_path):
-    report = run_job(_spec(tiny_llama_dir, quantize={"group_size": 32, "method": "gptq", "bit_widths": [3, 4]}),
-                     tmp_path / "out")
+def test_uniform_budget_job_from_the_cli_gives_every_layer_one_width(tiny_llama_dir, tmp_path, capsys):
+    from evosparse.cli.main import main
+
+    rc = main(["prune", str(tiny_llama_dir), "--bits-per-weight", "3", "--quantize-group", "32",
+               "--quantize-method", "gptq", "--quantize-bit-widths", "3", "4", "--calib-windows", "4",
+               "--eval-windows", "2", "--seq-len", "32", "--out", str(tmp_path / "out")])
+    assert rc == 0
+    assert "bits per weight, budget 3" in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["spec"]["sparsity"] is None and report["quantize"]["method"] == "gptq"
     assert len(set(report["layer_bits"].values())) == 1
     assert set(report["layer_bits"].values()) <= {3, 4}
     _check_checkpoint(tmp_path / "out", report, (3, 4))
