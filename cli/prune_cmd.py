@@ -42,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def default_out(spec) -> Path:
     name = Path(spec.model).name.removesuffix(".gguf") or "model"
-    return Path(f"pruned-{name}-{spec.pruner}-{spec.allocation}-{round(spec.sparsity * 100)}")
+    target = f"{spec.bits_per_weight:g}bpw" if spec.sparsity is None else str(round(spec.sparsity * 100))
+    return Path(f"pruned-{name}-{spec.pruner}-{spec.allocation}-{target}")
 
 
 class CliHooks:
@@ -128,8 +129,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     ppl = report["perplexity"]
     print(f"perplexity dense {ppl['dense']:.3f} -> pruned {ppl['pruned']:.3f}"
           + (f" (uniform {ppl['uniform']:.3f})" if "uniform" in ppl else ""))
-    print(f"global sparsity {report['global_sparsity']:.4f} (target {spec.sparsity:g}); "
-          f"{report['timings'].get('total', 0):.1f} s")
+    target = (f"target {spec.sparsity:g}" if spec.sparsity is not None else
+              f"{report['bits_per_weight']:.4f} bits per weight, budget {spec.bits_per_weight:g}")
+    print(f"global sparsity {report['global_sparsity']:.4f} ({target}); {report['timings'].get('total', 0):.1f} s")
     print(f"wrote {out}")
     return 0
 

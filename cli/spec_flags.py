@@ -257,7 +257,10 @@ def spec_command(spec: JobSpec, program: str = "evosparse prune") -> str:
     import shlex
 
     data = spec.model_dump(mode="json")
-    default = JobSpec.model_validate({"sparsity": spec.sparsity}).model_dump(mode="json")
+    # The defaults of a plain sparsity job; the target itself (sparsity or a bits-per-weight budget
+    # with its quantize settings) is always written out below.
+    default = JobSpec.model_validate({"sparsity": 0.5}).model_dump(mode="json")
+    target = {"sparsity", "bits_per_weight"}
     words = [program]
     for f in spec_flags():
         value, base = data, default
@@ -267,7 +270,7 @@ def spec_command(spec: JobSpec, program: str = "evosparse prune") -> str:
         if not f.flag.startswith("--"):  # the positional model
             words.append(shlex.quote(str(value)))
             continue
-        if value == base and not f.field.is_required():
+        if value == base and not f.field.is_required() and not (f.path[0] in target and value is not None):
             continue
         if isinstance(value, bool):
             words.append(f.flag if value else "--no-" + f.flag[2:])

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from evosparse.search import bitbudget
 from evosparse.search import defaults as search_defaults
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -171,13 +172,23 @@ class QuantizeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    bits: int = Field(4, ge=2, le=8, description="bits per kept weight, 2 to 8")
+    bits: int = Field(4, ge=2, le=8, description=(
+        "bits per kept weight, 2 to 8 (unused with bits_per_weight: each layer's width comes from bit_widths)"))
     group_size: int = Field(128, ge=8, le=8192, description=(
         "input columns sharing one scale; must divide every linear's input dimension (SmolLM2-135M: 32, 64 or 192)"))
     method: Literal["gptq", "rtn"] = Field("gptq", description=(
         "rtn: round to nearest per group; gptq: error feedback through the layer Hessian "
         "(with pruner sparsegpt, pruning and quantization are one joint pass)"))
     symmetric: bool = Field(True, description="symmetric grid (zero point 0) or asymmetric (integer zero point)")
+    bit_widths: list[int] | None = Field(None, min_length=1, max_length=7, description=(
+        "with bits_per_weight: the widths each layer chooses from (default 2,3,4,8); quantize.bits is then unused"))
+
+    @field_validator("bit_widths")
+    @classmethod
+    def _check_widths(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (any(not 2 <= b <= 8 for b in v) or len(set(v)) != len(v)):
+            raise ValueError("bit_widths must be distinct integers from 2 to 8")
+        return sorted(v) if v is not None else None
 
 
 class JobSpec(BaseModel):
@@ -187,7 +198,12 @@ class JobSpec(BaseModel):
 
     model: str = Field("smollm2-135m", min_length=1, max_length=1000, description=(
         "Hugging Face folder, hub id, GGUF file, or the built-in 'smollm2-135m'"))
-    sparsity: float = Field(description="global target sparsity, 0 < s < 1, counted in parameters (e.g. 0.6)")
+    sparsity: float | None = Field(None, description=(
+        "global target sparsity, 0 < s < 1, counted in parameters (e.g. 0.6); or give bits_per_weight instead"))
+    bits_per_weight: float | None = Field(None, gt=1, le=16, description=(
+        "a size budget instead of a sparsity: the mean storage per prunable weight, e.g. 3.0; each layer gets "
+        "its own (sparsity, bits), costed as (1 - s)·b + 1 bit of bitmap when sparse + 16/group_size of scale "
+        "(search/bitbudget.py); needs quantize (its group_size and method) and pattern 'unstructured'"))
     pruner: Pruner = Field("wanda", description=(
         "how one layer is pruned at a given sparsity; goa: whole heads and channels (pattern 'structured')"))
     allocation: Allocation = Field("uniform", description="how the global target is split across layers")
@@ -247,8 +263,8 @@ class JobSpec(BaseModel):
 
     @field_validator("sparsity")
     @classmethod
-    def _check_sparsity(cls, v: float) -> float:
-        if not math.isfinite(v) or not (0.0 < v < 1.0):
+    def _check_sparsity(cls, v: float | None) -> float | None:
+        if v is not None and (not math.isfinite(v) or not (0.0 < v < 1.0)):
             raise ValueError("sparsity must be a finite number strictly between 0 and 1")
         return v
 
@@ -261,6 +277,35 @@ class JobSpec(BaseModel):
         if len(set(v)) != len(v):
             raise ValueError("eval_tasks lists a task twice")
         return v
+
+    # Runs before the validators that read the sparsity: a job gives exactly one of the two targets.
+    @model_validator(mode="after")
+    def _check_target(self) -> JobSpec:
+        q = self.quantize
+        if self.bits_per_weight is None:
+            if self.sparsity is None:
+                raise ValueError("give sparsity (e.g. 0.6) or bits_per_weight (a size budget, e.g. 3.0)")
+            if q is not None and q.bit_widths is not None:
+                raise ValueError("quantize.bit_widths is for bits_per_weight jobs; give quantize.bits instead")
+            return self
+        if self.sparsity is not None:
+            raise ValueError("give sparsity or bits_per_weight, not both: a size budget picks each layer's sparsity")
+        if self.pattern != "unstructured":
+            raise ValueError(f"bits_per_weight searches unstructured sparsity per layer, not pattern {self.pattern!r}")
+        if self.allocation not in ("uniform", "evolutionary"):
+            raise ValueError("bits_per_weight supports allocation 'uniform' (one sparsity and width for every layer) "
+                             "or 'evolutionary' (searched per layer)")
+        if q is None:
+            raise ValueError("bits_per_weight needs quantize (its group_size and method; each layer's bits are chosen)")
+        if self.allocation == "evolutionary" and self.search.workers > 1:
+            raise ValueError("size-budget searches run in one process: search.workers must be 1 with bits_per_weight")
+        widths = self.bit_widths
+        cheapest = min(bitbudget.bits_per_weight(bitbudget.MAX_SPARSITY, b, q.group_size, q.symmetric) for b in widths)
+        if self.bits_per_weight < cheapest:
+            raise ValueError(f"bits_per_weight {self.bits_per_weight:g} is below the cheapest choice "
+                             f"({cheapest:.4g}: {bitbudget.MAX_SPARSITY:g} sparse at {min(widths)} bits, "
+                             f"group {q.group_size})")
+        return self
 
     @field_validator("pattern")
     @classmethod
@@ -320,6 +365,12 @@ class JobSpec(BaseModel):
             raise ValueError("format 'compressed-tensors' needs symmetric quantization (quantize.symmetric: true); "
                              "asymmetric codes are written with format 'dense'")
         return self
+
+    @property
+    def bit_widths(self) -> tuple[int, ...]:
+        """The widths a layer chooses from under bits_per_weight."""
+        q = self.quantize
+        return tuple(q.bit_widths) if q is not None and q.bit_widths else bitbudget.BIT_WIDTHS
 
     @property
     def structured(self) -> bool:

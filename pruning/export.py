@@ -35,13 +35,13 @@ def count_zeros_in_checkpoint(folder: str | Path, weight_names: list[str]) -> di
     """{tensor name: (zeros, numel)} for the given tensor names, read from the folder's *.safetensors.
 
     A ``X.weight`` stored packed (``X.weight_packed``, compressed-tensors) is unpacked and
-    dequantized with the checkpoint's own quantization_config first.
+    dequantized with the checkpoint's own quantization_config first (the scheme that targets it).
     """
     from safetensors import safe_open
 
     wanted = set(weight_names)
     found: dict[str, tuple[int, int]] = {}
-    scheme = None
+    schemes = None
     for file in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             keys = set(f.keys())
@@ -51,10 +51,10 @@ def count_zeros_in_checkpoint(folder: str | Path, weight_names: list[str]) -> di
                     found[key] = (int((t == 0).sum()), t.numel())
                 elif key.endswith(".weight_packed") and key.removesuffix("_packed") in wanted:
                     prefix = key.removesuffix("weight_packed")
-                    if scheme is None:
-                        scheme = _saved_scheme(folder)
+                    if schemes is None:
+                        schemes = _saved_schemes(folder)
                     local = {k.removeprefix(prefix): f.get_tensor(k) for k in keys if k.startswith(prefix + "weight")}
-                    t = _decompress(local, scheme)
+                    t = _decompress(local, _scheme_for(schemes, prefix.removesuffix(".")))
                     found[prefix + "weight"] = (int((t == 0).sum()), t.numel())
     missing = wanted - set(found)
     if missing:
@@ -71,22 +71,41 @@ def measured_sparsity(folder: str | Path, linear_names: list[str]) -> tuple[floa
     return (total_zero / total if total else 0.0), layer
 
 
-def _scheme(cfg: QuantConfig):
+def _scheme(cfg: QuantConfig, targets: list[str] | None = None):
     from compressed_tensors.config import CompressionFormat
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     args = QuantizationArgs(num_bits=cfg.bits, type="int", symmetric=cfg.symmetric, strategy="group",
                             group_size=cfg.group_size)
-    return QuantizationScheme(targets=["Linear"], weights=args, format=CompressionFormat.pack_quantized.value)
+    return QuantizationScheme(targets=targets or ["Linear"], weights=args,
+                              format=CompressionFormat.pack_quantized.value)
 
 
-def _saved_scheme(folder: str | Path):
-    """The (single) weight scheme recorded in a compressed-tensors checkpoint's config.json."""
+def _config_groups(quantized: dict[str, QuantizedWeight]) -> dict[str, Any]:
+    """One scheme for every linear, or (per-layer bits) one scheme per config naming its linears."""
+    by_cfg: dict[QuantConfig, list[str]] = {}
+    for name, qw in quantized.items():
+        by_cfg.setdefault(qw.config, []).append(name)
+    if len(by_cfg) == 1:
+        return {"group_0": _scheme(next(iter(by_cfg)))}
+    ordered = sorted(by_cfg.items(), key=lambda kv: (kv[0].bits, kv[0].group_size, kv[0].symmetric))
+    return {f"group_{i}": _scheme(cfg, sorted(names)) for i, (cfg, names) in enumerate(ordered)}
+
+
+def _saved_schemes(folder: str | Path) -> list:
+    """The weight schemes recorded in a compressed-tensors checkpoint's config.json."""
     from compressed_tensors.quantization import QuantizationScheme
 
     qc = json.loads((Path(folder) / "config.json").read_text())["quantization_config"]
-    group = next(iter(qc["config_groups"].values()))
-    return QuantizationScheme.model_validate(group)
+    return [QuantizationScheme.model_validate(g) for g in qc["config_groups"].values()]
+
+
+def _scheme_for(schemes: list, module: str):
+    """The scheme targeting ``module`` by name, else the one targeting every Linear."""
+    for s in schemes:
+        if module in s.targets:
+            return s
+    return next(s for s in schemes if "Linear" in s.targets)
 
 
 def _decompress(local: dict[str, torch.Tensor], scheme) -> torch.Tensor:
@@ -95,12 +114,12 @@ def _decompress(local: dict[str, torch.Tensor], scheme) -> torch.Tensor:
     return PackedQuantizationCompressor.decompress(local, scheme)["weight"]
 
 
-def _compressed_tensors_config(cfg: QuantConfig, ignore: list[str]) -> dict[str, Any]:
+def _compressed_tensors_config(quantized: dict[str, QuantizedWeight], ignore: list[str]) -> dict[str, Any]:
     from compressed_tensors.config import CompressionFormat
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
     qc = QuantizationConfig(
-        config_groups={"group_0": _scheme(cfg)},
+        config_groups=_config_groups(quantized),
         format=CompressionFormat.pack_quantized.value,
         quantization_status=QuantizationStatus.COMPRESSED,
         ignore=ignore,
@@ -119,8 +138,6 @@ def _pack_folder(folder: Path, quantized: dict[str, QuantizedWeight], dtype: tor
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from safetensors.torch import load_file, save_file
 
-    cfg = next(iter(quantized.values())).config
-    scheme = _scheme(cfg)
     by_key = {f"{n}.weight": (n, qw) for n, qw in quantized.items()}
     index_file = folder / "model.safetensors.index.json"
     index = json.loads(index_file.read_text()) if index_file.is_file() else None
@@ -133,10 +150,12 @@ def _pack_folder(folder: Path, quantized: dict[str, QuantizedWeight], dtype: tor
                 out[key] = t
                 continue
             name, qw = by_key[key]
-            local = {"weight": qw.dequantize().to(dtype), "weight_scale": qw.scale.to(dtype)}
+            # The compressor re-derives the codes as round(weight / scale): give it the exact float32
+            # q * scale (the checkpoint-dtype rounding of 8-bit codes' values could move a code by one).
+            local = {"weight": qw.dequantize(), "weight_scale": qw.scale.to(dtype)}
             if qw.zero is not None:
                 local["weight_zero_point"] = qw.zero
-            for k, v in PackedQuantizationCompressor.compress(local, scheme).items():
+            for k, v in PackedQuantizationCompressor.compress(local, _scheme(qw.config)).items():
                 out[f"{name}.{k}"] = v.contiguous()
                 if index is not None:
                     index["weight_map"][f"{name}.{k}"] = file.name
@@ -240,7 +259,7 @@ def save_checkpoint(
         ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized)
         config_path = folder / "config.json"
         config = json.loads(config_path.read_text())
-        config["quantization_config"] = _compressed_tensors_config(next(iter(quantized.values())).config, ignore)
+        config["quantization_config"] = _compressed_tensors_config(quantized, ignore)
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     elif metadata:
         stamp_metadata(folder, metadata)

@@ -32,6 +32,8 @@ Progress = Callable[[int, int], None]  # (blocks done, blocks total)
 NM = tuple[int, int] | None
 # One N:M for every linear, or one per linear (mixed patterns; None = unstructured/dense there).
 Patterns = NM | dict[str, NM]
+# One quantization for every linear, or one per linear (size budgets: each layer its own bits).
+Quant = QuantConfig | None | dict[str, QuantConfig | None]
 
 
 def nm_of(patterns: Patterns, name: str) -> NM:
@@ -39,17 +41,23 @@ def nm_of(patterns: Patterns, name: str) -> NM:
     return patterns.get(name) if isinstance(patterns, dict) else patterns
 
 
-def needs_hessian(pruner: str, quant: QuantConfig | None) -> bool:
+def quant_of(quant: Quant, name: str) -> QuantConfig | None:
+    """The quantization a linear gets."""
+    return quant.get(name) if isinstance(quant, dict) else quant
+
+
+def needs_hessian(pruner: str, quant: Quant) -> bool:
     """SparseGPT and GPTQ both work through the layer Hessian 2XXᵀ."""
-    return pruner == "sparsegpt" or (quant is not None and quant.method == "gptq")
+    configs = quant.values() if isinstance(quant, dict) else [quant]
+    return pruner == "sparsegpt" or any(q is not None and q.method == "gptq" for q in configs)
 
 
-def check_quant_shapes(model: nn.Module, quant: QuantConfig | None) -> None:
+def check_quant_shapes(model: nn.Module, quant: Quant) -> None:
     """Every prunable linear's input dimension must be a whole number of quantization groups."""
-    if quant is None:
-        return
     for name, m in prunable_linears(model).items():
-        quant.check_in_features(name, weight_matrix(m).shape[1])
+        q = quant_of(quant, name)
+        if q is not None:
+            q.check_in_features(name, weight_matrix(m).shape[1])
 
 
 def glu_roles(block: BlockInfo) -> dict[str, str]:
@@ -120,7 +128,7 @@ def prune_block(
     counts: dict[str, int],
     nm: Patterns = None,
     batch_size: int = 8,
-    quant: QuantConfig | None = None,
+    quant: Quant = None,
     scale_dtype: torch.dtype = torch.float32,
     quantized: dict[str, QuantizedWeight] | None = None,
 ) -> torch.Tensor:
@@ -129,7 +137,7 @@ def prune_block(
     Quantized codes are added to ``quantized`` by linear name.
     """
     # Quantization touches every linear, also those left dense (e.g. '2:4+dense').
-    targets = {n: m for n, m in block.linears.items() if counts.get(n, 0) > 0 or quant is not None}
+    targets = {n: m for n, m in block.linears.items() if counts.get(n, 0) > 0 or quant_of(quant, n) is not None}
     if not targets:
         return run_block(block.module, hidden, kwargs, batch_size=batch_size)
     stats: dict[str, LinearStats] = {}
@@ -147,7 +155,7 @@ def prune_block(
         if pruner == "dass" and roles.get(name) in ("gate", "up"):
             channel = stats[block.glu[2]].sq_norms  # type: ignore[index]
         qw = prune_linear(module, pruner, counts.get(name, 0), stats.get(name), nm_of(nm, name), channel,
-                          quant, scale_dtype)
+                          quant_of(quant, name), scale_dtype)
         if qw is not None and quantized is not None:
             quantized[name] = qw
     del stats
@@ -178,14 +186,15 @@ def prune_model(
     should_cancel: Callable[[], bool] | None = None,
     batch_size: int = 8,
     blocks: Sequence[BlockInfo] | None = None,
-    quant: QuantConfig | None = None,
+    quant: Quant = None,
     scale_dtype: torch.dtype = torch.float32,
 ) -> dict[str, QuantizedWeight]:
     """Prune ``model`` in place: ``counts[name]`` weights zeroed in each linear (N:M: count > 0 = apply).
 
     ``nm`` is one N:M for all linears or a per-linear dict (mixed patterns). With ``quant`` every
     prunable linear is also quantized (scales representable in ``scale_dtype``, the checkpoint's
-    dtype); returns the integer codes per linear (empty without ``quant``).
+    dtype; one config for all, or one per linear, None leaving that linear unquantized); returns the
+    integer codes per linear (empty without ``quant``).
     """
     if pruner not in PRUNER_NAMES:
         raise PruningConfigError(f"unknown pruner {pruner!r}; choose one of {', '.join(PRUNER_NAMES)}")
@@ -198,9 +207,9 @@ def prune_model(
             if should_cancel is not None and should_cancel():
                 raise CancelledError("job cancelled")
             for name, module in block.linears.items():
-                if counts.get(name, 0) > 0 or quant is not None:
+                if counts.get(name, 0) > 0 or quant_of(quant, name) is not None:
                     qw = prune_linear(module, pruner, counts.get(name, 0), None, nm_of(nm, name),
-                                      quant=quant, scale_dtype=scale_dtype)
+                                      quant=quant_of(quant, name), scale_dtype=scale_dtype)
                     if qw is not None:
                         quantized[name] = qw
             if progress is not None:

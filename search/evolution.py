@@ -18,6 +18,10 @@ whenever the parent changes, so it can reuse the parent's intermediate results
 (pruning/fitness.py does). Scores must be a pure function of (vector, tokens): then the search
 is the same whichever process computed them.
 
+The space is a ``LevelSpace`` (a sparsity budget, kept exact by level switches) or a
+``bitbudget.ChoiceSpace`` (a size budget in bits: one (sparsity, bits) choice per unit, kept at
+most the budget and filled to within one step by the space's own mutation and crossover).
+
 All randomness comes from one ``random.Random(seed)``; the whole state (parent, elite pool,
 score cache, generator state, counters, history) serialises to JSON bytes after each
 generation, and a search rebuilt from those bytes continues exactly as an uninterrupted run.
@@ -33,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evosparse.search import defaults
+from evosparse.search.bitbudget import ChoiceSpace
 from evosparse.search.levels import LevelSpace, Vector
 from evosparse.search.operators import crossover, mutate
 
@@ -70,7 +75,7 @@ class SearchResult:
 class EvolutionarySearch:
     def __init__(
         self,
-        space: LevelSpace,
+        space: LevelSpace | ChoiceSpace,
         fitness: Fitness,
         config: SearchConfig,
         seed_vector: Sequence[int] | None = None,
@@ -149,6 +154,25 @@ class EvolutionarySearch:
     def _seen(self, v: Vector) -> bool:
         return (v, self.config.stages[0][0]) in self.cache
 
+    # A space with its own budget rule (search.bitbudget.ChoiceSpace: a size budget in bits) brings
+    # its own budget-keeping operators; a LevelSpace uses the level switches of search.operators.
+    def _mutate(self, v: Vector, switches: int | None = None) -> Vector:
+        own = getattr(self.space, "mutate", None)
+        if own is not None:
+            return own(v, self.rng, switches=switches, max_jump=self.config.max_jump)
+        return mutate(self.space, v, self.rng, switches=switches, max_jump=self.config.max_jump)
+
+    def _crossover(self, a: Vector, b: Vector) -> Vector:
+        own = getattr(self.space, "crossover", None)
+        return own(a, b, self.rng) if own is not None else crossover(self.space, a, b, self.rng)
+
+    def _space_key(self) -> dict[str, Any]:
+        """What a saved state must have been made for (the space's own key when it has one)."""
+        own = getattr(self.space, "key", None)
+        if own is not None:
+            return own()
+        return {"sizes": list(self.space.sizes), "step": self.space.step, "base": list(self.space.base)}
+
     def _initial_population(self) -> list[Vector]:
         size = self.config.init_size or self.config.offspring
         pop: list[Vector] = [self.seed_vector]
@@ -159,7 +183,7 @@ class EvolutionarySearch:
         while len(pop) < max(size, len(pop)) and tries < 50 * size:
             tries += 1
             k = self.rng.randint(1, self.config.init_switches)
-            v = mutate(self.space, self.seed_vector, self.rng, switches=k, max_jump=self.config.max_jump)
+            v = self._mutate(self.seed_vector, switches=k)
             if v not in pop:
                 pop.append(v)
         return pop
@@ -174,11 +198,11 @@ class EvolutionarySearch:
             others = [v for v, _ in self.elite if v != self.parent]
             if others and self.rng.random() < self.config.crossover_rate:
                 mate = self.rng.choice(others)
-                child = crossover(self.space, self.parent, mate, self.rng)
+                child = self._crossover(self.parent, mate)
                 if child in seen or self._seen(child):
-                    child = mutate(self.space, child, self.rng, max_jump=self.config.max_jump)
+                    child = self._mutate(child)
             else:
-                child = mutate(self.space, self.parent, self.rng, max_jump=self.config.max_jump)
+                child = self._mutate(self.parent)
             # Duplicates (within the generation, or already scored earlier) are dropped.
             if child in seen or self._seen(child):
                 continue
@@ -261,7 +285,7 @@ class EvolutionarySearch:
         version, internal, gauss = self.rng.getstate()
         state = {
             "version": STATE_VERSION,
-            "space": {"sizes": list(self.space.sizes), "step": self.space.step, "base": list(self.space.base)},
+            "space": self._space_key(),
             "seed_vector": list(self.seed_vector),
             "generation": self.generation,
             "parent": list(self.parent) if self.parent is not None else None,
@@ -284,8 +308,7 @@ class EvolutionarySearch:
             raise ValueError(f"search state is not valid JSON: {exc}") from exc
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"search state version {state.get('version')} is not {STATE_VERSION}")
-        sp = state["space"]
-        if sp["sizes"] != list(self.space.sizes) or sp["step"] != self.space.step or sp["base"] != list(self.space.base):
+        if state["space"] != self._space_key():
             raise ValueError("search state was saved for a different model, target or level step")
         self.seed_vector = tuple(state["seed_vector"])
         self.generation = state["generation"]

@@ -9,7 +9,7 @@ The runner calls these at its prune and export steps and stays otherwise unaware
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ class Compression:
     spec: JobSpec
     dtype: torch.dtype  # the checkpoint's float dtype (quantization scales are rounded to it)
     quant: QuantConfig | None
+    widths: dict[str, int] = field(default_factory=dict)  # size-budget jobs: bits per linear, set by the allocation
 
     @classmethod
     def prepare(cls, spec: JobSpec, model: nn.Module) -> Compression:
@@ -40,7 +41,9 @@ class Compression:
         from evosparse.pruning.prune import check_quant_shapes
 
         q = spec.quantize
-        quant = QuantConfig(q.bits, q.group_size, q.method, q.symmetric) if q is not None else None
+        # (A size budget picks each layer's bits; the widest one stands in for the shape checks.)
+        bits = (max(spec.bit_widths) if spec.bits_per_weight is not None else q.bits) if q is not None else 0
+        quant = QuantConfig(bits, q.group_size, q.method, q.symmetric) if q is not None else None
         check_quant_shapes(model, quant)
         m = spec.mixed.m if spec.mixed is not None else (spec.nm[1] if spec.nm is not None else None)
         if m is not None:
@@ -66,13 +69,31 @@ class Compression:
         p = mx.plan(model, space, mx.project_linear_counts(model, space, counts), mixed.m)
         return Plan(counts=p.counts, patterns=p.patterns, layer_pattern=p.layer_pattern)
 
-    def prune_kwargs(self) -> dict[str, Any]:
+    def prune_kwargs(self, widths: dict[str, int] | None = None) -> dict[str, Any]:
+        """``prune_model`` arguments; with per-linear ``widths`` (default: the allocation's) one config per linear."""
+        widths = self.widths if widths is None else widths
+        if widths and self.quant is not None:
+            return {"quant": {n: replace(self.quant, bits=b) for n, b in widths.items()}, "scale_dtype": self.dtype}
         return {"quant": self.quant, "scale_dtype": self.dtype}
 
-    def report(self) -> dict[str, Any]:
+    def report(self, counts: dict[str, int] | None = None, blocks: list | None = None) -> dict[str, Any]:
+        """Quantization, format, dtype; for a size budget also the cost model's bits per weight of the result."""
         q = self.spec.quantize
-        return {"quantize": q.model_dump() if q is not None else None, "format": self.spec.format,
-                "dtype": str(self.dtype).removeprefix("torch.")}
+        out: dict[str, Any] = {"quantize": q.model_dump(exclude_none=True) if q is not None else None,
+                               "format": self.spec.format,
+                               "dtype": str(self.dtype).removeprefix("torch.")}
+        if self.spec.bits_per_weight is not None and q is not None and counts is not None and blocks is not None:
+            from evosparse.pruning.layers import weight_matrix
+            from evosparse.search.bitbudget import unit_bits
+
+            sizes = {n: weight_matrix(m).numel() for b in blocks for n, m in b.linears.items()}
+            total = sum(unit_bits(sizes[n], counts.get(n, 0), self.widths[n], q.group_size, q.symmetric)
+                        for n in sizes)
+            out["bits_per_weight_target"] = self.spec.bits_per_weight
+            out["bits_per_weight"] = total / sum(sizes.values())  # the cost model (search/bitbudget.py)
+            out["layer_bits"] = dict(self.widths)
+            out["layer_pruned"] = {n: counts.get(n, 0) for n in sizes}
+        return out
 
     def export_kwargs(self, quantized: dict[str, QuantizedWeight]) -> dict[str, Any]:
         return {"fmt": self.spec.format, "dtype": self.dtype, "quantized": quantized or None}

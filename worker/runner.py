@@ -261,6 +261,9 @@ def _evolutionary(job: Job) -> dict[str, int]:
         "leveldb": outcome.leveldb,
         "setup_seconds": {k: round(v, 3) for k, v in outcome.timings.items() if k != "search"},
     }
+    if outcome.bits:  # a size budget: each layer's bits come with its count
+        job.compression.widths = dict(outcome.bits)
+        job.report["search"].update(best_bits=list(outcome.best_bits), uniform_bits=list(outcome.uniform_bits))
     return dict(outcome.counts)
 
 
@@ -279,6 +282,11 @@ def allocation(job: Job) -> None:
     if job.spec.nm is not None:  # N:M fixes every layer's count; the spec allows only uniform with it
         job.counts = nm_counts(job.model, job.spec.nm, blocks=job.blocks)
         return
+    if job.spec.bits_per_weight is not None and not job.evolutionary:  # one (sparsity, bits) for every layer
+        from evosparse.worker.search_stage import budget_uniform
+
+        job.counts, job.compression.widths = budget_uniform(job.spec, job.blocks)
+        return
     if job.spec.allocation not in ALLOCATORS:
         raise PruningConfigError(f"unknown allocation {job.spec.allocation!r}")
     job.counts = ALLOCATORS[job.spec.allocation](job)
@@ -288,7 +296,13 @@ def uniform_baseline(job: Job) -> None:
     from evosparse.pruning.evaluate import perplexity
     from evosparse.pruning.prune import prune_model
 
-    counts = ALLOCATORS["uniform"](job)
+    widths = None
+    if job.spec.bits_per_weight is not None:  # the same budget met by one (sparsity, bits) for every layer
+        from evosparse.worker.search_stage import budget_uniform
+
+        counts, widths = budget_uniform(job.spec, job.blocks)
+    else:
+        counts = ALLOCATORS["uniform"](job)
     if job.spec.structured:
         # Structured pruning changes the shapes: the baseline runs on a copy instead of being undone.
         import copy
@@ -303,7 +317,7 @@ def uniform_baseline(job: Job) -> None:
     plan = job.compression.plan(job.model, counts)
     prune_model(job.model, job.calib, job.spec.pruner, plan.counts, plan.patterns, blocks=job.blocks,
                 progress=job.progress.counter("uniform_baseline"), should_cancel=job.hooks.should_cancel,
-                **job.compression.prune_kwargs())
+                **job.compression.prune_kwargs(widths))
     job.perplexities["uniform"] = perplexity(job.model, job.evalw)
     job.dense.restore()
 
@@ -431,13 +445,13 @@ def _export(job: Job, folder: Path, timings: dict[str, float], t_job: float) -> 
         "pruner": s.pruner,
         "allocation": s.allocation,
         "pattern": s.pattern,
-        "sparsity_target": s.sparsity,
+        "sparsity_target": s.sparsity,  # None for a size budget (bits_per_weight_target below)
         "seed": s.seed,
         "perplexity": dict(job.perplexities),
         "eval_tokens": int(job.evalw.numel()),
         "calib_tokens": int(job.calib.numel()),
         "spec": s.model_dump(mode="json"),
-        **job.compression.report(),
+        **job.compression.report(job.counts, job.blocks),
         **measured,
     })
     report["block_sparsity"] = _block_sparsity(job, measured["layer_sparsity"])

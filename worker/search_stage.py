@@ -26,9 +26,10 @@ from evosparse.jobs.spec import JobSpec, parse_selection
 from evosparse.pruning.errors import CancelledError, PruningConfigError
 from evosparse.pruning.fitness import DenseReference, ProxyFitness
 from evosparse.pruning.layers import BlockInfo, find_blocks
-from evosparse.pruning.leveldb import LevelDB, Unit, search_units
+from evosparse.pruning.leveldb import LevelDB, Unit, search_units, split_counts
 from evosparse.pruning.snapshot import DenseWeights
 from evosparse.search import allocation as alloc
+from evosparse.search.bitbudget import ChoiceSpace
 from evosparse.search.evolution import EvolutionarySearch, SearchConfig
 from evosparse.search.levels import LevelSpace, mixed_space
 from torch import nn
@@ -49,6 +50,9 @@ class SearchOutcome:
     best_fitness: float = float("nan")
     timings: dict[str, float] = field(default_factory=dict)
     leveldb: str = ""  # "built", "built and stored" or "loaded"
+    bits: dict[str, int] = field(default_factory=dict)  # size-budget jobs: bits per linear
+    best_bits: list[int] = field(default_factory=list)  # size-budget jobs: bits per unit
+    uniform_bits: list[int] = field(default_factory=list)
 
 
 def search_config(spec: JobSpec, max_tokens: int) -> SearchConfig:
@@ -65,8 +69,17 @@ def search_config(spec: JobSpec, max_tokens: int) -> SearchConfig:
     )
 
 
-def search_space(spec: JobSpec, units: Sequence[Unit]) -> LevelSpace:
-    """The level space of the job: a step grid around the target, or for a mixed pattern one N:M per unit."""
+def search_space(spec: JobSpec, units: Sequence[Unit]) -> LevelSpace | ChoiceSpace:
+    """The level space of the job: a step grid around the target, for a mixed pattern one N:M per unit,
+    or for a size budget one (sparsity, bits) choice per unit (search.bitbudget)."""
+    if spec.bits_per_weight is not None:
+        q = spec.quantize
+        assert q is not None  # the spec requires it with bits_per_weight
+        try:
+            return ChoiceSpace.build([u.size for u in units], spec.bits_per_weight, q.group_size, spec.bit_widths,
+                                     q.symmetric)
+        except ValueError as exc:
+            raise PruningConfigError(str(exc)) from None
     mixed = spec.mixed
     if mixed is not None:  # budget exact, every unit a whole N:M (search.levels.mixed_space)
         try:
@@ -76,6 +89,45 @@ def search_space(spec: JobSpec, units: Sequence[Unit]) -> LevelSpace:
             raise PruningConfigError(str(exc)) from None
     return LevelSpace.build([u.size for u in units], spec.sparsity, spec.search.step_fraction,
                             spec.search.max_level_delta)
+
+
+def budget_levels(space: ChoiceSpace, units: Sequence[Unit], vector: Sequence[int]) -> tuple[dict[str, int],
+                                                                                             dict[str, int]]:
+    """Per linear (weights pruned, bits) of a choice vector: each unit's count split by size, its bits for all."""
+    counts = split_counts(units, [c for c, _ in space.counts(vector)])
+    bits = {n: b for u, b in zip(units, space.widths(vector), strict=True) for n in u.linears}
+    return counts, bits
+
+
+def budget_uniform(spec: JobSpec, blocks: Sequence[BlockInfo]) -> tuple[dict[str, int], dict[str, int]]:
+    """A size budget met by one (sparsity, bits) for every layer: the choice space's uniform vector."""
+    units = search_units(blocks, "layer")
+    space = search_space(spec, units)
+    assert isinstance(space, ChoiceSpace)
+    return budget_levels(space, units, space.zero())
+
+
+def budget_seeds(
+    model: nn.Module, calib_tokens: torch.Tensor, spec: JobSpec, units: list[Unit], space: ChoiceSpace,
+    sensitivity: dict[str, Any] | None, note: Callable[[str], None] | None, blocks: Sequence[BlockInfo] | None,
+) -> list[tuple[int, ...]]:
+    """Seeds of a size-budget search: per bit width, the sensitivity seeds at that width's uniform sparsity.
+
+    The width of the uniform baseline comes first; each seed is repaired onto the budget.
+    """
+    sizes = [u.size for u in units]
+    zero = space.zero()
+    uniforms = sorted(space.uniform_vectors(), key=lambda v: v != zero)
+    seeds: list[tuple[int, ...]] = []
+    for v in uniforms:
+        choice = space.choices[v[0]]
+        if choice.sparsity == 0:  # dense at this width: nothing for a sensitivity to spread
+            seeds.append(v)
+            continue
+        at_width = spec.model_copy(update={"sparsity": choice.sparsity, "bits_per_weight": None})
+        for counts in seed_counts(model, calib_tokens, at_width, units, sensitivity, note, blocks):
+            seeds.append(space.from_fractions(alloc.fractions(sizes, counts), choice.bits))
+    return list(dict.fromkeys(seeds)) or [zero]
 
 
 def leveldb_mode(spec: JobSpec) -> dict[str, Any]:
@@ -208,7 +260,12 @@ def run_search(
 
     t0 = time.perf_counter()
     setup(f"{spec.search.seed_from} seed allocations")
-    seeds = [space.from_counts(c) for c in seed_counts(model, calib_tokens, spec, units, sensitivity, setup, blocks)]
+    budget = isinstance(space, ChoiceSpace)
+    if budget:
+        seeds = budget_seeds(model, calib_tokens, spec, units, space, sensitivity, setup, blocks)
+    else:
+        seeds = [space.from_counts(c) for c in seed_counts(model, calib_tokens, spec, units, sensitivity, setup,
+                                                           blocks)]
     timings["seed"] = time.perf_counter() - t0
 
     ftokens = fitness_windows(spec, calib_tokens if fitness_tokens is None else fitness_tokens)
@@ -230,7 +287,8 @@ def run_search(
     if db is None:
         # With the runner's dense snapshot to restore from, keep only the reachable rank band.
         # (N:M levels touch every group at every N: no band to keep, bounds do not apply.)
-        banded = dense is not None and spec.mixed is None
+        # (Quantized levels overwrite the model's weights: the database must hold every weight itself.)
+        banded = dense is not None and spec.mixed is None and not budget
         kwargs: dict[str, Any] = {"blocks": blocks, "dense": dense, **leveldb_mode(spec),
                                   "bounds": linear_bounds(units, space) if banded else None}
         source = levels or LevelSource()
@@ -240,6 +298,12 @@ def run_search(
             setup(f"building the level database ({spec.pruner})")
             db = source.build(model, calib_tokens, spec.pruner, stats=stats, **kwargs)
             how = "built"
+    if budget:  # levels are (count, bits): RTN on top of the pruned level
+        from evosparse.pruning.quantlevels import QuantLevelDB
+
+        q = spec.quantize
+        assert q is not None
+        db = db if isinstance(db, QuantLevelDB) else QuantLevelDB(db, q.group_size, q.symmetric)
     timings["leveldb"] = time.perf_counter() - t2
     if getattr(db, "nm_m", None) != leveldb_mode(spec)["nm_m"]:  # (a structured database has no N:M mode)
         raise PruningConfigError("the level database was built for another pattern than the job's")
@@ -269,8 +333,16 @@ def run_search(
     if result.stopped_by == "cancelled":
         raise CancelledError("job cancelled during the evolutionary search")
     timings["search"] = result.seconds
+    bits: dict[str, int] = {}
+    if isinstance(space, ChoiceSpace):
+        counts, bits = budget_levels(space, units, result.best)
+    else:
+        counts = db.linear_counts(units, space.counts(result.best))
     return SearchOutcome(
-        counts=db.linear_counts(units, space.counts(result.best)),
+        counts=counts,
+        bits=bits,
+        best_bits=space.widths(result.best) if isinstance(space, ChoiceSpace) else [],
+        uniform_bits=space.widths(space.zero()) if isinstance(space, ChoiceSpace) else [],
         history=result.history,
         units=[u.name for u in units],
         best_vector=space.fractions(result.best),

@@ -77,6 +77,9 @@
   }
 
   const pct = v => (v === null || v === undefined || !Number.isFinite(+v)) ? "–" : (100 * v).toFixed(1) + " %";
+  // A job's target: a sparsity, or a size budget in bits per weight (bits_per_weight jobs).
+  const target = spec => (spec.bits_per_weight !== null && spec.bits_per_weight !== undefined)
+    ? spec.bits_per_weight + " bits/weight" : pct(spec.sparsity);
   const num = (v, d) => (v === null || v === undefined || !Number.isFinite(+v)) ? "–" : (+v).toFixed(d === undefined ? 3 : d);
 
   function when(iso) {
@@ -194,7 +197,7 @@
     });
     const tr = h("tr", { "data-job-id": job.id, "data-status": job.status },
       h("td", {}, pick), h("td", {}, link), h("td", { class: "job-name" }, job.name || "", " ", ...labelTags(job.labels)),
-      h("td", {}, spec.model || "–"), h("td", {}, pct(spec.sparsity)),
+      h("td", {}, spec.model || "–"), h("td", {}, target(spec)),
       h("td", {}, spec.pruner || "–"), h("td", {}, spec.allocation || "–"), h("td", {}, badge(job.status)),
       prog, h("td", {}, num(job.best_fitness, 4)), h("td", { class: "small" }, when(job.created_at)));
     tr.addEventListener("click", ev => {
@@ -226,7 +229,7 @@
     const dl = $("job-facts");
     dl.replaceChildren();
     fact(dl, "model", spec.model || "–");
-    fact(dl, "target sparsity", pct(spec.sparsity) + (report.global_sparsity !== undefined
+    fact(dl, "target", target(spec) + (report.global_sparsity !== undefined
       ? "  (measured " + pct(report.global_sparsity) + ")" : ""));
     fact(dl, "pruner / allocation", (spec.pruner || "–") + " / " + (spec.allocation || "–"));
     fact(dl, "pattern", spec.pattern || "unstructured");

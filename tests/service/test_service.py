@@ -148,6 +148,8 @@ def _bad_inputs(model_root):  # noqa: ANN001, ANN202
     tiny = str(model_root / "tiny")
     ok = {"model": tiny, "sparsity": 0.5, "calib_windows": 4, "eval_windows": 2, "seq_len": 32}
     evo = {**ok, "allocation": "evolutionary"}
+    bpw = {**{k: v for k, v in ok.items() if k != "sparsity"}, "bits_per_weight": 3.0,
+           "quantize": {"group_size": 32, "method": "rtn"}}
     return [
         ("sparsity zero", {**ok, "sparsity": 0}, 422),
         ("sparsity one", {**ok, "sparsity": 1.0}, 422),
@@ -220,10 +222,19 @@ def _bad_inputs(model_root):  # noqa: ANN001, ANN202
         ("21 labels", {**ok, "labels": {f"k{i}": "v" for i in range(21)}}, 422),
         ("labels not an object", {**ok, "labels": ["team=nlp"]}, 422),
         ("label value not a string", {**ok, "labels": {"team": 3}}, 422),
+        ("bits_per_weight and sparsity both", {**bpw, "sparsity": 0.5}, 422),
+        ("bits_per_weight without quantize", {k: v for k, v in bpw.items() if k != "quantize"}, 422),
+        ("bits_per_weight below the cheapest choice", {**bpw, "bits_per_weight": 1.2}, 422),
+        ("bits_per_weight zero", {**bpw, "bits_per_weight": 0}, 422),
+        ("bits_per_weight with an N:M pattern", {**bpw, "pattern": "2:4"}, 422),
+        ("bits_per_weight with OWL allocation", {**bpw, "allocation": "owl"}, 422),
+        ("bit widths outside 2..8", {**bpw, "quantize": {"group_size": 32, "bit_widths": [1, 4]}}, 422),
+        ("bit widths without bits_per_weight", {**ok, "quantize": {"group_size": 32, "bit_widths": [4]}}, 422),
+        ("bits_per_weight group does not divide 160", {**bpw, "quantize": {"group_size": 64}}, 400),
     ]
 
 
-@pytest.mark.parametrize("case", range(71))
+@pytest.mark.parametrize("case", range(80))
 def test_bad_input_is_refused_and_creates_no_job(stack, case):
     name, body, status = _bad_inputs(stack.model_root)[case]
     client = stack.client("bad-input")
@@ -241,7 +252,7 @@ def test_bad_input_is_refused_and_creates_no_job(stack, case):
 
 
 def test_bad_input_table_is_complete(model_root):
-    assert len(_bad_inputs(model_root)) == 71
+    assert len(_bad_inputs(model_root)) == 80
 
 
 def test_oversized_chunked_body_is_refused(stack):
