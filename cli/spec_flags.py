@@ -270,7 +270,10 @@ def spec_command(spec: JobSpec, program: str = "evosparse prune") -> str:
         if not f.flag.startswith("--"):  # the positional model
             words.append(shlex.quote(str(value)))
             continue
-        if value == base and not f.field.is_required() and not (f.path[0] in target and value is not None):
+        if f.path[0] in target:
+            if value is None:  # the other kind of target
+                continue
+        elif value == base and not f.field.is_required():
             continue
         if isinstance(value, bool):
             words.append(f.flag if value else "--no-" + f.flag[2:])
