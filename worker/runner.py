@@ -220,8 +220,20 @@ def _evolutionary(job: Job) -> dict[str, int]:
         "stopped_by": outcome.stopped_by,
         "leveldb": outcome.leveldb,
         "setup_seconds": {k: round(v, 3) for k, v in outcome.timings.items() if k != "search"},
+        "best_fitness": outcome.best_fitness,
+        "best_val": outcome.best_val,
+        "anchor_levels": outcome.anchor_levels,
+        "anchor_seconds": round(outcome.anchor_seconds, 3),
+        "shipped_val": outcome.shipped_val,
     }
     return dict(outcome.counts)
+
+
+def _ramp(job: Job) -> dict[str, int]:
+    from evosparse.worker.search_stage import ramp_allocation
+
+    counts, job.report["ramp"] = ramp_allocation(job.model, job.calib, job.spec, job.blocks, job.dense, job.stats)
+    return counts
 
 
 ALLOCATORS: dict[str, Allocator] = {
@@ -229,6 +241,7 @@ ALLOCATORS: dict[str, Allocator] = {
     "owl": _baseline("owl"),
     "fisher": _baseline("fisher"),
     "hessian": _baseline("hessian"),
+    "ramp": _ramp,
     "evolutionary": _evolutionary,
 }
 

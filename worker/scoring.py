@@ -11,7 +11,7 @@ its per-window scores. So:
   busy or still loading (the coordinator alone can finish every batch);
 - *a scorer killed mid-task* (SIGKILL) stops refreshing its lease; once it has expired the
   coordinator puts the candidate back on the list and someone else scores it;
-- *same result*: a score is a pure function of (vector, tokens) — the fitness cuts window
+- *same result*: a score is a pure function of (vector, tokens, window chunk) — the fitness cuts window
   ranges at the stage bounds and takes the per-window scores already known for a vector —
   so which process computed it changes nothing: bit-identical on one device type with the
   same torch thread count;
@@ -126,20 +126,20 @@ class DistributedFitness:
         self.parent = tuple(vector)
         self.local.set_parent(vector)
 
-    def __call__(self, vector: Sequence[int], tokens: int) -> float:
-        return self.score_many([vector], tokens)[0]
+    def __call__(self, vector: Sequence[int], tokens: int, chunk: int = 0) -> float:
+        return self.score_many([vector], tokens, chunk)[0]
 
-    def score_many(self, vectors: Sequence[Sequence[int]], tokens: int) -> list[float]:
+    def score_many(self, vectors: Sequence[Sequence[int]], tokens: int, chunk: int = 0) -> list[float]:
         vectors = [tuple(v) for v in vectors]
         if self.workers <= 1 or len(vectors) <= 1:
-            return self.local.score_many(vectors, tokens)
+            return self.local.score_many(vectors, tokens, chunk)
         self.batches += 1
         batch = f"{self.ns}:b{self.batches}"
         k = _keys(batch)
         pipe = self.r.pipeline()
         pipe.hset(k["items"], mapping={str(i): json.dumps({"v": v, "known": self.local.known_windows(v)})
                                        for i, v in enumerate(vectors)})
-        pipe.set(k["meta"], json.dumps({"tokens": tokens, "parent": self.parent}))
+        pipe.set(k["meta"], json.dumps({"tokens": tokens, "chunk": chunk, "parent": self.parent}))
         pipe.rpush(k["todo"], *range(len(vectors)))
         for key in k.values():
             pipe.expire(key, int(BATCH_TTL_S))
@@ -148,11 +148,11 @@ class DistributedFitness:
         for _ in range(min(self.workers - 1, len(vectors) - 1)):
             self.send(self.context, batch)
         try:
-            return self._gather(batch, vectors, tokens)
+            return self._gather(batch, vectors, tokens, chunk)
         finally:
             self.r.delete(*_keys(batch).values())
 
-    def _gather(self, batch: str, vectors: list[tuple[int, ...]], tokens: int) -> list[float]:
+    def _gather(self, batch: str, vectors: list[tuple[int, ...]], tokens: int, chunk: int) -> list[float]:
         k = _keys(batch)
         results: dict[int, float] = {}
         missing_since: dict[int, float] = {}
@@ -164,7 +164,7 @@ class DistributedFitness:
                     lease = _Lease(self.r, _keys(batch, i)["lease"], self.holder, self.lease_s)
                     lease.start()
                     try:
-                        results[i] = self.local(vectors[i], tokens)
+                        results[i] = self.local(vectors[i], tokens, chunk)
                     finally:
                         lease.release()
                 continue
@@ -250,10 +250,10 @@ def build_scorer_fitness(context: dict[str, Any], levels: Any) -> tuple[Any, Any
     from evosparse.pruning.layers import find_blocks
     from evosparse.pruning.loading import load_model
     from evosparse.worker.search_stage import (
+        fitness_kwargs,
         fitness_windows,
-        leveldb_mode,
+        level_kwargs,
         linear_bounds,
-        search_config,
         search_space,
         search_units,
     )
@@ -269,12 +269,10 @@ def build_scorer_fitness(context: dict[str, Any], levels: Any) -> tuple[Any, Any
     # No dense copy here: a scorer never restores the model, so it keeps only the reachable rank band.
     bounds = linear_bounds(units, space) if spec.pruner != "sparsegpt" and spec.mixed is None else None
     db = levels.load_key(context["leveldb_key"], model, spec.pruner, blocks=blocks, bounds=bounds,
-                         **leveldb_mode(spec))
+                         **level_kwargs(spec, units, space))
     if db is None:
         raise RuntimeError(f"level database {context['leveldb_key']} is not in the store")
-    cfg = search_config(spec, ftokens.numel())
-    fitness = ProxyFitness(model, reference, db, units, space, kind=spec.search.fitness,
-                           window_bounds=[t for t, _ in cfg.stages])
+    fitness = ProxyFitness(model, reference, db, units, space, **fitness_kwargs(spec, ftokens))
     return fitness, model
 
 
@@ -321,7 +319,7 @@ def score_batch(context: dict[str, Any], batch: str, r: Any, levels: Any, lease_
                 got = json.loads(raw)
                 v = tuple(got["v"])
                 state.fitness.add_known_windows(v, got["known"])
-                score = state.fitness(v, meta["tokens"])
+                score = state.fitness(v, meta["tokens"], meta.get("chunk", 0))
                 r.hset(k["done"], str(i), json.dumps({"s": score, "w": state.fitness.known_windows(v)}))
                 r.expire(k["done"], int(BATCH_TTL_S))  # the coordinator may have deleted the batch meanwhile
                 scored += 1

@@ -77,12 +77,12 @@ class Scorers:
             log.close()
 
 
-def _spec(model_root: Path, workers: int, generations: int = 6) -> JobSpec:
+def _spec(model_root: Path, workers: int, generations: int = 6, **search) -> JobSpec:  # noqa: ANN003
     return JobSpec(model=str(model_root / "tiny"), sparsity=0.6, pruner="wanda", allocation="evolutionary",
                    calib_windows=8, seq_len=32, seed=3,
                    search={"generations": generations, "offspring": 8, "selection": "64:3,256:1",
                            "seed_from": "uniform", "granularity": "module", "workers": workers,
-                           "time_budget_min": None})
+                           "time_budget_min": None, **search})
 
 
 def _coordinate(spec: JobSpec, settings: Settings, namespace: str, killer=None):  # noqa: ANN001, ANN202
@@ -136,6 +136,25 @@ def test_two_scoring_workers_give_exactly_the_one_process_search_and_reuse_the_s
         _same(fanned, alone)
         # When the job is over the scorers' warm state is released (the alive key is gone).
         assert not redis_from_url(env["EVOSPARSE_BROKER_URL"]).exists("evosparse:score:t3:1:alive")
+    finally:
+        scorers.stop()
+
+
+def test_fresh_windows_fanned_out_equal_the_one_process_search(scoring_env, model_root, monkeypatch):
+    """Each generation's window chunk travels with its batch: scorers score the same windows, same bits."""
+    root, env = scoring_env
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    settings = Settings()
+    scorers = Scorers(root, env, 2)
+    fresh = {"selection": "32:3,64:1", "fresh_windows": True, "validation_windows": 2}
+    try:
+        alone, _, _ = _coordinate(_spec(model_root, workers=1, **fresh), settings, "evosparse:score:f1:1")
+        fanned, _, fitness = _coordinate(_spec(model_root, workers=3, **fresh), settings, "evosparse:score:f3:1")
+        assert fitness.remote_scored > 0, "the scoring workers scored nothing"
+        assert len({r["chunk"] for r in alone.history}) == 3  # 6 selection windows in chunks of 2
+        _same(fanned, alone)
+        assert [r["val"] for r in fanned.history] == [r["val"] for r in alone.history]
     finally:
         scorers.stop()
 
