@@ -201,3 +201,21 @@ def test_ramp_allocation_picks_its_slope_on_calibration(tiny_llama, tiny_tokens)
     first, last = blocks[0], blocks[-1]
     frac = [sum(fixed[n] for n in b.linears) / sum(dense[n].numel() for n in b.linears) for b in (first, last)]
     assert frac[1] - frac[0] == pytest.approx(0.4, abs=0.01) and info == {"slope": 0.2}
+
+
+def test_rerank_scores_the_shipped_models_and_leaves_the_model_dense(tiny_llama, tiny_tokens):
+    from evosparse.pruning.snapshot import DenseWeights
+
+    blocks = find_blocks(tiny_llama)
+    before = {n: m.weight.detach().clone() for b in blocks for n, m in b.linears.items()}
+    spec = JobSpec(model="tiny", sparsity=0.6, pruner="wanda", allocation="evolutionary", seed=1, calib_windows=8,
+                   seq_len=32, search=SearchSettings(generations=3, offspring=4, selection="32:2,64:1",
+                                                     seed_from="uniform", granularity="layer", step_fraction=0.05,
+                                                     max_level_delta=0.3, validation_windows=2, rerank=2))
+    out = run_search(tiny_llama, tiny_tokens, spec, None, blocks=blocks, dense=DenseWeights(blocks))
+    shipped = out.shipped_val
+    assert len(shipped["database"]) == len(shipped["shipped"]) == 2 and shipped["database"] == sorted(shipped["database"])
+    assert shipped["shipped"][shipped["chosen"]] == min(shipped["shipped"])
+    assert out.best_levels == shipped["levels"][shipped["chosen"]] and "rerank" in out.timings
+    assert shipped["shipped"] != shipped["database"]  # block-sequential re-pruning is not the database's levels
+    assert all(torch.equal(m.weight, before[n]) for b in blocks for n, m in b.linears.items())

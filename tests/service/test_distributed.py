@@ -136,19 +136,8 @@ def test_two_scoring_workers_give_exactly_the_one_process_search_and_reuse_the_s
         _same(fanned, alone)
         # When the job is over the scorers' warm state is released (the alive key is gone).
         assert not redis_from_url(env["EVOSPARSE_BROKER_URL"]).exists("evosparse:score:t3:1:alive")
-    finally:
-        scorers.stop()
-
-
-def test_fresh_windows_fanned_out_equal_the_one_process_search(scoring_env, model_root, monkeypatch):
-    """Each generation's window chunk travels with its batch: scorers score the same windows, same bits."""
-    root, env = scoring_env
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    settings = Settings()
-    scorers = Scorers(root, env, 2)
-    fresh = {"selection": "32:3,64:1", "fresh_windows": True, "validation_windows": 2}
-    try:
+        # Fresh windows: each generation's window chunk travels with its batch, the scorers read the same windows.
+        fresh = {"selection": "32:3,64:1", "fresh_windows": True, "validation_windows": 2}
         alone, _, _ = _coordinate(_spec(model_root, workers=1, **fresh), settings, "evosparse:score:f1:1")
         fanned, _, fitness = _coordinate(_spec(model_root, workers=3, **fresh), settings, "evosparse:score:f3:1")
         assert fitness.remote_scored > 0, "the scoring workers scored nothing"
