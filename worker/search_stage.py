@@ -12,6 +12,11 @@ With a dense snapshot (the runner's) the level database keeps only the rank band
 can reach, and the snapshot restores the model afterwards; without one the model is left dense
 by the database itself. ``scoring`` turns the local fitness into one that fans each selection
 stage out to scoring workers (worker/scoring.py); the result is the same.
+
+With ``search.validation_windows`` the last calibration windows are held out of the selection
+and the answer is chosen on them (search/evolution.py); with ``search.fresh_windows`` the
+selection windows are cut into chunks, one per generation. SparseGPT databases get their
+anchor levels from ``level_kwargs`` (the coordinator and every scorer build the same ones).
 """
 
 from __future__ import annotations
