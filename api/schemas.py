@@ -75,6 +75,7 @@ class GenerationOut(BaseModel):
     generation: int
     best: float | None
     mean: float | None
+    val: float | None = None  # the parent on the held-out validation windows (search.validation_windows)
     tokens: int | None
     seconds: float | None
     best_vector: list[float] | None

@@ -145,6 +145,7 @@ class Generation(Base):
     generation: Mapped[int] = mapped_column(Integer)
     best: Mapped[float | None] = mapped_column(Float, nullable=True)
     mean: Mapped[float | None] = mapped_column(Float, nullable=True)
+    val: Mapped[float | None] = mapped_column(Float, nullable=True)  # the parent on the validation windows
     tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     best_vector: Mapped[list | None] = mapped_column(JSON, nullable=True)

@@ -317,7 +317,7 @@ def job_view(job: Job) -> dict:
 
 
 def generation_view(g: Generation) -> dict:
-    return {"generation": g.generation, "best": g.best, "mean": g.mean, "tokens": g.tokens,
+    return {"generation": g.generation, "best": g.best, "mean": g.mean, "val": g.val, "tokens": g.tokens,
             "seconds": g.seconds, "best_vector": g.best_vector, "attempt": g.attempt}
 
 
@@ -405,6 +405,7 @@ def record_generation(session: Session, claim: Claim, record: dict, state: bytes
                                                        Generation.generation == gen))
     row = existing or Generation(job_id=claim.job_id, generation=gen)
     row.best, row.mean = _finite(record.get("best")), _finite(record.get("mean"))
+    row.val = _finite(record.get("val"))
     row.tokens = int(record["tokens"]) if record.get("tokens") is not None else None
     row.seconds = _finite(record.get("seconds"))
     row.best_vector = [float(x) for x in record.get("best_vector") or []]

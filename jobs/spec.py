@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 Pruner = Literal["magnitude", "wanda", "sparsegpt", "dass", "goa"]
 # Pruners that remove whole attention heads and MLP channels (pattern "structured").
 STRUCTURED_PRUNERS = ("goa", "magnitude")
-Allocation = Literal["uniform", "owl", "fisher", "hessian", "evolutionary"]
+Allocation = Literal["uniform", "owl", "fisher", "hessian", "ramp", "evolutionary"]
 SeedSource = Literal["fisher", "hessian", "owl", "uniform"]
 PRUNERS: tuple[str, ...] = get_args(Pruner)
 ALLOCATIONS: tuple[str, ...] = get_args(Allocation)
@@ -159,6 +159,20 @@ class SearchSettings(BaseModel):
     workers: int = Field(1, ge=1, le=1024, description=(
         "processes scoring this job's candidates, its own included (1: in-process); with more, each "
         "selection stage is fanned out to scoring workers and the result is the same"))
+    validation_windows: int = Field(0, ge=0, le=4096, description=(
+        "the last calibration windows, held out from selection: the result is the parent or elite member "
+        "best on them, and every generation records its parent's score there (0: no validation)"))
+    fresh_windows: bool = Field(False, description=(
+        "each generation's selection reads another chunk of the calibration windows (seeded, deterministic) "
+        "instead of always the first ones"))
+    ramp_seeds: bool = Field(True, description=(
+        "linear depth ramps (sparsity rising with depth, ATP) at a few slopes compete in the first generation"))
+    rerank: int = Field(0, ge=0, le=64, description=(
+        "with validation windows: re-prune this many of the best candidates on validation block by block, as "
+        "the job ships them, and answer the one whose shipped model is best on validation (0: off)"))
+    anchor_every: int = Field(4, ge=1, le=1000, description=(
+        "SparseGPT: levels built up front every this many level steps (and at the ends); levels between "
+        "are derived from the nearest one below (1: every level exact)"))
 
     @field_validator("selection")
     @classmethod
@@ -223,6 +237,9 @@ class JobSpec(BaseModel):
     owl_lambda: float = Field(0.08, ge=0, lt=1, description="OWL sparsity spread λ")
     sensitivity_spread: float = Field(0.1, ge=0, lt=1, description=(
         "± around the target for the fisher/hessian allocations (and the search's seed)"))
+    ramp_slope: float | None = Field(None, ge=0, lt=1, description=(
+        "allocation 'ramp': sparsity rises linearly with depth from target - slope to target + slope; "
+        "None: the slope is picked on the calibration KL"))
     search: SearchSettings = Field(default_factory=SearchSettings,
                                    description="evolutionary search settings (allocation 'evolutionary')")
     device: str = Field("auto", pattern=DEVICE_PATTERN, max_length=8,
@@ -350,6 +367,13 @@ class JobSpec(BaseModel):
         implied = 1.0 - nm[0] / nm[1]
         if abs(self.sparsity - implied) > 1e-6:
             raise ValueError(f"pattern {self.pattern} means sparsity {implied:g}, but sparsity is {self.sparsity:g}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_validation(self) -> JobSpec:
+        if self.allocation == "evolutionary" and self.search.validation_windows >= self.calib_windows:
+            raise ValueError(f"search.validation_windows ({self.search.validation_windows}) must leave calibration "
+                             f"windows for the selection (calib_windows is {self.calib_windows})")
         return self
 
     @model_validator(mode="after")

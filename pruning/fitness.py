@@ -33,6 +33,12 @@ database computes the same bits, whatever it scored before. That is what lets a 
 candidates out to several scoring processes (worker/scoring.py) and still equal the one-process
 search exactly (on one device type, with the same torch thread count).
 
+Fresh windows (``chunk_windows``): the windows are cut into fixed chunks of ``chunk_windows``
+(the largest stage's count) and ``fitness(vector, tokens, chunk)`` reads the first windows of
+chunk ``chunk`` instead of the first windows overall; ranges are cut at the bounds relative to
+the chunk's start, so a chunk's scores are the same bits whoever computes them. Per-window
+scores are kept by window id (absolute index), so nothing is ever scored twice.
+
 The dense reference (``DenseReference``) is computed once from the dense model before the level
 database touches any weight; a scoring process builds its own from the same windows.
 """
@@ -125,9 +131,11 @@ class ProxyFitness:
         batch_windows: int = 4,
         trace_memory_bytes: int = 1 << 30,
         window_bounds: Sequence[int] | None = None,
+        chunk_windows: int | None = None,
     ) -> None:
         """``reference``: a DenseReference, or calibration windows to build one from (the database is
-        first restored to its lowest counts, dense with the default bounds)."""
+        first restored to its lowest counts, dense with the default bounds). ``chunk_windows``: the
+        width of the window chunks ``chunk`` counts in (default: all windows, one chunk)."""
         if kind not in ("kl", "ppl"):
             raise ValueError(f"fitness must be 'kl' or 'ppl', got {kind!r}")
         if batch_windows < 1:
@@ -150,9 +158,13 @@ class ProxyFitness:
         self.inputs = reference.inputs
         self.kwargs = reference.kwargs
         self.full = reference.full
+        if chunk_windows is not None and not 1 <= chunk_windows <= self.n_windows:
+            raise ValueError(f"chunk_windows must be in 1..{self.n_windows}, got {chunk_windows}")
+        self.chunk_windows = chunk_windows or self.n_windows
+        self.n_chunks = self.n_windows // self.chunk_windows
         self.bounds = sorted({self.windows_for(t) for t in window_bounds}) if window_bounds else []
         self.unit_blocks = [u.block for u in units]
-        self.window_scores: dict[tuple[int, ...], list[float]] = {}
+        self.window_scores: dict[tuple[int, ...], dict[int, float]] = {}  # vector -> {window id: score}
         self.parent: tuple[int, ...] | None = None
         self.parent_trace: dict[Range, Trace] = {}
         # Candidates' own traces per range, with the bytes they added, least recently scored first.
@@ -167,7 +179,7 @@ class ProxyFitness:
 
     # ------------------------------------------------------------------ helpers
     def windows_for(self, tokens: int) -> int:
-        return max(1, min(self.n_windows, math.ceil(tokens / self.seq_len)))
+        return max(1, min(self.chunk_windows, math.ceil(tokens / self.seq_len)))
 
     def _run_from(self, hidden: torch.Tensor, start: int, keep: Trace | None = None) -> torch.Tensor:
         h = hidden
@@ -270,11 +282,13 @@ class ProxyFitness:
             return dict(self.parent_trace)
         return {rng: trace for rng, (trace, _) in self.recent.get(vector, {}).items()}
 
-    def cost(self, vector: Sequence[int], tokens: int) -> int:
-        """Window-blocks scoring ``vector`` on ``tokens`` would run from here (0: already known)."""
+    def cost(self, vector: Sequence[int], tokens: int, chunk: int = 0) -> int:
+        """Window-blocks scoring ``vector`` on ``tokens`` of ``chunk`` would run from here (0: known)."""
         vector = tuple(vector)
-        todo = self.windows_for(tokens) - len(self.window_scores.get(vector, []))
-        return max(todo, 0) * (len(self.blocks) - self._first_diff_block(vector))
+        off = chunk * self.chunk_windows
+        known = self.window_scores.get(vector, {})
+        todo = sum(1 for w in range(off, off + self.windows_for(tokens)) if w not in known)
+        return todo * (len(self.blocks) - self._first_diff_block(vector))
 
     def is_final(self, tokens: int) -> bool:
         """Whether ``tokens`` reach the last selection stage: its winner becomes the next parent."""
@@ -286,30 +300,44 @@ class ProxyFitness:
         return list(zip([done, *cuts[:-1]], cuts, strict=True))
 
     @torch.no_grad()
-    def __call__(self, vector: Sequence[int], tokens: int) -> float:
+    def __call__(self, vector: Sequence[int], tokens: int, chunk: int = 0) -> float:
         vector = tuple(vector)
+        if not 0 <= chunk < self.n_chunks:
+            raise ValueError(f"chunk must be in 0..{self.n_chunks - 1}, got {chunk}")
         n = self.windows_for(tokens)
-        done = self.window_scores.get(vector, [])
-        if len(done) < n:
-            for lo, hi in self._ranges(len(done), n):
-                done = done + self._score_range(vector, lo, hi)
-            self.window_scores[vector] = done
-        mean = sum(done[:n]) / n
+        off = chunk * self.chunk_windows
+        done = self.window_scores.setdefault(vector, {})
+        have = 0  # windows of this chunk known from its start (always a union of bound-cut ranges)
+        while have < n and off + have in done:
+            have += 1
+        for lo, hi in self._ranges(have, n) if have < n else []:
+            done.update(zip(range(off + lo, off + hi), self._score_range(vector, off + lo, off + hi), strict=True))
+        mean = sum(done[off + i] for i in range(n)) / n
         return math.exp(mean) if self.kind == "ppl" else mean
 
-    def score_many(self, vectors: Sequence[Sequence[int]], tokens: int) -> list[float]:
+    @torch.no_grad()
+    def score_model(self) -> float:
+        """The model as it stands (e.g. pruned by ``prune_model``, not through the database) on all windows."""
+        scores: list[float] = []
+        for lo in range(0, self.n_windows, self.batch_windows):
+            hi = min(self.n_windows, lo + self.batch_windows)
+            scores += self._score_windows(lo, self._run_from(self.inputs[lo:hi], 0))
+        mean = sum(scores) / len(scores)
+        return math.exp(mean) if self.kind == "ppl" else mean
+
+    def score_many(self, vectors: Sequence[Sequence[int]], tokens: int, chunk: int = 0) -> list[float]:
         """Scores of a whole selection stage (here one after another; worker/scoring.py fans out)."""
-        return [self(v, tokens) for v in vectors]
+        return [self(v, tokens, chunk) for v in vectors]
 
-    def known_windows(self, vector: Sequence[int]) -> list[float]:
-        """Per-window scores already computed for ``vector`` (first windows first)."""
-        return list(self.window_scores.get(tuple(vector), []))
+    def known_windows(self, vector: Sequence[int]) -> list[list[float]]:
+        """Per-window scores already computed for ``vector``, as [window id, score] pairs."""
+        return [[w, s] for w, s in sorted(self.window_scores.get(tuple(vector), {}).items())]
 
-    def add_known_windows(self, vector: Sequence[int], scores: Sequence[float]) -> None:
+    def add_known_windows(self, vector: Sequence[int], scores: Sequence[Sequence[float]]) -> None:
         """Take per-window scores another process computed (same bits: the ranges are cut alike)."""
-        vector = tuple(vector)
-        if len(scores) > len(self.window_scores.get(vector, [])):
-            self.window_scores[vector] = list(scores)
+        known = self.window_scores.setdefault(tuple(vector), {})
+        for w, s in scores:
+            known.setdefault(int(w), float(s))
 
 
 def trace_to_bytes(trace: Trace) -> bytes:

@@ -8,10 +8,16 @@ count do not depend on what the other layers chose: the search can mix levels fr
   ranking per comparison group (row, or column for DaSS gate/up) serves every level. Applying
   a count zeroes the lowest-ranked entries, the count spread over the groups exactly as
   ``pruning.pruners.keep_mask_from_scores`` does (same result, bit for bit).
-- SparseGPT: the reconstructed weights depend on the count, so each (linear, count) is computed
-  once on first use from the layer Hessian and kept: in memory up to ``memory_limit_bytes``, then
-  under ``cache_dir`` when one is given, else the least recently used levels make room (and are
-  recomputed if asked for again).
+- SparseGPT: the reconstructed weights depend on the count. With ``anchors`` (per linear, the
+  counts of a coarse level grid, e.g. every 4th level of the search space and its ends) all
+  anchor levels are built up front, one Hessian factorisation per linear and one pass over its
+  column blocks for all its anchors (``pruners.sparsegpt_levels``); a count between two anchors
+  is derived from the nearest anchor below it by pruning the extra weights of lowest saliency
+  w² / [H⁻¹]ⱼⱼ² there (no further reconstruction): a cheap, deterministic level, exact at the
+  anchors. Without anchors each (linear, count) is computed on first use from the layer
+  Hessian. Either way computed levels are kept in memory up to ``memory_limit_bytes``, then
+  under ``cache_dir`` when one is given, else the least recently used levels make room (and
+  are recomputed if asked for again); anchors are always kept.
 
 Memory (ranking pruners). A search only visits counts inside each linear's ``bounds`` (the
 level space's target ± max delta). Entries ranked below the lowest count are pruned at every
@@ -42,7 +48,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,12 +161,16 @@ class LevelDB:
         cache_dir: str | Path | None = None,
         memory_limit_bytes: int = 2 << 30,
         nm_m: int | None = None,
+        anchors: Mapping[str, Sequence[int]] | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> None:
         """``orders``: rankings (ranking pruners); ``hessians``: layer Hessians (SparseGPT).
 
         ``bounds``: per linear the (lowest, highest) count that will ever be applied (default: all);
         ``dense``: the dense weights SparseGPT levels start from (default: a copy of the model's).
         ``nm_m``: serve N:M levels for this M (counts must be whole N:M patterns; bounds are not used).
+        ``anchors``: SparseGPT only, unstructured: the counts per linear built up front (see the
+        module docstring); ``progress(done, total)`` follows that build, one call per linear.
         The model must hold its dense weights when the database is made.
         """
         if pruner not in PRUNERS:
@@ -192,6 +202,9 @@ class LevelDB:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.memory_limit = memory_limit_bytes
         self._level_bytes = 0
+        self.anchors: dict[str, dict[int, torch.Tensor]] = {}  # SparseGPT: count -> weights, built up front
+        self.hinv_diag: dict[str, torch.Tensor] = {}  # SparseGPT: diag of the H⁻¹ factor, per input column
+        self.anchor_seconds = 0.0  # time building the anchors took
         if pruner == "sparsegpt":
             if hessians is None:
                 raise PruningConfigError("SparseGPT levels need the layer Hessians")
@@ -199,6 +212,10 @@ class LevelDB:
             self.dense = dict(dense) if dense is not None else {
                 n: weight_matrix(m).detach().clone() for n, m in self.modules.items()}
             self.current = {n: 0 for n in self.modules}
+            if anchors is not None:
+                if nm_m is not None:
+                    raise PruningConfigError("SparseGPT anchor levels are unstructured; N:M levels are built on use")
+                self._build_anchors(anchors, progress)
         else:
             if orders is None:
                 raise PruningConfigError(f"{pruner} levels need the score rankings")
@@ -221,6 +238,8 @@ class LevelDB:
         dense: Mapping[str, torch.Tensor] | None = None,
         save_to: str | Path | None = None,
         nm_m: int | None = None,
+        anchors: Mapping[str, Sequence[int]] | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> LevelDB:
         """Rank (or collect Hessians) on the dense model, optionally saving them to ``save_to``.
 
@@ -240,7 +259,7 @@ class LevelDB:
             if save_to is not None:
                 save_levels(save_to, pruner, blocks, hessians)
             return cls(model, pruner, None, hessians, blocks=blocks, bounds=bounds, dense=dense, cache_dir=cache_dir,
-                       nm_m=nm_m)
+                       nm_m=nm_m, anchors=anchors, progress=progress)
         # Rank, store and band one block at a time: the full rankings of the whole model never
         # sit in memory together (on a GPU that is the difference between 2x and 3x the model).
         db = cls(model, pruner, {}, None, blocks=blocks, bounds=bounds, dense=dense, cache_dir=cache_dir, nm_m=nm_m)
@@ -266,14 +285,16 @@ class LevelDB:
         dense: Mapping[str, torch.Tensor] | None = None,
         cache_dir: str | Path | None = None,
         nm_m: int | None = None,
+        anchors: Mapping[str, Sequence[int]] | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> LevelDB:
-        """The database ``save_levels`` stored, for this (dense) model."""
+        """The database ``save_levels`` stored, for this (dense) model (SparseGPT anchors rebuilt here)."""
         blocks = list(blocks) if blocks is not None else find_blocks(model)
         device = weight_matrix(next(iter(blocks[0].linears.values()))).device
         if pruner == "sparsegpt":
             hessians = load_levels(folder, pruner, blocks, device=device)
             return cls(model, pruner, None, hessians, blocks=blocks, bounds=bounds, dense=dense, cache_dir=cache_dir,
-                       nm_m=nm_m)
+                       nm_m=nm_m, anchors=anchors, progress=progress)
         check_levels(folder, pruner, blocks)
         db = cls(model, pruner, {}, None, blocks=blocks, bounds=bounds, dense=dense, cache_dir=cache_dir, nm_m=nm_m)
         for info in blocks:  # one block's rankings in memory at a time, as in build()
@@ -366,7 +387,50 @@ class LevelDB:
             return None
         return (self.nm_m - self.pruned_per_group(name, count), self.nm_m)
 
+    def _build_anchors(self, anchors: Mapping[str, Sequence[int]], progress: Callable[[int, int], None] | None) -> None:
+        """Every anchor level of every linear: one factorisation and one column pass per linear."""
+        import time
+
+        from evosparse.pruning.pruners import sparsegpt_levels
+
+        t0 = time.perf_counter()
+        names = [n for n in self.modules if n in anchors]
+        for i, name in enumerate(names):
+            counts = sorted(set(anchors[name]))
+            hessian = self.hessian[name]
+            levels, diag = sparsegpt_levels(self.dense[name].to(hessian.device), hessian, counts)
+            self.anchors[name] = dict(zip(counts, levels, strict=True))
+            self.hinv_diag[name] = diag
+            if progress is not None:
+                progress(i + 1, len(names))
+        self.anchor_seconds = time.perf_counter() - t0
+
+    def anchor_levels(self) -> int:
+        """How many (linear, count) levels were built up front."""
+        return sum(len(a) for a in self.anchors.values())
+
+    def _derived_level(self, name: str, count: int) -> torch.Tensor | None:
+        """A count off the anchor grid: the nearest anchor below it, with the extra weights of lowest
+        saliency w² / d² pruned (d: diag of the H⁻¹ factor per input column); None without one."""
+        table = self.anchors.get(name)
+        if not table:
+            return None
+        if count in table:
+            return table[count]
+        below = [c for c in table if c < count]
+        if not below:
+            return None
+        base = table[max(below)]
+        extra = count - max(below)
+        score = (base**2 / self.hinv_diag[name].unsqueeze(0) ** 2).flatten()
+        score = score.masked_fill(base.flatten() == 0, float("inf"))  # pruned already: not again
+        w = base.clone()
+        w.view(-1)[torch.topk(score, extra, largest=False).indices] = 0.0
+        return w
+
     def _sparsegpt_level(self, name: str, count: int) -> torch.Tensor:
+        if name in self.anchors and count in self.anchors[name]:
+            return self.anchors[name][count]
         key = (name, count)
         if key in self.levels:
             self.levels.move_to_end(key)
@@ -380,7 +444,9 @@ class LevelDB:
         from evosparse.pruning.pruners import sparsegpt_prune
 
         hessian = self.hessian[name]
-        w = sparsegpt_prune(self.dense[name].to(hessian.device), hessian, count, self.nm_of(name, count))
+        w = self._derived_level(name, count)
+        if w is None:
+            w = sparsegpt_prune(self.dense[name].to(hessian.device), hessian, count, self.nm_of(name, count))
         nbytes = w.numel() * w.element_size()
         if path is not None and self._level_bytes + nbytes > self.memory_limit:  # memory full: spill to disk
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -449,7 +515,7 @@ class LevelDB:
     def nbytes(self) -> int:
         """Memory held by the database (rank bands and their values, Hessians, dense copies, levels)."""
         tensors = [*self.band_idx.values(), *self.band_val.values(), *self.hessian.values(), *self.dense.values(),
-                   *self.nm_rank.values()]
+                   *self.nm_rank.values(), *(t for a in self.anchors.values() for t in a.values())]
         return sum(t.numel() * t.element_size() for t in tensors) + self._level_bytes
 
 

@@ -253,3 +253,59 @@ def obs_prune_quantize(
         config=quant,
     )
     return w, qw
+
+
+@torch.no_grad()
+def sparsegpt_levels(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    counts: list[int],
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """SparseGPT at several counts of one layer in one pass; also returns diag of the H⁻¹ factor.
+
+    The OBS update of a row depends only on that row and on H⁻¹, so the levels are stacked as
+    rows of one [levels × out, in] matrix: H is factorised once and every column block is
+    processed once for all of them (one Python loop, larger kernels). Each level picks its own
+    mask per block from its own rows, with the layer's count split over the blocks as in
+    ``sparsegpt_prune``, so level i equals ``sparsegpt_prune(weight, hessian, counts[i])`` up to
+    float rounding (the kernels see other shapes). Unstructured only. The diagonal (per input
+    column) is what a saliency w² / d² of a level's weights is measured with.
+    """
+    w0 = weight.detach().float()
+    rows, cols = w0.shape
+    for c in counts:
+        if c < 0 or c > w0.numel():
+            raise PruningConfigError(f"cannot prune {c} of {w0.numel()} weights")
+    hinv = _inverse_hessian_chol(hessian, percdamp)
+    n = len(counts)
+    w = w0.repeat(n, 1)  # level i owns rows [i * rows, (i + 1) * rows)
+    starts = list(range(0, cols, blocksize))
+    widths = [min(blocksize, cols - s) for s in starts]
+    per_level = [split_proportional(c, [rows * wd for wd in widths]) for c in counts]
+    for b, (i1, width) in enumerate(zip(starts, widths, strict=True)):
+        i2 = i1 + width
+        w1 = w[:, i1:i2].clone()
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        diag = torch.diag(hinv1)
+        prune1 = torch.zeros_like(w1, dtype=torch.bool)
+        score = w1**2 / diag.unsqueeze(0) ** 2
+        for lvl in range(n):
+            k = per_level[lvl][b]
+            if k > 0:
+                part = prune1[lvl * rows : (lvl + 1) * rows]
+                part.view(-1)[torch.topk(score[lvl * rows : (lvl + 1) * rows].flatten(), k, largest=False).indices] = True
+        for i in range(width):
+            col = w1[:, i]
+            q = col.masked_fill(prune1[:, i], 0.0)
+            q1[:, i] = q
+            err = (col - q) / hinv1[i, i]
+            w1[:, i:] -= err.unsqueeze(1).matmul(hinv1[i, i:].unsqueeze(0))
+            err1[:, i] = err
+        w[:, i1:i2] = q1
+        w[:, i2:] -= err1.matmul(hinv[i1:i2, i2:])
+    levels = [w0.clone() if c == 0 else w[i * rows : (i + 1) * rows].clone() for i, c in enumerate(counts)]
+    return levels, torch.diag(hinv).clone()

@@ -117,5 +117,13 @@ def sensitivity_proportional(
     return exact_counts(sizes, [target - spread * zi for zi in z], target)
 
 
+def ramp(sizes: Sequence[int], target: float, depths: Sequence[float], slope: float) -> list[int]:
+    """ATP's linear depth ramp (ICML 2025): sparsity rises with depth, S - slope at the first block
+    to S + slope at the last; ``depths`` in [0, 1] per unit (block index / (blocks - 1))."""
+    if len(depths) != len(sizes) or any(not 0.0 <= d <= 1.0 for d in depths):
+        raise ValueError("depths must be one value in [0, 1] per unit")
+    return exact_counts(sizes, [target + slope * (2.0 * d - 1.0) for d in depths], target)
+
+
 def fractions(sizes: Sequence[int], counts: Sequence[int]) -> list[float]:
     return [c / n for n, c in zip(sizes, counts, strict=True)]

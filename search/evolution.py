@@ -22,6 +22,19 @@ The space is a ``LevelSpace`` (a sparsity budget, kept exact by level switches) 
 ``bitbudget.ChoiceSpace`` (a size budget in bits: one (sparsity, bits) choice per unit, kept at
 most the budget and filled to within one step by the space's own mutation and crossover).
 
+Fresh windows (``window_chunks`` = K): the fitness windows are K fixed chunks, and each
+generation reads one of them, drawn as a deterministic function of (seed, generation): every
+run of K generations visits every chunk once, in a seeded order (as EvoPress samples a fresh
+minibatch per generation). The fitness is then called ``fitness(vector, tokens, chunk)``
+(``score_many(vectors, tokens, chunk)``) and scores are cached per (vector, tokens, chunk);
+the parent is rescored on each generation's chunk and stays parent only if it beats the
+children there. A vector is never bred twice, whatever chunk it was scored on.
+
+Validation (``validate(vector) -> float``, lower is better, on windows the selection never
+reads): each new parent is validated, the history records both its selection score and its
+validation score, and the result is the best on validation among every parent and the final
+elite pool, not the last selection's winner.
+
 All randomness comes from one ``random.Random(seed)``; the whole state (parent, elite pool,
 score cache, generator state, counters, history) serialises to JSON bytes after each
 generation, and a search rebuilt from those bytes continues exactly as an uninterrupted run.
@@ -58,6 +71,16 @@ class SearchConfig:
     init_switches: int = 4  # the initial population perturbs the seed by up to this many switches
     init_size: int | None = None  # initial population size (default: offspring)
     max_jump: int = 4  # a switch moves 1..max_jump levels, geometrically biased toward 1 (1: single steps only)
+    window_chunks: int | None = None  # fresh windows: each generation reads one of this many chunks
+
+
+def generation_chunk(seed: int, generation: int, chunks: int) -> int:
+    """The window chunk generation ``generation`` reads: each run of ``chunks`` generations is a
+    seeded permutation of all chunks (a pure function, so any process can recompute it)."""
+    epoch, pos = divmod(generation, chunks)
+    order = list(range(chunks))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order[pos]
 
 
 @dataclass
@@ -70,6 +93,7 @@ class SearchResult:
     seconds: float
     generations: int
     stopped_by: str
+    best_val: float | None = None  # validation score of ``best`` (when the search validates)
 
 
 class EvolutionarySearch:
@@ -82,6 +106,7 @@ class EvolutionarySearch:
         extra_seeds: Sequence[Sequence[int]] = (),
         progress: Callable[[dict[str, Any], bytes], None] | None = None,
         state: bytes | None = None,
+        validate: Callable[[Vector], float] | None = None,
     ) -> None:
         if not config.stages:
             raise ValueError("at least one selection stage is needed")
@@ -100,7 +125,10 @@ class EvolutionarySearch:
         self.parent: Vector | None = None
         self.parent_score = float("inf")
         self.elite: list[tuple[Vector, float]] = []
-        self.cache: dict[tuple[Vector, int], float] = {}
+        self.validate = validate
+        self.val_cache: dict[Vector, float] = {}
+        self.cache: dict[tuple[Vector, int, int], float] = {}  # (vector, tokens, window chunk) -> score
+        self.bred: set[Vector] = set()  # every vector ever scored (on any chunk)
         self.history: list[dict[str, Any]] = []
         self.candidates_scored = 0
         self.tokens_evaluated = 0
@@ -111,22 +139,36 @@ class EvolutionarySearch:
             self._load(state)
 
     # ---------------------------------------------------------------- scoring
+    def chunk(self) -> int:
+        """The window chunk the generation being run reads (0 without fresh windows)."""
+        k = self.config.window_chunks
+        return generation_chunk(self.config.seed, self.generation + 1, k) if k else 0
+
     def score(self, vector: Vector, tokens: int) -> float:
         return self.score_stage([vector], tokens)[0]
 
     def score_stage(self, vectors: Sequence[Vector], tokens: int) -> list[float]:
         """Scores of ``vectors`` on ``tokens``; the uncached ones go to the fitness in one batch."""
-        todo = [v for v in dict.fromkeys(vectors) if (v, tokens) not in self.cache]
+        chunk = self.chunk()
+        todo = [v for v in dict.fromkeys(vectors) if (v, tokens, chunk) not in self.cache]
         if todo:
+            extra = (chunk,) if self.config.window_chunks else ()
             many = getattr(self.fitness, "score_many", None)
-            scores = many(todo, tokens) if many is not None else [self.fitness(v, tokens) for v in todo]
+            scores = many(todo, tokens, *extra) if many is not None else [self.fitness(v, tokens, *extra) for v in todo]
             if len(scores) != len(todo):
                 raise RuntimeError(f"the fitness returned {len(scores)} scores for {len(todo)} vectors")
             for v, s in zip(todo, scores, strict=True):
-                self.cache[(v, tokens)] = float(s)
+                self.cache[(v, tokens, chunk)] = float(s)
+                self.bred.add(v)
                 self.candidates_scored += 1
                 self.tokens_evaluated += tokens
-        return [self.cache[(v, tokens)] for v in vectors]
+        return [self.cache[(v, tokens, chunk)] for v in vectors]
+
+    def validation(self, vector: Vector) -> float:
+        assert self.validate is not None
+        if vector not in self.val_cache:
+            self.val_cache[vector] = float(self.validate(vector))
+        return self.val_cache[vector]
 
     def _tell_parent(self) -> None:
         setter = getattr(self.fitness, "set_parent", None)
@@ -152,7 +194,7 @@ class EvolutionarySearch:
 
     # ---------------------------------------------------------------- breeding
     def _seen(self, v: Vector) -> bool:
-        return (v, self.config.stages[0][0]) in self.cache
+        return v in self.bred
 
     # A space with its own budget rule (search.bitbudget.ChoiceSpace: a size budget in bits) brings
     # its own budget-keeping operators; a LevelSpace uses the level switches of search.operators.
@@ -222,14 +264,22 @@ class EvolutionarySearch:
             candidates = self._children()
             ranked = self._select(candidates, self.parent)
         best, best_score = ranked[0]
-        improved = best_score < self.parent_score
-        self.since_improved = 0 if improved else self.since_improved + 1
-        if improved or self.parent is None:
+        chunk = self.chunk()
+        if self.config.window_chunks:
+            # The parent was rescored on this generation's windows: it stays only if it is still best there.
+            improved = self.parent is not None and best != self.parent
             self.parent, self.parent_score = best, best_score
+        else:
+            improved = best_score < self.parent_score
+            if improved or self.parent is None:
+                self.parent, self.parent_score = best, best_score
+        self.since_improved = 0 if improved else self.since_improved + 1
         pool = dict(self.elite)
         pool.update(ranked)
         self.elite = sorted(pool.items(), key=lambda vs: (vs[1], vs[0]))[: self.config.elite]
         self.generation += 1
+        if self.validate is not None:
+            self.validation(self.parent)  # (part of the generation's time)
         self.seconds += time.perf_counter() - t0
         scores = [s for _, s in ranked]
         record = {
@@ -243,6 +293,10 @@ class EvolutionarySearch:
             "candidates": len(candidates),
             "candidates_scored": self.candidates_scored,
         }
+        if self.config.window_chunks:
+            record["chunk"] = chunk
+        if self.validate is not None:
+            record["val"] = self.validation(self.parent)  # calibration vs validation: overfitting shows
         self.history.append(record)
         if self.progress is not None:
             self.progress(record, self.state_bytes())
@@ -267,11 +321,23 @@ class EvolutionarySearch:
             self.step()
         return self.result(reason)
 
-    def result(self, stopped_by: str = "") -> SearchResult:
+    def final_choice(self) -> Vector:
+        """The answer: the last parent, or with validation the best on it among every parent and the elite."""
         assert self.parent is not None, "no generation has run"
+        if self.validate is None:
+            return self.parent
+        for v, _ in self.elite:
+            self.validation(v)
+        return min(self.val_cache, key=lambda v: (self.val_cache[v], v))
+
+    def result(self, stopped_by: str = "") -> SearchResult:
+        best = self.final_choice()
+        scores = [s for (v, _, _), s in self.cache.items() if v == best]
         return SearchResult(
-            best=self.parent,
-            best_score=self.parent_score,
+            best=best,
+            # its last-stage score (the parent's current one when no validation chose another)
+            best_score=self.parent_score if best == self.parent else (scores[-1] if scores else float("nan")),
+            best_val=self.val_cache.get(best),
             history=list(self.history),
             candidates_scored=self.candidates_scored,
             tokens_evaluated=self.tokens_evaluated,
@@ -291,7 +357,8 @@ class EvolutionarySearch:
             "parent": list(self.parent) if self.parent is not None else None,
             "parent_score": self.parent_score,
             "elite": [[list(v), s] for v, s in self.elite],
-            "cache": [[list(v), t, s] for (v, t), s in self.cache.items()],
+            "cache": [[list(v), t, c, s] for (v, t, c), s in self.cache.items()],
+            "val": [[list(v), s] for v, s in self.val_cache.items()],
             "history": self.history,
             "rng": [version, list(internal), gauss],
             "candidates_scored": self.candidates_scored,
@@ -315,7 +382,10 @@ class EvolutionarySearch:
         self.parent = tuple(state["parent"]) if state["parent"] is not None else None
         self.parent_score = state["parent_score"]
         self.elite = [(tuple(v), s) for v, s in state["elite"]]
-        self.cache = {(tuple(v), t): s for v, t, s in state["cache"]}
+        # (entries of a state written before window chunks existed have no chunk: chunk 0)
+        self.cache = {(tuple(e[0]), e[1], e[2] if len(e) == 4 else 0): e[-1] for e in state["cache"]}
+        self.bred = {v for v, _, _ in self.cache}
+        self.val_cache = {tuple(v): s for v, s in state.get("val", [])}
         self.history = state["history"]
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))

@@ -260,6 +260,11 @@ def _evolutionary(job: Job) -> dict[str, int]:
         "stopped_by": outcome.stopped_by,
         "leveldb": outcome.leveldb,
         "setup_seconds": {k: round(v, 3) for k, v in outcome.timings.items() if k != "search"},
+        "best_fitness": outcome.best_fitness,
+        "best_val": outcome.best_val,
+        "anchor_levels": outcome.anchor_levels,
+        "anchor_seconds": round(outcome.anchor_seconds, 3),
+        "shipped_val": outcome.shipped_val,
     }
     if outcome.bits:  # a size budget: each layer's bits come with its count
         job.compression.widths = dict(outcome.bits)
@@ -267,11 +272,19 @@ def _evolutionary(job: Job) -> dict[str, int]:
     return dict(outcome.counts)
 
 
+def _ramp(job: Job) -> dict[str, int]:
+    from evosparse.worker.search_stage import ramp_allocation
+
+    counts, job.report["ramp"] = ramp_allocation(job.model, job.calib, job.spec, job.blocks, job.dense, job.stats)
+    return counts
+
+
 ALLOCATORS: dict[str, Allocator] = {
     "uniform": _baseline("uniform"),
     "owl": _baseline("owl"),
     "fisher": _baseline("fisher"),
     "hessian": _baseline("hessian"),
+    "ramp": _ramp,
     "evolutionary": _evolutionary,
 }
 

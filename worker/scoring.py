@@ -11,7 +11,7 @@ its per-window scores. So:
   busy or still loading (the coordinator alone can finish every batch);
 - *a scorer killed mid-task* (SIGKILL) stops refreshing its lease; once it has expired the
   coordinator puts the candidate back on the list and someone else scores it;
-- *same result*: a score is a pure function of (vector, tokens) — the fitness cuts window
+- *same result*: a score is a pure function of (vector, tokens, window chunk) — the fitness cuts window
   ranges at the stage bounds and takes the per-window scores already known for a vector —
   so which process computed it changes nothing: bit-identical on one device type with the
   same torch thread count;
@@ -197,13 +197,13 @@ class DistributedFitness:
         self.parent = tuple(vector)
         self.local.set_parent(vector)
 
-    def __call__(self, vector: Sequence[int], tokens: int) -> float:
-        return self.score_many([vector], tokens)[0]
+    def __call__(self, vector: Sequence[int], tokens: int, chunk: int = 0) -> float:
+        return self.score_many([vector], tokens, chunk)[0]
 
-    def score_many(self, vectors: Sequence[Sequence[int]], tokens: int) -> list[float]:
+    def score_many(self, vectors: Sequence[Sequence[int]], tokens: int, chunk: int = 0) -> list[float]:
         vectors = [tuple(v) for v in vectors]
         if self.workers <= 1:
-            return self.local.score_many(vectors, tokens)
+            return self.local.score_many(vectors, tokens, chunk)
         self.batches += 1
         final = self.traces is not None and self.local.is_final(tokens)
         if final:  # keep the last two last-stages' traces: the current parent's is among them
@@ -212,7 +212,7 @@ class DistributedFitness:
                 self.traces.drop_before(self.final_batches[-2])
             self.traces.publish(vectors, self.batches)  # what this process scored of them earlier
         if len(vectors) <= 1:
-            scores = self.local.score_many(vectors, tokens)
+            scores = self.local.score_many(vectors, tokens, chunk)
             if final:
                 self.traces.publish(vectors, self.batches)
             return scores
@@ -221,11 +221,11 @@ class DistributedFitness:
         pipe = self.r.pipeline()
         pipe.hset(k["items"], mapping={str(i): json.dumps({"v": v, "known": self.local.known_windows(v)})
                                        for i, v in enumerate(vectors)})
-        pipe.set(k["meta"], json.dumps({"tokens": tokens, "parent": self.parent, "final": final,
+        pipe.set(k["meta"], json.dumps({"tokens": tokens, "chunk": chunk, "parent": self.parent, "final": final,
                                         "serial": self.batches}))
         # Most expensive first (longest-processing-time order): the stage's last, lone candidate is a
         # cheap one, so the processes reach the barrier closer together. Order never changes a score.
-        costs = [self.local.cost(v, tokens) for v in vectors]
+        costs = [self.local.cost(v, tokens, chunk) for v in vectors]
         pipe.rpush(k["todo"], *sorted(range(len(vectors)), key=lambda i: -costs[i]))
         for key in k.values():
             pipe.expire(key, int(BATCH_TTL_S))
@@ -234,11 +234,11 @@ class DistributedFitness:
         for _ in range(min(self.workers - 1, len(vectors) - 1)):
             self.send(self.context, batch)
         try:
-            return self._gather(batch, vectors, tokens)
+            return self._gather(batch, vectors, tokens, chunk)
         finally:
             self.r.delete(*_keys(batch).values())
 
-    def _gather(self, batch: str, vectors: list[tuple[int, ...]], tokens: int) -> list[float]:
+    def _gather(self, batch: str, vectors: list[tuple[int, ...]], tokens: int, chunk: int) -> list[float]:
         k = _keys(batch)
         final = self.traces is not None and self.local.is_final(tokens)
         results: dict[int, float] = {}
@@ -251,7 +251,7 @@ class DistributedFitness:
                     lease = _Lease(self.r, _keys(batch, i)["lease"], self.holder, self.lease_s)
                     lease.start()
                     try:
-                        results[i] = self.local(vectors[i], tokens)
+                        results[i] = self.local(vectors[i], tokens, chunk)
                         if final:
                             self.traces.publish([vectors[i]], self.batches)
                     finally:
@@ -342,10 +342,10 @@ def build_scorer_fitness(context: dict[str, Any], levels: Any) -> tuple[Any, Any
     from evosparse.pruning.layers import find_blocks
     from evosparse.pruning.loading import load_model
     from evosparse.worker.search_stage import (
+        fitness_kwargs,
         fitness_windows,
-        leveldb_mode,
+        level_kwargs,
         linear_bounds,
-        search_config,
         search_space,
         search_units,
     )
@@ -361,12 +361,10 @@ def build_scorer_fitness(context: dict[str, Any], levels: Any) -> tuple[Any, Any
     # No dense copy here: a scorer never restores the model, so it keeps only the reachable rank band.
     bounds = linear_bounds(units, space) if spec.pruner != "sparsegpt" and spec.mixed is None else None
     db = levels.load_key(context["leveldb_key"], model, spec.pruner, blocks=blocks, bounds=bounds,
-                         **leveldb_mode(spec))
+                         **level_kwargs(spec, units, space))
     if db is None:
         raise RuntimeError(f"level database {context['leveldb_key']} is not in the store")
-    cfg = search_config(spec, ftokens.numel())
-    fitness = ProxyFitness(model, reference, db, units, space, kind=spec.search.fitness,
-                           window_bounds=[t for t, _ in cfg.stages])
+    fitness = ProxyFitness(model, reference, db, units, space, **fitness_kwargs(spec, ftokens))
     return fitness, model
 
 
@@ -418,7 +416,7 @@ def score_batch(context: dict[str, Any], batch: str, r: Any, levels: Any, lease_
                 got = json.loads(raw)
                 v = tuple(got["v"])
                 state.fitness.add_known_windows(v, got["known"])
-                score = state.fitness(v, meta["tokens"])
+                score = state.fitness(v, meta["tokens"], meta.get("chunk", 0))
                 if final:  # before the score: once the stage is decided, the winner's trace is there
                     state.traces.publish([v], meta["serial"])
                 r.hset(k["done"], str(i), json.dumps({"s": score, "w": state.fitness.known_windows(v)}))

@@ -12,6 +12,11 @@ With a dense snapshot (the runner's) the level database keeps only the rank band
 can reach, and the snapshot restores the model afterwards; without one the model is left dense
 by the database itself. ``scoring`` turns the local fitness into one that fans each selection
 stage out to scoring workers (worker/scoring.py); the result is the same.
+
+With ``search.validation_windows`` the last calibration windows are held out of the selection
+and the answer is chosen on them (search/evolution.py); with ``search.fresh_windows`` the
+selection windows are cut into chunks, one per generation. SparseGPT databases get their
+anchor levels from ``level_kwargs`` (the coordinator and every scorer build the same ones).
 """
 
 from __future__ import annotations
@@ -53,13 +58,25 @@ class SearchOutcome:
     bits: dict[str, int] = field(default_factory=dict)  # size-budget jobs: bits per linear
     best_bits: list[int] = field(default_factory=list)  # size-budget jobs: bits per unit
     uniform_bits: list[int] = field(default_factory=list)
+    best_val: float | None = None  # validation score of the answer (search.validation_windows > 0)
+    anchor_levels: int = 0  # SparseGPT levels built up front
+    anchor_seconds: float = 0.0  # and the time they took (inside timings["leveldb"])
+    shipped_val: dict[str, Any] = field(default_factory=dict)  # rerank: database vs shipped validation scores
 
 
-def search_config(spec: JobSpec, max_tokens: int) -> SearchConfig:
-    """SearchConfig from the job's settings; stage token counts are capped at the calibration size."""
+def search_config(spec: JobSpec, max_tokens: int, fitness_windows: torch.Tensor | None = None) -> SearchConfig:
+    """SearchConfig from the job's settings; stage token counts are capped at the calibration size.
+
+    ``fitness_windows``: the windows the fitness holds; with ``fresh_windows`` they are chunks of
+    the largest stage's width (``window_chunks``), without it they do not matter.
+    """
     s = spec.search
     stages = [(min(t, max_tokens), k) for t, k in parse_selection(s.selection)]
+    chunks = None
+    if s.fresh_windows and fitness_windows is not None:
+        chunks = fitness_windows.shape[0] // stage_windows(spec, fitness_windows)
     return SearchConfig(
+        window_chunks=chunks,
         generations=s.generations,
         offspring=s.offspring,
         stages=stages,
@@ -135,20 +152,45 @@ def leveldb_mode(spec: JobSpec) -> dict[str, Any]:
     return {"nm_m": spec.mixed.m if spec.mixed is not None else None}
 
 
+def level_kwargs(spec: JobSpec, units: Sequence[Unit], space: LevelSpace) -> dict[str, Any]:
+    """Everything the level database of a job depends on beyond model, pruner and data (the
+    coordinator and every scorer build it alike): the N:M mode, and SparseGPT's anchor levels."""
+    kwargs = leveldb_mode(spec)
+    if spec.pruner == "sparsegpt" and spec.mixed is None and not spec.structured:
+        kwargs["anchors"] = linear_anchors(units, space, spec.search.anchor_every)
+    return kwargs
+
+
+def _linear_counts_at(units: Sequence[Unit], space: LevelSpace, levels: Callable[[int], Sequence[int]]
+                      ) -> dict[str, list[int]]:
+    """Per linear, the counts its unit's ``levels(unit index)`` give it (split by size)."""
+    out: dict[str, list[int]] = {}
+    for i, u in enumerate(units):
+        for level in levels(i):
+            parts = alloc.split_proportional(space.base[i] + level * space.step, u.sizes)
+            for n, c in zip(u.linears, parts, strict=True):
+                out.setdefault(n, []).append(c)
+    return out
+
+
+def linear_anchors(units: Sequence[Unit], space: LevelSpace, every: int) -> dict[str, list[int]]:
+    """Per linear, the counts of its unit's coarse levels: every ``every``-th level (0 = the
+    target included) and both ends of the unit's range (sorted, distinct)."""
+    def coarse(i: int) -> list[int]:
+        lo, hi = space.lo[i], space.hi[i]
+        return sorted({lo, hi, *(lv for lv in range(lo, hi + 1) if lv % every == 0)})
+
+    return {n: sorted(set(c)) for n, c in _linear_counts_at(units, space, coarse).items()}
+
+
 def linear_bounds(units: Sequence[Unit], space: LevelSpace) -> dict[str, tuple[int, int]]:
     """Per linear, the fewest and most weights any vector of the space prunes in it.
 
     Every level of every unit is enumerated: the largest-remainder split is not monotone in its
     total (a part can shrink when the total grows), so the end levels alone would not do.
     """
-    bounds: dict[str, tuple[int, int]] = {}
-    for i, u in enumerate(units):
-        for level in range(space.lo[i], space.hi[i] + 1):
-            parts = alloc.split_proportional(space.base[i] + level * space.step, u.sizes)
-            for n, c in zip(u.linears, parts, strict=True):
-                lo, hi = bounds.get(n, (c, c))
-                bounds[n] = (min(lo, c), max(hi, c))
-    return bounds
+    every = _linear_counts_at(units, space, lambda i: range(space.lo[i], space.hi[i] + 1))
+    return {n: (min(c), max(c)) for n, c in every.items()}
 
 
 def unit_scores(units: list[Unit], per_linear: dict[str, float]) -> list[float]:
@@ -204,11 +246,49 @@ def seed_counts(
     raise PruningConfigError(f"unknown seed source {source!r}")
 
 
+# Slopes of the linear depth ramps (ATP) that compete in the first generation, and that the
+# ``ramp`` allocation picks from on the calibration KL: sparsity from target - slope (first
+# block) to target + slope (last block).
+RAMP_SLOPES = (0.0, 0.05, 0.1, 0.15, 0.2)
+
+
+def ramp_counts(spec: JobSpec, units: Sequence[Unit], slopes: Sequence[float] = RAMP_SLOPES) -> list[list[int]]:
+    """Per-unit prune counts of the depth ramps at ``slopes`` (a module unit takes its block's depth)."""
+    last = max(u.block for u in units)
+    depths = [u.block / last if last else 0.0 for u in units]
+    return [alloc.ramp([u.size for u in units], spec.sparsity, depths, s) for s in slopes]
+
+
+def calibration_split(spec: JobSpec, calib_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(selection windows, validation windows): the last ``search.validation_windows`` are held out."""
+    v = spec.search.validation_windows
+    n = calib_tokens.shape[0]
+    if v >= n:
+        raise PruningConfigError(f"search.validation_windows ({v}) must leave calibration windows ({n}) to select on")
+    return (calib_tokens[: n - v], calib_tokens[n - v:]) if v else (calib_tokens, None)
+
+
+def stage_windows(spec: JobSpec, windows: torch.Tensor) -> int:
+    """How many of ``windows`` the largest selection stage reads."""
+    n, seq_len = windows.shape
+    return min(n, -(-max(t for t, _ in parse_selection(spec.search.selection)) // seq_len))
+
+
 def fitness_windows(spec: JobSpec, calib_tokens: torch.Tensor) -> torch.Tensor:
-    """The calibration windows the fitness reads: only as many as the largest stage needs."""
-    cfg = search_config(spec, calib_tokens.numel())
-    need = -(-max(t for t, _ in cfg.stages) // calib_tokens.shape[1])
-    return calib_tokens[:need]
+    """The calibration windows the fitness reads: only as many as the largest stage needs, or with
+    fresh windows every whole chunk of that width the selection windows hold."""
+    pool, _ = calibration_split(spec, calib_tokens)
+    need = stage_windows(spec, pool)
+    if spec.search.fresh_windows:
+        return pool[: pool.shape[0] // need * need]
+    return pool[:need]
+
+
+def fitness_kwargs(spec: JobSpec, ftokens: torch.Tensor) -> dict[str, Any]:
+    """ProxyFitness arguments of a job (the coordinator and every scorer build it alike)."""
+    cfg = search_config(spec, ftokens.numel())
+    chunk = stage_windows(spec, ftokens) if spec.search.fresh_windows else None
+    return {"kind": spec.search.fitness, "window_bounds": [t for t, _ in cfg.stages], "chunk_windows": chunk}
 
 
 class LevelSource:
@@ -264,15 +344,19 @@ def run_search(
     if budget:
         seeds = budget_seeds(model, calib_tokens, spec, units, space, sensitivity, setup, blocks)
     else:
-        seeds = [space.from_counts(c) for c in seed_counts(model, calib_tokens, spec, units, sensitivity, setup,
-                                                           blocks)]
+        seed_list = seed_counts(model, calib_tokens, spec, units, sensitivity, setup, blocks)
+        if spec.search.ramp_seeds and spec.mixed is None and not spec.structured:
+            seed_list += ramp_counts(spec, units)
+        seeds = list(dict.fromkeys(space.from_counts(c) for c in seed_list))
     timings["seed"] = time.perf_counter() - t0
 
     ftokens = fitness_windows(spec, calib_tokens if fitness_tokens is None else fitness_tokens)
-    cfg = search_config(spec, ftokens.numel())
+    _, vtokens = calibration_split(spec, calib_tokens if fitness_tokens is None else fitness_tokens)
+    cfg = search_config(spec, ftokens.numel(), ftokens)
     t1 = time.perf_counter()
     setup(f"dense reference on {ftokens.shape[0]} windows")
     reference = DenseReference(model, ftokens, blocks)  # before the level database touches any weight
+    val_reference = DenseReference(model, vtokens, blocks) if vtokens is not None else None
     timings["dense_reference"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -289,8 +373,11 @@ def run_search(
         # (N:M levels touch every group at every N: no band to keep, bounds do not apply.)
         # (Quantized levels overwrite the model's weights: the database must hold every weight itself.)
         banded = dense is not None and spec.mixed is None and not budget
-        kwargs: dict[str, Any] = {"blocks": blocks, "dense": dense, **leveldb_mode(spec),
+        kwargs: dict[str, Any] = {"blocks": blocks, "dense": dense,
+                                  **(leveldb_mode(spec) if budget else level_kwargs(spec, units, space)),
                                   "bounds": linear_bounds(units, space) if banded else None}
+        if "anchors" in kwargs:
+            kwargs["progress"] = lambda i, n: setup(f"SparseGPT levels: linear {i}/{n}")
         source = levels or LevelSource()
         db = source.load(model, calib_tokens, spec.pruner, **kwargs)
         how = "loaded"
@@ -308,20 +395,36 @@ def run_search(
     if getattr(db, "nm_m", None) != leveldb_mode(spec)["nm_m"]:  # (a structured database has no N:M mode)
         raise PruningConfigError("the level database was built for another pattern than the job's")
 
-    local = ProxyFitness(model, reference, db, units, space, kind=spec.search.fitness,
-                         window_bounds=[t for t, _ in cfg.stages])
+    local = ProxyFitness(model, reference, db, units, space, **fitness_kwargs(spec, ftokens))
     fitness = scoring(local) if scoring is not None else local
+    validate = None
+    if val_reference is not None:
+        val = ProxyFitness(model, val_reference, db, units, space, kind=spec.search.fitness, reuse_prefix=False)
+        val_tokens = val_reference.tokens.numel()
+
+        def validate(vector: Sequence[int]) -> float:
+            return val(vector, val_tokens)
 
     def progress(record: dict, state: bytes) -> None:
         if hooks is not None:
             hooks.generation(record, state)
 
     search = EvolutionarySearch(
-        space, fitness, cfg, seed_vector=seeds[0], extra_seeds=seeds[1:], progress=progress, state=resume_state
+        space, fitness, cfg, seed_vector=seeds[0], extra_seeds=seeds[1:], progress=progress, state=resume_state,
+        validate=validate,
     )
     cancelled = hooks.should_cancel if hooks is not None else None
+    reranked: dict[str, Any] = {}
     try:
         result = search.run(should_stop=cancelled)
+        if (spec.search.rerank and validate is not None and dense is not None and result.stopped_by != "cancelled"
+                and spec.mixed is None and not spec.structured):
+            t3 = time.perf_counter()
+            setup(f"re-pruning the {spec.search.rerank} best on validation as the job ships them")
+            best, reranked = rerank_shipped(model, calib_tokens, spec, db, units, space, search.val_cache, val,
+                                            dense, blocks)
+            result.best, result.best_val = best, search.val_cache[best]
+            timings["rerank"] = time.perf_counter() - t3
     finally:
         close = getattr(fitness, "close", None)
         if close is not None:
@@ -353,6 +456,86 @@ def run_search(
         best_levels=list(result.best),
         stopped_by=result.stopped_by,
         best_fitness=result.best_score,
+        best_val=result.best_val,
         timings=timings,
         leveldb=how,
+        anchor_levels=db.anchor_levels() if isinstance(db, LevelDB) else 0,
+        shipped_val=reranked,
+        anchor_seconds=getattr(db, "anchor_seconds", 0.0),
     )
+
+
+def rerank_shipped(
+    model: nn.Module,
+    calib_tokens: torch.Tensor,
+    spec: JobSpec,
+    db: LevelDB,
+    units: list[Unit],
+    space: LevelSpace,
+    val_cache: Mapping[tuple[int, ...], float],
+    val: ProxyFitness,
+    dense: DenseWeights,
+    blocks: Sequence[BlockInfo],
+) -> tuple[tuple[int, ...], dict[str, Any]]:
+    """Score what ships: the ``spec.search.rerank`` best vectors on validation (database levels on
+    dense inputs) re-pruned block by block as the prune stage does, scored again on validation;
+    the best shipped model wins. Leaves the model dense (the database state is stale after it)."""
+    from evosparse.pruning.prune import prune_model
+
+    ranked = sorted(val_cache, key=lambda v: (val_cache[v], v))[: spec.search.rerank]
+    shipped: dict[tuple[int, ...], float] = {}
+    for v in ranked:
+        dense.restore()
+        prune_model(model, calib_tokens, spec.pruner, db.linear_counts(units, space.counts(v)), blocks=blocks)
+        shipped[v] = val.score_model()
+    dense.restore()
+    best = min(shipped, key=lambda v: (shipped[v], v))
+    return best, {"database": [val_cache[v] for v in ranked], "shipped": [shipped[v] for v in ranked],
+                  "chosen": ranked.index(best), "levels": [list(v) for v in ranked]}
+
+
+def ramp_allocation(
+    model: nn.Module,
+    calib_tokens: torch.Tensor,
+    spec: JobSpec,
+    blocks: Sequence[BlockInfo],
+    dense: DenseWeights | None = None,
+    stats: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, int], dict[str, Any]]:
+    """The ``ramp`` allocation: per-linear counts of the depth ramp, and what was measured.
+
+    With ``spec.ramp_slope`` the ramp is exact at that slope; otherwise each of ``RAMP_SLOPES`` is
+    put on the search's level grid and the one with the lowest proxy KL on the calibration
+    windows wins (one level database holding just those levels; the model is dense afterwards).
+    """
+    units = search_units(blocks, "layer")
+    if spec.structured or spec.mixed is not None:
+        raise PruningConfigError("allocation 'ramp' is built for unstructured sparsity")
+    if spec.ramp_slope is not None:
+        counts = ramp_counts(spec, units, [spec.ramp_slope])[0]
+        return split_counts(units, counts), {"slope": spec.ramp_slope}
+    space = LevelSpace.build([u.size for u in units], spec.sparsity, spec.search.step_fraction,
+                             spec.search.max_level_delta)
+    vectors = [space.from_counts(c) for c in ramp_counts(spec, units)]
+    per_linear = [split_counts(units, space.counts(v)) for v in vectors]
+    ftokens = fitness_windows(spec, calib_tokens)
+    reference = DenseReference(model, ftokens, blocks)
+    kwargs: dict[str, Any] = {"blocks": blocks, "dense": dense, "stats": stats}
+    if spec.pruner == "sparsegpt":
+        kwargs["anchors"] = {n: [pl[n] for pl in per_linear] for n in per_linear[0]}
+    else:
+        # From 0 without a dense snapshot: restoring the database then gives the dense model back.
+        kwargs["bounds"] = {n: (min(pl[n] for pl in per_linear) if dense is not None else 0,
+                                max(pl[n] for pl in per_linear)) for n in per_linear[0]}
+    db = LevelDB.build(model, calib_tokens, spec.pruner, **kwargs)
+    fitness = ProxyFitness(model, reference, db, units, space, kind=spec.search.fitness)
+    try:
+        kl = [fitness(v, ftokens.numel()) for v in vectors]
+    finally:
+        if dense is not None:
+            dense.restore()
+        else:
+            db.restore()
+    best = min(range(len(vectors)), key=lambda i: (kl[i], i))
+    return per_linear[best], {"slope": RAMP_SLOPES[best], "calibration_kl": dict(zip(map(str, RAMP_SLOPES), kl,
+                                                                                     strict=True))}

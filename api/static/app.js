@@ -271,6 +271,11 @@
       series: [
         { name: "best", cls: "s-best", points: generations.map(g => [g.generation, g.best]) },
         { name: "mean", cls: "s-mean", points: generations.map(g => [g.generation, g.mean]) },
+        // The parent on held-out calibration windows: a gap growing against "best" is overfitting.
+        ...(generations.some(g => g.val !== null && g.val !== undefined)
+          ? [{ name: "validation", cls: "s-val", points: generations.filter(g => g.val !== null && g.val !== undefined)
+            .map(g => [g.generation, g.val]) }]
+          : []),
       ],
     });
   }

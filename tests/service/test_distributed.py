@@ -77,12 +77,12 @@ class Scorers:
             log.close()
 
 
-def _spec(model_root: Path, workers: int, generations: int = 6) -> JobSpec:
+def _spec(model_root: Path, workers: int, generations: int = 6, **search) -> JobSpec:  # noqa: ANN003
     return JobSpec(model=str(model_root / "tiny"), sparsity=0.6, pruner="wanda", allocation="evolutionary",
                    calib_windows=8, seq_len=32, seed=3,
                    search={"generations": generations, "offspring": 8, "selection": "64:3,256:1",
                            "seed_from": "uniform", "granularity": "module", "workers": workers,
-                           "time_budget_min": None})
+                           "time_budget_min": None, **search})
 
 
 def _coordinate(spec: JobSpec, settings: Settings, namespace: str, killer=None):  # noqa: ANN001, ANN202
@@ -142,6 +142,14 @@ def test_two_scoring_workers_give_exactly_the_one_process_search_and_reuse_the_s
         r = redis_from_url(env["EVOSPARSE_BROKER_URL"])
         assert not r.exists("evosparse:score:t3:1:alive")
         assert not list(r.scan_iter(match="evosparse:score:t3:1:trace*"))
+        # Fresh windows: each generation's window chunk travels with its batch, the scorers read the same windows.
+        fresh = {"selection": "32:3,64:1", "fresh_windows": True, "validation_windows": 2}
+        alone, _, _ = _coordinate(_spec(model_root, workers=1, **fresh), settings, "evosparse:score:f1:1")
+        fanned, _, fitness = _coordinate(_spec(model_root, workers=3, **fresh), settings, "evosparse:score:f3:1")
+        assert fitness.remote_scored > 0, "the scoring workers scored nothing"
+        assert len({r["chunk"] for r in alone.history}) == 3  # 6 selection windows in chunks of 2
+        _same(fanned, alone)
+        assert [r["val"] for r in fanned.history] == [r["val"] for r in alone.history]
     finally:
         scorers.stop()
 

@@ -1,0 +1,268 @@
+"""Search v2 benchmark on SmolLM2-135M: cheap SparseGPT levels, validation selection, fresh windows,
+depth-ramp seeds, several seeds, and a second held-out text that is not Python documentation.
+
+  quality  baselines (uniform / Fisher / OWL / ramp) and the evolutionary search at several search
+           seeds, every final model pruned block-sequentially as a job ships it, perplexity on the
+           pydoc evaluation half and on the Debian licence texts (/usr/share/common-licenses,
+           concatenated; never read for calibration or tuning). ``--transfer sparsegpt``: also
+           prune each found allocation with SparseGPT (search on Wanda levels, ship SparseGPT).
+  report   renders bench/results/search_v2.md from bench/results/raw/v2_*.json.
+
+Calibration: 32 pydoc windows (first half, seed 0) for every seed; the search seed varies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+RAW = ROOT / "results" / "raw"
+sys.path.insert(0, str(ROOT))
+LICENCES = Path("/usr/share/common-licenses")
+
+
+def licence_file() -> Path:
+    """The Debian licence texts as one file (each distinct text once, in name order)."""
+    out = Path("/tmp/evosparse-bench-licences.txt")
+    seen, parts = set(), []
+    for p in sorted(LICENCES.iterdir()):
+        if p.is_file():
+            text = p.resolve().read_text(errors="replace")
+            if text not in seen:
+                seen.add(text)
+                parts.append(text)
+    out.write_text("\n\n".join(parts))
+    return out
+
+
+def evaluate(model, texts: dict) -> dict:
+    from evosparse.pruning.evaluate import perplexity
+
+    return {name: perplexity(model, w) for name, w in texts.items()}
+
+
+def prune_eval(model, dense, calib, texts, pruner, counts) -> tuple[dict, float]:
+    from evosparse.pruning.prune import prune_model
+
+    t = time.perf_counter()
+    prune_model(model, calib, pruner, counts)
+    prune_s = time.perf_counter() - t
+    ppl = evaluate(model, texts)
+    dense.restore()
+    return ppl, prune_s
+
+
+class Hooks:
+    def stage(self, *a, **k):
+        pass
+
+    def setup(self, message):
+        pass
+
+    def generation(self, record, state):
+        print(f"  gen {record['generation']:3d} best {record['best']:.4f} val {record.get('val', float('nan')):.4f} "
+              f"t {record['seconds']:.0f}s", flush=True)
+
+    def should_cancel(self):
+        return False
+
+
+def cmd_quality(args) -> None:
+    from bench_search import sensitivity
+    from common import setup
+    from evosparse.jobs.spec import JobSpec, SearchSettings
+    from evosparse.pruning.data import get_windows
+    from evosparse.pruning.layers import find_blocks
+    from evosparse.pruning.leveldb import LevelDB, search_units
+    from evosparse.pruning.sensitivity import allocation_counts
+    from evosparse.pruning.snapshot import DenseWeights
+    from evosparse.worker.search_stage import level_kwargs, ramp_allocation, run_search, search_space
+
+    RAW.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    model, tok, calib, evalw = setup(args)
+    texts = {"pydoc": evalw, "licences": get_windows(str(licence_file()), tok, args.eval_windows, 256, "eval")}
+    blocks = find_blocks(model)
+    dense = DenseWeights(blocks)
+    out: dict = {"args": vars(args) | {"func": None}, "dense": evaluate(model, texts), "baselines": {}, "runs": []}
+    print("dense", out["dense"], flush=True)
+    sens = sensitivity(model, calib, 32)
+    base_spec = JobSpec(model=args.model, sparsity=args.sparsity, pruner=args.pruner, allocation="ramp",
+                        calib_windows=args.calib_windows)
+    for name in args.baselines.split(","):
+        if not name:
+            continue
+        t = time.perf_counter()
+        extra: dict = {}
+        if name == "ramp":
+            counts, extra = ramp_allocation(model, calib, base_spec, blocks, dense)
+        else:
+            kind, _, spread = name.partition("@")
+            counts = allocation_counts(model, kind, args.sparsity, owl=sens["owl"], fisher=sens["fisher"],
+                                       owl_lambda=0.08, spread=float(spread or 0.1), blocks=blocks)
+        alloc_s = time.perf_counter() - t
+        ppl, prune_s = prune_eval(model, dense, calib, texts, args.pruner, counts)
+        out["baselines"][name] = {"ppl": ppl, "alloc_s": alloc_s, "prune_s": prune_s, **extra}
+        print(name, out["baselines"][name], flush=True)
+
+    settings = dict(generations=10_000, seed_from="fisher", granularity=args.granularity,
+                    time_budget_min=args.budget_min, validation_windows=args.validation_windows,
+                    fresh_windows=not args.fixed_windows, ramp_seeds=not args.no_ramps, anchor_every=args.anchor_every,
+                    rerank=args.rerank)
+    spec0 = JobSpec(model=args.model, sparsity=args.sparsity, pruner=args.search_pruner or args.pruner,
+                    allocation="evolutionary", calib_windows=args.calib_windows, search=SearchSettings(**settings))
+    units = search_units(blocks, args.granularity)
+    space = search_space(spec0, units)
+    t = time.perf_counter()
+    db = LevelDB.build(model, calib, spec0.pruner, blocks=blocks, **level_kwargs(spec0, units, space))
+    out["leveldb"] = {"seconds": time.perf_counter() - t, "anchor_seconds": db.anchor_seconds,
+                      "anchor_levels": db.anchor_levels(), "linears": len(db.modules), "mb": db.nbytes() / 2**20}
+    print("level db", out["leveldb"], flush=True)
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        spec = spec0.model_copy(update={"seed": seed})
+        t = time.perf_counter()
+        outcome = run_search(model, calib, spec, Hooks(), sensitivity=sens, db=db, blocks=blocks,
+                             dense=dense if args.rerank else None)
+        db.restore()  # after a dense snapshot's restore the database's own state is stale: make it dense again
+        search_s = time.perf_counter() - t
+        run = {"seed": seed, "search_s": search_s, "loop_s": outcome.seconds, "generations": len(outcome.history) - 1,
+               "candidates": outcome.candidates_scored, "best_fitness": outcome.best_fitness,
+               "best_val": outcome.best_val, "history": outcome.history, "best_vector": outcome.best_vector,
+               "timings": outcome.timings}
+        run["ppl"], run["prune_s"] = prune_eval(model, dense, calib, texts, args.pruner, outcome.counts)
+        if outcome.shipped_val:  # score what ships: also the model the database-level validation would have chosen
+            run["rerank"] = outcome.shipped_val
+            if outcome.shipped_val["chosen"] != 0:
+                first = space.counts(outcome.shipped_val["levels"][0])
+                run["ppl_db_choice"], _ = prune_eval(model, dense, calib, texts, args.pruner,
+                                                     db.linear_counts(units, first))
+        if args.transfer:
+            run["transfer_ppl"], run["transfer_prune_s"] = prune_eval(model, dense, calib, texts, args.transfer,
+                                                                      outcome.counts)
+        out["runs"].append(run)
+        print("seed", seed, {k: v for k, v in run.items() if k not in ("history", "best_vector")}, flush=True)
+        (RAW / f"v2_{args.tag}.json").write_text(json.dumps(out, indent=1))
+    out["total_s"] = time.perf_counter() - t_all
+    (RAW / f"v2_{args.tag}.json").write_text(json.dumps(out, indent=1))
+
+
+def ms(xs) -> str:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "—"
+    if len(xs) == 1:
+        return f"{xs[0]:.2f}"
+    return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}"
+
+
+def cmd_report(args) -> None:
+    runs = {p.stem[3:]: json.loads(p.read_text()) for p in sorted(RAW.glob("v2_*.json"))}
+    lines = ["# Search v2 benchmark (SmolLM2-135M, pydoc calibration)", "",
+             "Generated by `python bench/bench_search_v2.py report` from bench/results/raw/v2_*.json. "
+             "Perplexity on 16 windows × 256 tokens of the pydoc evaluation half and of the Debian licence "
+             "texts (/usr/share/common-licenses, each distinct text once, concatenated, evaluation half). "
+             "Cells with ± are mean ± sample standard deviation over the search seeds.", ""]
+    for tag, r in runs.items():
+        a = r["args"]
+        lines += [f"## {tag}: {a['pruner']} at {a['sparsity']}, search on {a.get('search_pruner') or a['pruner']} "
+                  f"levels, {a['granularity']}, {a['budget_min']} min", "",
+                  f"Command: `python bench/bench_search_v2.py quality {' '.join(a.get('argv', []))}`", "",
+                  "| allocation | pydoc ppl | licences ppl | / uniform (pydoc) | / uniform (licences) |",
+                  "| --- | --- | --- | --- | --- |"]
+        uni = r["baselines"].get("uniform", {}).get("ppl")
+        lines.append(f"| dense | {r['dense']['pydoc']:.2f} | {r['dense']['licences']:.2f} | | |")
+        for name, b in r["baselines"].items():
+            p = b["ppl"]
+            rel = (f"{p['pydoc'] / uni['pydoc']:.3f} | {p['licences'] / uni['licences']:.3f}") if uni else "— | —"
+            label = name + (f" (slope {b['slope']})" if "slope" in b else "")
+            lines.append(f"| {label} | {p['pydoc']:.2f} | {p['licences']:.2f} | {rel} |")
+        for key, label in (("ppl", "evolutionary"), ("transfer_ppl", f"transfer → {a.get('transfer')}")):
+            if not r["runs"] or key not in r["runs"][0]:
+                continue
+            pp = [x[key]["pydoc"] for x in r["runs"]]
+            pl = [x[key]["licences"] for x in r["runs"]]
+            rel = (f"{ms([x / uni['pydoc'] for x in pp])} | {ms([x / uni['licences'] for x in pl])}") if uni else "— | —"
+            lines.append(f"| {label} ({len(pp)} seeds) | {ms(pp)} | {ms(pl)} | {rel} |")
+        if uni and r["runs"]:
+            fixed = {k: v["ppl"]["pydoc"] for k, v in r["baselines"].items() if k != "uniform"}
+            if fixed:
+                best = min(fixed, key=fixed.get)
+                evo = [x["ppl"]["pydoc"] / fixed[best] for x in r["runs"]]
+                carry = [(x["ppl"]["licences"] / uni["licences"]) / (x["ppl"]["pydoc"] / uni["pydoc"])
+                         for x in r["runs"]]
+                lines += ["", f"evolutionary / best fixed rule on pydoc ({best}): {ms(evo)}; "
+                              f"(searched/uniform on licences) / (searched/uniform on pydoc): {ms(carry)}"]
+        reranked = [x for x in r["runs"] if "rerank" in x]
+        if reranked:
+            lines += ["", "Score what ships (`search.rerank`): the best candidates on validation (database levels on dense "
+                          "inputs) re-pruned block by block as the job ships them and scored on validation again:", "",
+                      "| seed | database val KL (top) | shipped val KL (same) | chosen | pydoc ppl of the shipped choice | "
+                      "pydoc ppl of the database choice |", "| --- | --- | --- | --- | --- | --- |"]
+            for x in reranked:
+                rr = x["rerank"]
+                other = x.get("ppl_db_choice", x["ppl"])["pydoc"]
+                lines.append(f"| {x['seed']} | {', '.join(f'{v:.4f}' for v in rr['database'])} | "
+                             f"{', '.join(f'{v:.4f}' for v in rr['shipped'])} | #{rr['chosen']} | "
+                             f"{x['ppl']['pydoc']:.2f} | {other:.2f} |")
+        db = r.get("leveldb", {})
+        lines += ["", f"Level database: {db.get('seconds', 0):.0f} s ({db.get('anchor_levels', 0)} SparseGPT levels "
+                      f"built up front in {db.get('anchor_seconds', 0):.0f} s, {db.get('mb', 0):.0f} MB). "
+                      f"Baselines: " + ", ".join(f"{k} prune {v['prune_s']:.0f} s" for k, v in r["baselines"].items()),
+                  "", "| seed | generations | candidates | search s | prune s | final calib KL | final val KL |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for x in r["runs"]:
+            lines.append(f"| {x['seed']} | {x['generations']} | {x['candidates']} | {x['search_s']:.0f} | "
+                         f"{x['prune_s']:.0f} | {x['best_fitness']:.4f} | {x['best_val']:.4f} |")
+        if r["runs"]:
+            h = r["runs"][0]["history"]
+            step = max(1, len(h) // 8)
+            lines += ["", f"Calibration vs validation KL of the parent, seed {r['runs'][0]['seed']} (calibration: "
+                          "that generation's chunk):", "", "| generation | chunk | calibration | validation |",
+                      "| --- | --- | --- | --- |"]
+            for rec in h[::step] + ([h[-1]] if (len(h) - 1) % step else []):
+                lines.append(f"| {rec['generation']} | {rec.get('chunk', '—')} | {rec['best']:.4f} | "
+                             f"{rec.get('val', float('nan')):.4f} |")
+        lines.append("")
+    (ROOT / "results" / "search_v2.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(required=True)
+    q = sub.add_parser("quality")
+    q.add_argument("--tag", required=True)
+    q.add_argument("--model", default="smollm2-135m")
+    q.add_argument("--pruner", default="wanda")
+    q.add_argument("--search-pruner", default=None, help="level database pruner (default: --pruner)")
+    q.add_argument("--transfer", default=None, help="also prune each found allocation with this pruner")
+    q.add_argument("--sparsity", type=float, default=0.7)
+    q.add_argument("--seeds", default="0,1,2")
+    q.add_argument("--budget-min", type=float, default=3.0)
+    q.add_argument("--granularity", default="layer")
+    q.add_argument("--baselines", default="uniform,fisher@0.1,fisher@0.2,owl,ramp")
+    q.add_argument("--calib-windows", type=int, default=32)
+    q.add_argument("--eval-windows", type=int, default=16)
+    q.add_argument("--validation-windows", type=int, default=8)
+    q.add_argument("--anchor-every", type=int, default=4)
+    q.add_argument("--fixed-windows", action="store_true")
+    q.add_argument("--no-ramps", action="store_true")
+    q.add_argument("--rerank", type=int, default=0)
+    q.set_defaults(func=cmd_quality)
+    r = sub.add_parser("report")
+    r.set_defaults(func=cmd_report)
+    args = ap.parse_args()
+    args.argv = sys.argv[2:]
+    torch.set_num_threads(2)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
