@@ -11,6 +11,8 @@ Subcommands (each writes JSON under bench/results/raw/ and prints a table):
               built from a config with random weights (--synthetic 1b), saved once to disk.
   reuse       set-up time (seed, dense reference, level database) of a first job on a model
               and of a second job on the same model content, which loads the stored database.
+  ceiling     the machine's own limit: forwards of one SmolLM2-shaped block by one 1-thread
+              process, then by two at once (no Redis, no search): the most 2 workers could give.
 
 Heavy: run one at a time, e.g.
   flock /tmp/evosparse-heavy.lock python3 bench/bench_scale.py throughput
@@ -334,9 +336,62 @@ def cmd_reuse(args: argparse.Namespace) -> dict:
     return result
 
 
+def _block_forwards(n: int, ready=None, go=None) -> float:  # noqa: ANN001 - multiprocessing events
+    """Seconds for ``n`` forwards of one SmolLM2-shaped decoder block (random weights) on 256 tokens, 1 thread."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3)
+    block, rope = LlamaDecoderLayer(cfg, 0).eval(), LlamaRotaryEmbedding(cfg)
+    h = torch.randn(1, 256, 576)
+    pos = rope(h, torch.arange(256).unsqueeze(0))
+    with torch.no_grad():
+        block(h, position_embeddings=pos)  # warm-up
+        if ready is not None:
+            ready.set()
+            go.wait()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            block(h, position_embeddings=pos)
+        return time.perf_counter() - t0
+
+
+def _timed(n: int, ready, go, out) -> None:  # noqa: ANN001
+    out.put(_block_forwards(n, ready, go))
+
+
+def cmd_ceiling(args: argparse.Namespace) -> dict:
+    """What two 1-thread processes can do together on this machine, with no coordination at all."""
+    import multiprocessing as mp
+
+    n = args.forwards
+    alone = _block_forwards(n)
+    ctx = mp.get_context("spawn")
+    out, go = ctx.Queue(), ctx.Event()
+    readies = [ctx.Event() for _ in range(2)]
+    procs = [ctx.Process(target=_timed, args=(n, r, go, out)) for r in readies]
+    for p in procs:
+        p.start()
+    for r in readies:
+        r.wait()
+    go.set()
+    times = [out.get() for _ in procs]
+    for p in procs:
+        p.join()
+    ratio = 2 * n / max(times) / (n / alone)
+    result = {"bench": "ceiling", "forwards": n, "alone_s": round(alone, 2), "pair_s": [round(t, 2) for t in times],
+              "aggregate_speedup": round(ratio, 3)}
+    print(f"{n} block forwards alone: {alone:.1f} s; two processes at once: {times[0]:.1f} s and {times[1]:.1f} s "
+          f"-> two independent 1-thread processes do {ratio:.2f}x the work of one")
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=("throughput", "memory", "reuse"))
+    p.add_argument("command", choices=("throughput", "memory", "reuse", "ceiling"))
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--synthetic", choices=sorted(SYNTHETIC), help="memory: a synthetic Llama instead of --model")
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "evosparse-bench-models"))
@@ -345,9 +400,10 @@ def main() -> None:
     p.add_argument("--offspring", type=int, default=8)
     p.add_argument("--selection", default="256:2,1024:1")
     p.add_argument("--calib-windows", type=int, default=32, help="memory: calibration windows of 256 tokens")
+    p.add_argument("--forwards", type=int, default=400, help="ceiling: block forwards per process")
     args = p.parse_args()
     result = {"cmd": " ".join(sys.argv), **{"throughput": cmd_throughput, "memory": cmd_memory,
-                                             "reuse": cmd_reuse}[args.command](args)}
+                                             "reuse": cmd_reuse, "ceiling": cmd_ceiling}[args.command](args)}
     RAW.mkdir(parents=True, exist_ok=True)
     name = f"scale_{args.command}_{args.synthetic or Path(args.model).name}.json"
     (RAW / name).write_text(json.dumps(result, indent=1) + "\n")
