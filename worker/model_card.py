@@ -20,6 +20,12 @@ def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f} %"
 
 
+def _target(report: dict[str, Any]) -> str:
+    if report.get("sparsity_target") is None and report.get("bits_per_weight") is not None:
+        return f"a size budget of {report['bits_per_weight']} bits per weight"
+    return _pct(report.get("sparsity_target"))
+
+
 def _title(report: dict[str, Any]) -> str:
     source = (report.get("provenance") or {}).get("source") or {}
     name = source.get("name") or report.get("model", "model")
@@ -28,14 +34,17 @@ def _title(report: dict[str, Any]) -> str:
 
 
 def _tags(report: dict[str, Any]) -> list[str]:
-    tags = ["evosparse", "pruned", "sparse", f"sparsity-{round(100 * report.get('sparsity_target', 0))}",
+    target = report.get("sparsity_target")
+    budget = f"bits-per-weight-{report.get('bits_per_weight')}"  # a size-budget job has no sparsity target
+    tags = ["evosparse", "pruned", "sparse", f"sparsity-{round(100 * target)}" if target is not None else budget,
             str(report.get("pruner")), f"allocation-{report.get('allocation')}"]
     if report.get("allocation") == "evolutionary":
         tags.append("evolutionary-search")
     pattern = str(report.get("pattern"))
     tags.append("structured-pruning" if pattern == "structured" else f"pattern-{pattern.replace(':', '-')}")
     if report.get("quantize"):
-        tags.append(f"int{report['quantize']['bits']}")
+        widths = report["quantize"].get("bit_widths") or [report["quantize"].get("bits")]
+        tags += [f"int{b}" for b in widths if b is not None]
     if report.get("format") == "compressed-tensors":
         tags.append("compressed-tensors")
     return tags
@@ -144,7 +153,7 @@ def card_text(report: dict[str, Any]) -> str:
     body = [f"# {_title(report)}", "",
             f"Pruned by evosparse with the `{report.get('pruner')}` pruner and the "
             f"`{report.get('allocation')}` allocation: {_pct(report.get('global_sparsity'))} of the decoder layers' "
-            f"linear weights are zero (target {_pct(report.get('sparsity_target'))}, counted in parameters, "
+            f"linear weights are zero (target {_target(report)}, counted in parameters, "
             f"measured in the saved files).", "", "## Perplexity", "", *_perplexity(report), "",
             *_tasks(report), *_layers(report), "## Reproduce", "", "```bash", report.get("command", ""), "```", "",
             "The same job through the REST API (`POST /v1/jobs`):", "", "```json",

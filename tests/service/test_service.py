@@ -113,7 +113,7 @@ def test_idempotent_resubmission_returns_the_same_job(stack):
     first = client.submit(spec, idempotency_key="pipeline-run-1")
     r = client.http.post("/v1/jobs", json=spec, headers={"Idempotency-Key": "pipeline-run-1"})
     assert r.status_code == 202 and r.json()["id"] == first.id
-    assert r.headers["Idempotent-Replayed"] == "true" and r.headers["Location"] == f"/v1/jobs/{first['id']}"
+    assert r.headers["Idempotent-Replayed"] == "true" and r.headers["Location"] == f"/v1/jobs/{first.id}"
     assert stack.count_jobs() == before + 1
     with pytest.raises(ApiError) as err:  # same key, different spec: refused, not silently merged
         client.submit(stack.tiny_spec(seed=8), idempotency_key="pipeline-run-1")
