@@ -68,12 +68,17 @@ def synthetic_model_dir(size: str, cache: Path) -> Path:
 class Service:
     """The pieces a distributed search needs: embedded Redis, a local object store, scoring workers."""
 
-    def __init__(self, root: Path, scorers: int) -> None:
+    def __init__(self, root: Path, scorers: int, scoring_on_broker: bool = False) -> None:
         from evosparse.cli.service_cmd import start_embedded_redis
 
+        # As `evosparse serve` runs them: the broker with its append-only file, the scoring exchange in
+        # memory only (``scoring_on_broker``: the exchange on the broker, as before that split).
         self.redis, broker = start_embedded_redis(root / "redis.db")
+        self.scoring_redis, scoring_url = (None, broker) if scoring_on_broker else \
+            start_embedded_redis(root / "scoring-redis.db", persistent=False)
         self.env = {
             "EVOSPARSE_BROKER_URL": broker,
+            "EVOSPARSE_SCORING_REDIS_URL": scoring_url,
             "EVOSPARSE_DATA_DIR": str(root / "data"),
             "EVOSPARSE_STORE_URL": f"file://{root / 'store'}",
             "EVOSPARSE_WORK_DIR": str(root / "work"),
@@ -114,12 +119,19 @@ class Service:
         import psutil
 
         procs = {"coordinator": psutil.Process(), "redis": psutil.Process(self.redis.pid)}
+        if self.scoring_redis is not None:
+            procs["scoring_redis"] = psutil.Process(self.scoring_redis.pid)
         procs.update({f"scorer{i}": psutil.Process(p.pid) for i, p in enumerate(self.procs)})
-        before = {k: sum(p.cpu_times()[:2]) for k, p in procs.items()}
+
+        def used(name: str, p) -> float:  # noqa: ANN001 - Redis's snapshot/rewrite forks count for Redis
+            times = p.cpu_times()
+            return sum(times[:4]) if "redis" in name else sum(times[:2])
+
+        before = {k: used(k, p) for k, p in procs.items()}
         wall = time.perf_counter()
         out: dict[str, float] = {}
         yield out
-        out.update({k: round(sum(p.cpu_times()[:2]) - before[k], 2) for k, p in procs.items()})
+        out.update({k: round(used(k, p) - before[k], 2) for k, p in procs.items()})
         out["wall"] = round(time.perf_counter() - wall, 2)
 
     def stop(self) -> None:
@@ -130,7 +142,9 @@ class Service:
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
-        self.redis.shutdown()
+        for server in (self.redis, self.scoring_redis):
+            if server is not None:
+                server.shutdown()
 
 
 def run_one(model_path: str, sparsity: float, workers: int, generations: int, offspring: int, selection: str,
@@ -168,7 +182,7 @@ def run_one(model_path: str, sparsity: float, workers: int, generations: int, of
         fitness = factory(local) if factory is not None else local
         made.append(fitness)
         if workers > 1 and wait_warm:  # measure the search, not the scorers' start-up
-            r = redis_from_url(settings.broker_url)
+            r = redis_from_url(settings.resolved_scoring_redis_url)
             deadline = time.monotonic() + 600
             while len(list(r.scan_iter(match=f"{namespace}:warm:*"))) < workers - 1:
                 if time.monotonic() > deadline:
@@ -196,7 +210,7 @@ def run_one(model_path: str, sparsity: float, workers: int, generations: int, of
 
 def cmd_throughput(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        svc = Service(Path(tmp), scorers=1)
+        svc = Service(Path(tmp), scorers=1, scoring_on_broker=args.scoring_on_broker)
         try:
             # Build (and store) the level database first, so both timed runs load it alike.
             run_one(args.model, args.sparsity, 1, 1, args.offspring, args.selection, "warmup")
@@ -215,7 +229,7 @@ def cmd_throughput(args: argparse.Namespace) -> dict:
           f"| 1 | {one['candidates_scored']} | {one['search_seconds']} | {one['candidates_per_minute']} |\n"
           f"| 2 | {two['candidates_scored']} | {two['search_seconds']} | {two['candidates_per_minute']} |\n"
           f"speed-up {result['speedup']}x; same best vector: {result['same_best_vector']}; "
-          f"candidates scored by the scoring worker: {two['remote_scored']}; coordinator's parent traces "
+          f"work items (candidate x window) scored by the scoring worker: {two['remote_scored']}; coordinator's parent traces "
           f"fetched/rebuilt: {two['coordinator_traces']['fetched']}/{two['coordinator_traces']['rebuilt']}\n"
           f"CPU seconds, 1 worker: {one['cpu_seconds']}; 2 workers: {two['cpu_seconds']}")
     return result
@@ -304,7 +318,7 @@ def cmd_memory(args: argparse.Namespace) -> dict:
             context = {"namespace": namespace, "spec": spec.model_dump(mode="json"), "leveldb_key": key}
             svc.start_scorers(1)
             t1 = time.perf_counter()
-            scored = _drive_scorer(redis_from_url(settings.broker_url), namespace, context, batches)
+            scored = _drive_scorer(redis_from_url(settings.resolved_scoring_redis_url), namespace, context, batches)
             score_s = time.perf_counter() - t1
             peak = svc.peak_rss_mb(0)
         finally:
@@ -400,12 +414,14 @@ def main() -> None:
     p.add_argument("--offspring", type=int, default=8)
     p.add_argument("--selection", default="256:2,1024:1")
     p.add_argument("--calib-windows", type=int, default=32, help="memory: calibration windows of 256 tokens")
+    p.add_argument("--scoring-on-broker", action="store_true",
+                   help="throughput: the scoring exchange on the broker's (append-only) Redis, as before it had its own")
     p.add_argument("--forwards", type=int, default=400, help="ceiling: block forwards per process")
     args = p.parse_args()
     result = {"cmd": " ".join(sys.argv), **{"throughput": cmd_throughput, "memory": cmd_memory,
                                              "reuse": cmd_reuse, "ceiling": cmd_ceiling}[args.command](args)}
     RAW.mkdir(parents=True, exist_ok=True)
-    name = f"scale_{args.command}_{args.synthetic or Path(args.model).name}.json"
+    name = f"scale_{args.command}_{args.synthetic or Path(args.model).name}{'_on_broker' if args.scoring_on_broker else ''}.json"
     (RAW / name).write_text(json.dumps(result, indent=1) + "\n")
 
 

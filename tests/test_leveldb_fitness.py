@@ -163,10 +163,40 @@ def test_more_tokens_runs_only_the_new_windows_and_a_scored_child_becomes_parent
     assert fit.blocks_run - before == 5 * (n_blocks - first)  # no rebuild of a's trace
     # The child is adopted as the next parent with the states it computed: its grandchild reuses them.
     fit.set_parent(child)
-    assert set(fit.parent_trace) == {(0, 5)}  # the one range it was scored on
+    assert set(fit.parent_trace) == {(w, w + 1) for w in range(5)}  # on a CPU one range per window
     before = fit.blocks_run
     fit(child, 160)
     assert fit.blocks_run == before
+
+
+def test_ranges_are_cut_at_the_stage_bounds_and_every_range_windows_and_split_into_work_items(
+        tiny_llama, tiny_tokens):
+    import random
+
+    from evosparse.search.operators import mutate
+
+    # Three fitnesses over one model: each restores its own database before use (they share the weights).
+    batched, space = make_fitness(tiny_llama, tiny_tokens, window_bounds=[32, 160], range_windows=8)
+    single, _ = make_fitness(tiny_llama, tiny_tokens, window_bounds=[32, 160])
+    whole, _ = make_fitness(tiny_llama, tiny_tokens, window_bounds=[32, 160])
+    assert single.range_windows == 1  # the CPU default
+    v = mutate(space, space.zero(), random.Random(5), switches=2)
+    assert batched.pending_ranges(v, 160) == [(0, 1), (1, 5)]
+    assert single.pending_ranges(v, 160) == [(w, w + 1) for w in range(5)]
+    whole.db.restore()
+    expected = whole(v, 160)
+    batched.db.restore()
+    batched(v, 32)
+    assert batched.pending_ranges(v, 160) == [(1, 5)]
+    assert batched(v, 160) == pytest.approx(expected, rel=1e-5)  # other batching: other rounding only
+    # Ranges scored as work items, in any order, give exactly the scores of the whole call.
+    single.db.restore()
+    items = single.pending_ranges(v, 160)
+    for rng in reversed(items):
+        assert [w for w, _ in single.score_range(v, rng)] == list(range(*rng))
+    assert single.pending_ranges(v, 160) == [] and single.cost(v, 160) == 0
+    before = single.blocks_run
+    assert single(v, 160) == expected and single.blocks_run == before
 
 
 def test_topk_kl_is_close_to_full_and_ppl_works(tiny_llama, tiny_tokens):

@@ -1,19 +1,21 @@
 """Distributed scoring: one search, its selection stages fanned out to scoring workers over Celery + Redis.
 
 The task that runs the job owns the search state (the *coordinator*). For each selection stage
-with ``search.workers`` > 1 it writes the stage's unscored candidates to Redis as a batch, sends
-``workers - 1`` wake-up tasks to the scoring queue, and scores candidates itself too. Everyone
-takes candidates from the batch's list one at a time (LPOP, atomic), holds a lease on the one it
-is scoring (a key that expires unless its holder refreshes it), and writes back the score with
-its per-window scores. So:
+with ``search.workers`` > 1 it writes the stage's work items to Redis as a batch — every window
+range its candidates still have to run (on a CPU one window each, so a last stage of two
+candidates still splits evenly) — sends ``workers - 1`` wake-up tasks to the scoring queue, and
+scores items itself too. Everyone takes items from the batch's list one at a time (LPOP,
+atomic), holds a lease on the one it is scoring (a key that expires unless its holder refreshes
+it), and writes back its per-window scores; the coordinator then forms each candidate's score
+from its windows exactly as one process does. So:
 
 - *work stealing*: a fast or warm process takes more; a job never waits for a scorer that is
   busy or still loading (the coordinator alone can finish every batch);
 - *a scorer killed mid-task* (SIGKILL) stops refreshing its lease; once it has expired the
-  coordinator puts the candidate back on the list and someone else scores it;
-- *same result*: a score is a pure function of (vector, tokens, window chunk) — the fitness cuts window
-  ranges at the stage bounds and takes the per-window scores already known for a vector —
-  so which process computed it changes nothing: bit-identical on one device type with the
+  coordinator puts the item back on the list and someone else scores it;
+- *same result*: a window's score is a pure function of (vector, window) — the fitness cuts
+  window ranges at the same places in every process (pruning/fitness.py) — so which process
+  computed it changes nothing: bit-identical on one device type with the
   same torch thread count;
 - *warm scorers*: a scoring process keeps the job's model, dense reference and level database
   (loaded from the object store, never rebuilt) between tasks, keyed by the job attempt; it
@@ -181,8 +183,8 @@ class DistributedFitness:
         self.workers, self.send, self.lease_s, self.poll_s = workers, send, lease_s, poll_s
         self.parent: tuple[int, ...] | None = None
         self.batches = 0
-        self.remote_scored = 0  # candidates scored by other processes (the benchmark reads it)
-        self.requeued = 0  # candidates put back after their scorer's lease expired
+        self.remote_scored = 0  # work items scored by other processes (the benchmark reads it)
+        self.requeued = 0  # work items put back after their scorer's lease expired
         self.holder = f"coordinator@{socket.gethostname()}:{os.getpid()}"
         self.on_close = on_close
         self._alive()
@@ -211,77 +213,84 @@ class DistributedFitness:
             if len(self.final_batches) > 2:
                 self.traces.drop_before(self.final_batches[-2])
             self.traces.publish(vectors, self.batches)  # what this process scored of them earlier
-        if len(vectors) <= 1:
-            scores = self.local.score_many(vectors, tokens, chunk)
-            if final:
-                self.traces.publish(vectors, self.batches)
-            return scores
-        batch = f"{self.ns}:b{self.batches}"
-        k = _keys(batch)
-        pipe = self.r.pipeline()
-        pipe.hset(k["items"], mapping={str(i): json.dumps({"v": v, "known": self.local.known_windows(v)})
-                                       for i, v in enumerate(vectors)})
-        pipe.set(k["meta"], json.dumps({"tokens": tokens, "chunk": chunk, "parent": self.parent, "final": final,
-                                        "serial": self.batches}))
-        # Most expensive first (longest-processing-time order): the stage's last, lone candidate is a
-        # cheap one, so the processes reach the barrier closer together. Order never changes a score.
-        costs = [self.local.cost(v, tokens, chunk) for v in vectors]
-        pipe.rpush(k["todo"], *sorted(range(len(vectors)), key=lambda i: -costs[i]))
-        for key in k.values():
-            pipe.expire(key, int(BATCH_TTL_S))
-        pipe.set(f"{self.ns}:alive", "1", px=int(ALIVE_TTL_S * 1000))
-        pipe.execute()
-        for _ in range(min(self.workers - 1, len(vectors) - 1)):
-            self.send(self.context, batch)
-        try:
-            return self._gather(batch, vectors, tokens, chunk)
-        finally:
-            self.r.delete(*_keys(batch).values())
+        # The work items: every window range still to run, of every candidate (on a CPU one window
+        # each), so a stage of two candidates still splits evenly between processes.
+        items = [(i, rng) for i, v in enumerate(vectors) for rng in self.local.pending_ranges(v, tokens, chunk)]
+        if len(items) > 1:
+            batch = f"{self.ns}:b{self.batches}"
+            k = _keys(batch)
+            pipe = self.r.pipeline()
+            pipe.hset(k["items"], mapping={str(j): json.dumps({"v": vectors[i], "r": list(rng)})
+                                           for j, (i, rng) in enumerate(items)})
+            pipe.set(k["meta"], json.dumps({"tokens": tokens, "chunk": chunk, "parent": self.parent,
+                                            "final": final, "serial": self.batches}))
+            # Most expensive first (longest-processing-time order): the stage's last, lone item is a
+            # cheap one, so the processes reach the barrier together. Order never changes a score.
+            costs = [self.local.range_cost(vectors[i], rng) for i, rng in items]
+            pipe.rpush(k["todo"], *sorted(range(len(items)), key=lambda j: -costs[j]))
+            for key in k.values():
+                pipe.expire(key, int(BATCH_TTL_S))
+            pipe.set(f"{self.ns}:alive", "1", px=int(ALIVE_TTL_S * 1000))
+            pipe.execute()
+            for _ in range(min(self.workers - 1, len(items) - 1)):
+                self.send(self.context, batch)
+            try:
+                self._gather(batch, vectors, items, final)
+            finally:
+                self.r.delete(*_keys(batch).values())
+        else:
+            for i, rng in items:
+                self.local.score_range(vectors[i], rng)
+                if final:
+                    self.traces.publish([vectors[i]], self.batches)
+        # Every window is known now: the scores are means of per-window scores, computed here alike.
+        return self.local.score_many(vectors, tokens, chunk)
 
-    def _gather(self, batch: str, vectors: list[tuple[int, ...]], tokens: int, chunk: int) -> list[float]:
+    def _gather(self, batch: str, vectors: list[tuple[int, ...]], items: list[tuple[int, tuple[int, int]]],
+                final: bool) -> None:
+        """Score items of ``batch`` here until its list is empty, then collect the others' results."""
         k = _keys(batch)
-        final = self.traces is not None and self.local.is_final(tokens)
-        results: dict[int, float] = {}
+        done: set[int] = set()
         missing_since: dict[int, float] = {}
-        while len(results) < len(vectors):
+        while len(done) < len(items):
             item = self.r.lpop(k["todo"])
             if item is not None:  # score one ourselves, under a lease like everyone else
-                i = int(item)
-                if i not in results:
-                    lease = _Lease(self.r, _keys(batch, i)["lease"], self.holder, self.lease_s)
+                j = int(item)
+                if j not in done:
+                    i, rng = items[j]
+                    lease = _Lease(self.r, _keys(batch, j)["lease"], self.holder, self.lease_s)
                     lease.start()
                     try:
-                        results[i] = self.local(vectors[i], tokens, chunk)
+                        self.local.score_range(vectors[i], rng)
                         if final:
                             self.traces.publish([vectors[i]], self.batches)
                     finally:
                         lease.release()
+                    done.add(j)
                 continue
             for key, raw in self.r.hgetall(k["done"]).items():
-                i = int(key)
-                if i not in results:
-                    got = json.loads(raw)
-                    results[i] = float(got["s"])
-                    self.local.add_known_windows(vectors[i], got["w"])
+                j = int(key)
+                if j not in done:
+                    self.local.add_known_windows(vectors[items[j][0]], json.loads(raw)["w"])
+                    done.add(j)
                     self.remote_scored += 1
-            pending = [i for i in range(len(vectors)) if i not in results]
+            pending = [j for j in range(len(items)) if j not in done]
             if not pending:
                 break
-            leases = self.r.mget([_keys(batch, i)["lease"] for i in pending])
+            leases = self.r.mget([_keys(batch, j)["lease"] for j in pending])
             now = time.monotonic()
-            for i, held in zip(pending, leases, strict=True):
+            for j, held in zip(pending, leases, strict=True):
                 if held is not None:
-                    missing_since.pop(i, None)
+                    missing_since.pop(j, None)
                     continue
                 # Off the list, no lease, no result: its scorer died (or is between LPOP and lease).
-                if now - missing_since.setdefault(i, now) > min(2.0, self.lease_s):
-                    if not self.r.hexists(k["done"], str(i)):
-                        self.r.rpush(k["todo"], i)
+                if now - missing_since.setdefault(j, now) > min(2.0, self.lease_s):
+                    if not self.r.hexists(k["done"], str(j)):
+                        self.r.rpush(k["todo"], j)
                         self.requeued += 1
-                        log.warning("candidate %d of %s lost its scorer; scoring it again", i, batch)
-                    missing_since.pop(i, None)
+                        log.warning("item %d of %s lost its scorer; scoring it again", j, batch)
+                    missing_since.pop(j, None)
             time.sleep(self.poll_s)
-        return [results[i] for i in range(len(vectors))]
 
     def close(self) -> None:
         """The job's search is over: scorers drop its model at their next janitor pass."""
@@ -370,7 +379,7 @@ def build_scorer_fitness(context: dict[str, Any], levels: Any) -> tuple[Any, Any
 
 def score_batch(context: dict[str, Any], batch: str, r: Any, levels: Any, lease_s: float,
                 janitor_s: float = 2.0) -> int:
-    """Score candidates of ``batch`` until its list is empty; returns how many this process scored."""
+    """Score work items of ``batch`` until its list is empty; returns how many this process scored."""
     global _state, _janitor
     k = _keys(batch)
     if batch and not r.exists(k["meta"]):
@@ -406,20 +415,19 @@ def score_batch(context: dict[str, Any], batch: str, r: Any, levels: Any, lease_
             state.traces.publish([json.loads(raw)["v"] for raw in items], meta["serial"])
         scored = 0
         while (item := r.lpop(k["todo"])) is not None:
-            i = int(item)
-            lease = _Lease(r, _keys(batch, i)["lease"], holder, lease_s)
+            j = int(item)
+            lease = _Lease(r, _keys(batch, j)["lease"], holder, lease_s)
             lease.start()
             try:
-                raw = r.hget(k["items"], str(i))
+                raw = r.hget(k["items"], str(j))
                 if raw is None:
                     break  # the batch was cleaned up meanwhile
                 got = json.loads(raw)
                 v = tuple(got["v"])
-                state.fitness.add_known_windows(v, got["known"])
-                score = state.fitness(v, meta["tokens"], meta.get("chunk", 0))
+                windows = state.fitness.score_range(v, tuple(got["r"]))
                 if final:  # before the score: once the stage is decided, the winner's trace is there
                     state.traces.publish([v], meta["serial"])
-                r.hset(k["done"], str(i), json.dumps({"s": score, "w": state.fitness.known_windows(v)}))
+                r.hset(k["done"], str(j), json.dumps({"w": windows}))
                 r.expire(k["done"], int(BATCH_TTL_S))  # the coordinator may have deleted the batch meanwhile
                 scored += 1
             finally:

@@ -313,7 +313,7 @@ def scoring_for(namespace: str, spec: JobSpec, settings: Settings, levels):  # n
                           connection=connection, expires=max(60.0, 30 * settings.scoring_lease_s))
 
         context = {"namespace": namespace, "spec": spec.model_dump(mode="json"), "leveldb_key": levels.last_key}
-        return DistributedFitness(local, redis_from_url(settings.broker_url), namespace, context,
+        return DistributedFitness(local, redis_from_url(settings.resolved_scoring_redis_url), namespace, context,
                                   spec.search.workers, send, settings.scoring_lease_s, on_close=connection.release,
                                   share_traces=settings.scoring_share_traces)
 
@@ -331,7 +331,7 @@ def score_task(context: dict, batch: str) -> int:
 
         torch.set_num_threads(settings.torch_threads)
     with job_context(str(context.get("namespace", "")).removeprefix("evosparse:score:").split(":")[0] or None):
-        return score_batch(context, batch, redis_from_url(settings.broker_url), level_store(settings),
+        return score_batch(context, batch, redis_from_url(settings.resolved_scoring_redis_url), level_store(settings),
                            settings.scoring_lease_s)
 
 

@@ -34,9 +34,14 @@ from tests.service.servers import stop_process, wait_until
 
 @pytest.fixture(scope="module")
 def scoring_env(broker, model_root, tmp_path_factory):
+    from evosparse.cli.service_cmd import start_embedded_redis
+
     root = tmp_path_factory.mktemp("scoring")
+    # The scoring exchange on its own in-memory Redis, as `evosparse serve` runs it.
+    server, scoring_url = start_embedded_redis(root / "scoring-redis.db", persistent=False)
     env = {
         "EVOSPARSE_BROKER_URL": broker,
+        "EVOSPARSE_SCORING_REDIS_URL": scoring_url,
         "EVOSPARSE_DATA_DIR": str(root / "data"),
         "EVOSPARSE_STORE_URL": f"file://{root / 'store'}",
         "EVOSPARSE_WORK_DIR": str(root / "work"),
@@ -46,7 +51,8 @@ def scoring_env(broker, model_root, tmp_path_factory):
         "EVOSPARSE_SCORING_LEASE_S": "2",
         "EVOSPARSE_ALLOWED_MODEL_ROOTS": str(model_root),
     }
-    return root, env
+    yield root, env
+    server.shutdown()
 
 
 class Scorers:
@@ -99,7 +105,7 @@ def _coordinate(spec: JobSpec, settings: Settings, namespace: str, killer=None):
         fitness = factory(local) if factory is not None else local
         made.append(fitness)
         if spec.search.workers > 1:  # the test waits for warm scorers (a job would start scoring alone)
-            r = redis_from_url(settings.broker_url)
+            r = redis_from_url(settings.resolved_scoring_redis_url)
             wait_until(lambda: len(list(r.scan_iter(match=f"{namespace}:warm:*"))) == spec.search.workers - 1,
                        120, "scorers to load the job")
         if killer is not None:
@@ -139,9 +145,12 @@ def test_two_scoring_workers_give_exactly_the_one_process_search_and_reuse_the_s
               "published", fitness.traces.published)
         assert fitness.local.traces_fetched > 0
         # When the job is over the scorers' warm state is released (the alive key is gone), traces deleted.
-        r = redis_from_url(env["EVOSPARSE_BROKER_URL"])
+        r = redis_from_url(env["EVOSPARSE_SCORING_REDIS_URL"])
         assert not r.exists("evosparse:score:t3:1:alive")
         assert not list(r.scan_iter(match="evosparse:score:t3:1:trace*"))
+        # The exchange lived on the scoring Redis (the scorers' warm marks are still there), none on the broker.
+        assert list(r.scan_iter(match="evosparse:score:t3:1:warm:*"))
+        assert not list(redis_from_url(env["EVOSPARSE_BROKER_URL"]).scan_iter(match="evosparse:score:*"))
         # Fresh windows: each generation's window chunk travels with its batch, the scorers read the same windows.
         fresh = {"selection": "32:3,64:1", "fresh_windows": True, "validation_windows": 2}
         alone, _, _ = _coordinate(_spec(model_root, workers=1, **fresh), settings, "evosparse:score:f1:1")
@@ -159,7 +168,7 @@ def test_a_scorer_killed_mid_candidate_changes_nothing(scoring_env, model_root, 
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     settings = Settings()
-    r = redis_from_url(env["EVOSPARSE_BROKER_URL"])
+    r = redis_from_url(env["EVOSPARSE_SCORING_REDIS_URL"])
     scorers = Scorers(root, env, 2)
     victim = scorers.procs[0]
     killed = threading.Event()
