@@ -11,6 +11,7 @@ Subcommands (each writes JSON under bench/results/raw/ and prints a table):
               built from a config with random weights (--synthetic 1b), saved once to disk.
   reuse       set-up time (seed, dense reference, level database) of a first job on a model
               and of a second job on the same model content, which loads the stored database.
+  exchange    Redis CPU for trace-sized values with the broker's append-only file and without it.
   ceiling     the machine's own limit: forwards of one SmolLM2-shaped block by one 1-thread
               process, then by two at once (no Redis, no search): the most 2 workers could give.
 
@@ -403,9 +404,35 @@ def cmd_ceiling(args: argparse.Namespace) -> dict:
     return result
 
 
+def cmd_exchange(args: argparse.Namespace) -> dict:
+    """Redis CPU for trace-sized values on the broker's configuration (append-only file) and on the
+    scoring exchange's (memory only): why the exchange has its own Redis."""
+    import psutil
+    from evosparse.cli.service_cmd import start_embedded_redis
+
+    payload = os.urandom(55 << 20)  # one SmolLM2 trace of 3 windows, float32
+    out = {}
+    for persistent in (True, False):
+        with tempfile.TemporaryDirectory() as tmp:
+            server, _ = start_embedded_redis(Path(tmp) / "r.db", persistent=persistent)
+            proc = psutil.Process(server.pid)
+            before, wall = sum(proc.cpu_times()[:4]), time.perf_counter()
+            for i in range(args.sets):  # a published trace, a fetched one, a stage's lease traffic
+                server.set(f"trace{i % 4}", payload)
+                server.get(f"trace{(i + 1) % 4}")
+                for j in range(100):
+                    server.set(f"lease{j}", "x", px=10_000)
+            name = "append-only" if persistent else "memory-only"
+            out[name] = {"redis_cpu_s": round(sum(proc.cpu_times()[:4]) - before, 2),
+                         "wall_s": round(time.perf_counter() - wall, 2)}
+            server.shutdown()
+    print(f"{args.sets} sets + gets of 55 MB: {out}")
+    return {"bench": "exchange", "sets": args.sets, **out}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=("throughput", "memory", "reuse", "ceiling"))
+    p.add_argument("command", choices=("throughput", "memory", "reuse", "ceiling", "exchange"))
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--synthetic", choices=sorted(SYNTHETIC), help="memory: a synthetic Llama instead of --model")
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "evosparse-bench-models"))
@@ -416,10 +443,12 @@ def main() -> None:
     p.add_argument("--calib-windows", type=int, default=32, help="memory: calibration windows of 256 tokens")
     p.add_argument("--scoring-on-broker", action="store_true",
                    help="throughput: the scoring exchange on the broker's (append-only) Redis, as before it had its own")
+    p.add_argument("--sets", type=int, default=30, help="exchange: trace-sized values written")
     p.add_argument("--forwards", type=int, default=400, help="ceiling: block forwards per process")
     args = p.parse_args()
     result = {"cmd": " ".join(sys.argv), **{"throughput": cmd_throughput, "memory": cmd_memory,
-                                             "reuse": cmd_reuse, "ceiling": cmd_ceiling}[args.command](args)}
+                                             "reuse": cmd_reuse, "ceiling": cmd_ceiling,
+                                             "exchange": cmd_exchange}[args.command](args)}
     RAW.mkdir(parents=True, exist_ok=True)
     name = f"scale_{args.command}_{args.synthetic or Path(args.model).name}{'_on_broker' if args.scoring_on_broker else ''}.json"
     (RAW / name).write_text(json.dumps(result, indent=1) + "\n")
