@@ -264,8 +264,18 @@ def _keep_if_intact(tmp: Path, target: Path, art: ArtifactOut, digest: str) -> N
     tmp.replace(target)
 
 
-def _headers(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}", "User-Agent": "evosparse-client/2"}
+def _http_options(server: str, key: str, timeout: float, transport: Any) -> dict[str, Any]:
+    """The httpx client's settings, the same for httpx.Client and httpx.AsyncClient."""
+    headers = {"Authorization": f"Bearer {key}", "User-Agent": "evosparse-client/2"}
+    return {"base_url": server.rstrip("/"), "timeout": timeout, "transport": transport, "headers": headers}
+
+
+def _env_credentials() -> tuple[str, str]:
+    """Server and key of ``from_env``; ValueError without a key."""
+    settings = ClientSettings.from_env()
+    if not settings.api_key:
+        raise ValueError("EVOSPARSE_API_KEY is not set")
+    return settings.server, settings.api_key
 
 
 # --- the clients ----------------------------------------------------------------------------------
@@ -275,17 +285,13 @@ class Client:
 
     def __init__(self, server: str, key: str, timeout: float = 30.0, retries: int = 6,
                  backoff_s: float = 0.5, transport: httpx.BaseTransport | None = None):
-        self.http = httpx.Client(base_url=server.rstrip("/"), timeout=timeout, transport=transport,
-                                 headers=_headers(key))
+        self.http = httpx.Client(**_http_options(server, key, timeout, transport))
         self.retries, self.backoff_s = retries, backoff_s
 
     @classmethod
     def from_env(cls, **kw: Any) -> Client:
         """A client of $EVOSPARSE_SERVER (default http://127.0.0.1:8000) with the key $EVOSPARSE_API_KEY."""
-        settings = ClientSettings.from_env()
-        if not settings.api_key:
-            raise ValueError("EVOSPARSE_API_KEY is not set")
-        return cls(settings.server, settings.api_key, **kw)
+        return cls(*_env_credentials(), **kw)
 
     def close(self) -> None:
         self.http.close()
@@ -381,16 +387,12 @@ class AsyncClient:
 
     def __init__(self, server: str, key: str, timeout: float = 30.0, retries: int = 6,
                  backoff_s: float = 0.5, transport: httpx.AsyncBaseTransport | None = None):
-        self.http = httpx.AsyncClient(base_url=server.rstrip("/"), timeout=timeout, transport=transport,
-                                      headers=_headers(key))
+        self.http = httpx.AsyncClient(**_http_options(server, key, timeout, transport))
         self.retries, self.backoff_s = retries, backoff_s
 
     @classmethod
     def from_env(cls, **kw: Any) -> AsyncClient:
-        settings = ClientSettings.from_env()
-        if not settings.api_key:
-            raise ValueError("EVOSPARSE_API_KEY is not set")
-        return cls(settings.server, settings.api_key, **kw)
+        return cls(*_env_credentials(), **kw)
 
     async def aclose(self) -> None:
         await self.http.aclose()
