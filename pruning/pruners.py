@@ -308,7 +308,7 @@ def sparsegpt_levels(
     column) is what a saliency w² / d² of a level's weights is measured with.
     """
     w0 = weight.detach().float()
-    rows, cols = w0.shape
+    rows = w0.shape[0]
     for c in counts:
         if c < 0 or c > w0.numel():
             raise PruningConfigError(f"cannot prune {c} of {w0.numel()} weights")
