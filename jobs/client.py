@@ -23,9 +23,9 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 from evosparse.api.schemas import ArtifactOut, GenerationOut, JobList, JobOut, Submitted
@@ -35,6 +35,8 @@ DEFAULT_SERVER = "http://127.0.0.1:8000"
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 # A longer Retry-After (the queued-jobs cap says 30 s) is the caller's decision: RateLimited at once.
 MAX_RETRY_AFTER_S = 10.0
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -172,11 +174,47 @@ class _Retries:
         return self._next()
 
 
-def _submit_request(spec: Any, idempotency_key: str | None, webhook_url: str | None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Call(Generic[_T]):
+    """One API call: the request to send, and how the answer's JSON becomes what the method returns."""
+
+    method: str
+    path: str
+    parse: Callable[[Any], _T]
+    kw: dict[str, Any] = field(default_factory=dict)  # httpx.request's json / params / headers
+
+
+def _items(model: Callable[[Any], _T]) -> Callable[[Any], list[_T]]:
+    return lambda body: [model(item) for item in body["items"]]
+
+
+# Each API call is defined once here; Client and AsyncClient only send them (``_call``).
+def _submit_call(spec: Any, idempotency_key: str | None, webhook_url: str | None) -> _Call[Submitted]:
     body = spec.model_dump(mode="json") if hasattr(spec, "model_dump") else dict(spec)
     if webhook_url:
         body["webhook_url"] = webhook_url
-    return {"json": body, "headers": {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}}
+    headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
+    return _Call("POST", "/v1/jobs", Submitted.model_validate, {"json": body, "headers": headers})
+
+
+def _get_call(job_id: str) -> _Call[JobOut]:
+    return _Call("GET", f"/v1/jobs/{job_id}", JobOut.model_validate)
+
+
+def _list_call(params: dict[str, Any]) -> _Call[JobList]:
+    return _Call("GET", "/v1/jobs", JobList.model_validate, {"params": params})
+
+
+def _generations_call(job_id: str) -> _Call[list[GenerationOut]]:
+    return _Call("GET", f"/v1/jobs/{job_id}/generations", _items(GenerationOut.model_validate))
+
+
+def _cancel_call(job_id: str) -> _Call[JobOut]:
+    return _Call("POST", f"/v1/jobs/{job_id}/cancel", JobOut.model_validate)
+
+
+def _artifacts_call(job_id: str) -> _Call[list[ArtifactOut]]:
+    return _Call("GET", f"/v1/jobs/{job_id}/artifacts", _items(ArtifactOut.model_validate))
 
 
 def list_params(status: str | None, limit: int, offset: int, name: str | None,
@@ -226,8 +264,18 @@ def _keep_if_intact(tmp: Path, target: Path, art: ArtifactOut, digest: str) -> N
     tmp.replace(target)
 
 
-def _headers(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}", "User-Agent": "evosparse-client/2"}
+def _http_options(server: str, key: str, timeout: float, transport: Any) -> dict[str, Any]:
+    """The httpx client's settings, the same for httpx.Client and httpx.AsyncClient."""
+    headers = {"Authorization": f"Bearer {key}", "User-Agent": "evosparse-client/2"}
+    return {"base_url": server.rstrip("/"), "timeout": timeout, "transport": transport, "headers": headers}
+
+
+def _env_credentials() -> tuple[str, str]:
+    """Server and key of ``from_env``; ValueError without a key."""
+    settings = ClientSettings.from_env()
+    if not settings.api_key:
+        raise ValueError("EVOSPARSE_API_KEY is not set")
+    return settings.server, settings.api_key
 
 
 # --- the clients ----------------------------------------------------------------------------------
@@ -237,17 +285,13 @@ class Client:
 
     def __init__(self, server: str, key: str, timeout: float = 30.0, retries: int = 6,
                  backoff_s: float = 0.5, transport: httpx.BaseTransport | None = None):
-        self.http = httpx.Client(base_url=server.rstrip("/"), timeout=timeout, transport=transport,
-                                 headers=_headers(key))
+        self.http = httpx.Client(**_http_options(server, key, timeout, transport))
         self.retries, self.backoff_s = retries, backoff_s
 
     @classmethod
     def from_env(cls, **kw: Any) -> Client:
         """A client of $EVOSPARSE_SERVER (default http://127.0.0.1:8000) with the key $EVOSPARSE_API_KEY."""
-        settings = ClientSettings.from_env()
-        if not settings.api_key:
-            raise ValueError("EVOSPARSE_API_KEY is not set")
-        return cls(settings.server, settings.api_key, **kw)
+        return cls(*_env_credentials(), **kw)
 
     def close(self) -> None:
         self.http.close()
@@ -275,30 +319,29 @@ class Client:
                     return r
             time.sleep(wait)
 
+    def _call(self, call: _Call[_T]) -> _T:
+        return call.parse(self._request(call.method, call.path, **call.kw).json())
+
     def submit(self, spec: Any, idempotency_key: str | None = None, webhook_url: str | None = None) -> Submitted:
         """Submit a JobSpec (or its dict form); a resubmission with the same key returns the same job."""
-        r = self._request("POST", "/v1/jobs", **_submit_request(spec, idempotency_key, webhook_url))
-        return Submitted.model_validate(r.json())
+        return self._call(_submit_call(spec, idempotency_key, webhook_url))
 
     def get(self, job_id: str) -> JobOut:
-        return JobOut.model_validate(self._request("GET", f"/v1/jobs/{job_id}").json())
+        return self._call(_get_call(job_id))
 
     def list(self, status: str | None = None, limit: int = 50, offset: int = 0, *, name: str | None = None,
              labels: Mapping[str, str | None] | Iterable[str] | None = None, search: str | None = None,
              sort: str | None = None) -> JobList:
-        params = list_params(status, limit, offset, name, labels, search, sort)
-        return JobList.model_validate(self._request("GET", "/v1/jobs", params=params).json())
+        return self._call(_list_call(list_params(status, limit, offset, name, labels, search, sort)))
 
     def generations(self, job_id: str) -> list[GenerationOut]:
-        items = self._request("GET", f"/v1/jobs/{job_id}/generations").json()["items"]
-        return [GenerationOut.model_validate(g) for g in items]
+        return self._call(_generations_call(job_id))
 
     def cancel(self, job_id: str) -> JobOut:
-        return JobOut.model_validate(self._request("POST", f"/v1/jobs/{job_id}/cancel").json())
+        return self._call(_cancel_call(job_id))
 
     def artifacts(self, job_id: str) -> list[ArtifactOut]:
-        items = self._request("GET", f"/v1/jobs/{job_id}/artifacts").json()["items"]
-        return [ArtifactOut.model_validate(a) for a in items]
+        return self._call(_artifacts_call(job_id))
 
     def wait(self, job_id: str, timeout: float | None = None, poll_s: float = 0.5, max_poll_s: float = 10.0,
              on_update: Callable[[JobOut], None] | None = None, raise_on_failure: bool = True) -> JobOut:
@@ -344,16 +387,12 @@ class AsyncClient:
 
     def __init__(self, server: str, key: str, timeout: float = 30.0, retries: int = 6,
                  backoff_s: float = 0.5, transport: httpx.AsyncBaseTransport | None = None):
-        self.http = httpx.AsyncClient(base_url=server.rstrip("/"), timeout=timeout, transport=transport,
-                                      headers=_headers(key))
+        self.http = httpx.AsyncClient(**_http_options(server, key, timeout, transport))
         self.retries, self.backoff_s = retries, backoff_s
 
     @classmethod
     def from_env(cls, **kw: Any) -> AsyncClient:
-        settings = ClientSettings.from_env()
-        if not settings.api_key:
-            raise ValueError("EVOSPARSE_API_KEY is not set")
-        return cls(settings.server, settings.api_key, **kw)
+        return cls(*_env_credentials(), **kw)
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -381,30 +420,29 @@ class AsyncClient:
                     return r
             await asyncio.sleep(wait)
 
+    async def _call(self, call: _Call[_T]) -> _T:
+        return call.parse((await self._request(call.method, call.path, **call.kw)).json())
+
     async def submit(self, spec: Any, idempotency_key: str | None = None,
                      webhook_url: str | None = None) -> Submitted:
-        r = await self._request("POST", "/v1/jobs", **_submit_request(spec, idempotency_key, webhook_url))
-        return Submitted.model_validate(r.json())
+        return await self._call(_submit_call(spec, idempotency_key, webhook_url))
 
     async def get(self, job_id: str) -> JobOut:
-        return JobOut.model_validate((await self._request("GET", f"/v1/jobs/{job_id}")).json())
+        return await self._call(_get_call(job_id))
 
     async def list(self, status: str | None = None, limit: int = 50, offset: int = 0, *, name: str | None = None,
                    labels: Mapping[str, str | None] | Iterable[str] | None = None, search: str | None = None,
                    sort: str | None = None) -> JobList:
-        params = list_params(status, limit, offset, name, labels, search, sort)
-        return JobList.model_validate((await self._request("GET", "/v1/jobs", params=params)).json())
+        return await self._call(_list_call(list_params(status, limit, offset, name, labels, search, sort)))
 
     async def generations(self, job_id: str) -> list[GenerationOut]:
-        items = (await self._request("GET", f"/v1/jobs/{job_id}/generations")).json()["items"]
-        return [GenerationOut.model_validate(g) for g in items]
+        return await self._call(_generations_call(job_id))
 
     async def cancel(self, job_id: str) -> JobOut:
-        return JobOut.model_validate((await self._request("POST", f"/v1/jobs/{job_id}/cancel")).json())
+        return await self._call(_cancel_call(job_id))
 
     async def artifacts(self, job_id: str) -> list[ArtifactOut]:
-        items = (await self._request("GET", f"/v1/jobs/{job_id}/artifacts")).json()["items"]
-        return [ArtifactOut.model_validate(a) for a in items]
+        return await self._call(_artifacts_call(job_id))
 
     async def wait(self, job_id: str, timeout: float | None = None, poll_s: float = 0.5, max_poll_s: float = 10.0,
                    on_update: Callable[[JobOut], Awaitable[None] | None] | None = None,

@@ -151,6 +151,96 @@ def _block_width(blocksize: int, unit: int) -> int:
 
 
 @torch.no_grad()
+def _obs_columns(
+    w: torch.Tensor,
+    hinv: torch.Tensor,
+    blocksize: int,
+    group_counts: list[int] | None = None,
+    nm: tuple[int, int] | None = None,
+    pruned: torch.Tensor | None = None,
+    quant: QuantConfig | None = None,
+    scale_dtype: torch.dtype = torch.float32,
+) -> QuantizedWeight | None:
+    """The OBS column loop (blocks of ``blocksize`` columns, lazy batch updates), in place on the
+    float32 ``w``; the one loop of ``obs_prune_quantize`` and ``sparsegpt_levels``.
+
+    ``hinv`` is the upper Cholesky factor of H⁻¹. The OBS update of a row depends only on that row
+    and on H⁻¹, so ``w`` may stack several matrices as equal row groups, one per entry of
+    ``group_counts``: a group loses its count, split over the blocks by width, with each block's
+    mask chosen from w² / [H⁻¹]ᵢᵢ² over the group's rows of the block. ``nm``: instead, the
+    M - N lowest of each M consecutive columns are pruned per row as the loop reaches them.
+    ``pruned``: a fixed mask (True = pruned) that the choices add to. ``quant``: kept weights are
+    rounded onto their group's grid as their column is reached; returns the codes (else None).
+    """
+    rows, cols = w.shape
+    group_rows = rows // len(group_counts) if group_counts else rows
+    starts = list(range(0, cols, blocksize))
+    widths = [min(blocksize, cols - s) for s in starts]
+    # per_group[g][b]: how many weights row group g loses in column block b.
+    per_group = [split_proportional(c, [group_rows * wd for wd in widths]) for c in group_counts or []]
+    codes = torch.zeros((rows, cols), dtype=torch.float32, device=w.device) if quant is not None else None
+    n_groups = cols // quant.group_size if quant is not None else 0
+    scales = torch.ones((rows, n_groups), device=w.device)
+    zeros = torch.zeros((rows, n_groups), device=w.device) if quant is not None and not quant.symmetric else None
+    for b, (i1, width) in enumerate(zip(starts, widths, strict=True)):
+        i2 = i1 + width
+        w1 = w[:, i1:i2].clone()
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        diag = torch.diag(hinv1)
+        prune1 = pruned[:, i1:i2].clone() if pruned is not None else torch.zeros_like(w1, dtype=torch.bool)
+        if nm is None and any(counts[b] > 0 for counts in per_group):
+            score = w1**2 / diag.unsqueeze(0) ** 2
+            for g, counts in enumerate(per_group):
+                if counts[b] > 0:
+                    lo, hi = g * group_rows, (g + 1) * group_rows
+                    idx = torch.topk(score[lo:hi].flatten(), counts[b], largest=False).indices
+                    prune1[lo:hi].view(-1)[idx] = True
+        for i in range(width):
+            col = w1[:, i]
+            d = hinv1[i, i]
+            if nm is not None and i % nm[1] == 0:
+                m = nm[1]
+                score = w1[:, i : i + m] ** 2 / diag[i : i + m].unsqueeze(0) ** 2
+                idx = torch.topk(score, m - nm[0], dim=1, largest=False).indices
+                prune1.scatter_(1, i + idx, True)
+            q = col.clone()
+            q[prune1[:, i]] = 0
+            if quant is not None:
+                g = (i1 + i) // quant.group_size
+                if (i1 + i) % quant.group_size == 0:
+                    # Scales from the group's current (error-corrected) kept weights; later
+                    # N:M choices inside the group are not known yet, so those weights count too.
+                    grp = w1[:, i : i + quant.group_size] * ~prune1[:, i : i + quant.group_size]
+                    scale, zero = group_params(grp, quant, scale_dtype)
+                    scales[:, g] = scale
+                    if zeros is not None:
+                        zeros[:, g] = zero
+                c = quantize_codes(q.unsqueeze(1), scale, zero, quant).squeeze(1)
+                if zero is not None:
+                    c = torch.where(prune1[:, i], zero, c)
+                else:
+                    c = torch.where(prune1[:, i], torch.zeros_like(c), c)
+                codes[:, i1 + i] = c  # type: ignore[index]
+                q = (c - (zero if zero is not None else 0.0)) * scale
+            q1[:, i] = q
+            err = (col - q) / d
+            w1[:, i:] -= err.unsqueeze(1).matmul(hinv1[i, i:].unsqueeze(0))
+            err1[:, i] = err
+        w[:, i1:i2] = q1
+        w[:, i2:] -= err1.matmul(hinv[i1:i2, i2:])
+    if quant is None:
+        return None
+    return QuantizedWeight(
+        q=codes.to(torch.int8),  # type: ignore[union-attr]
+        scale=scales,
+        zero=zeros.to(torch.int8) if zeros is not None else None,
+        config=quant,
+    )
+
+
+@torch.no_grad()
 def obs_prune_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -189,69 +279,13 @@ def obs_prune_quantize(
         unit = math.lcm(unit, quant.group_size)
     blocksize = _block_width(blocksize, unit)
     hinv = _inverse_hessian_chol(hessian, percdamp)
-    prune_all = torch.zeros((rows, cols), dtype=torch.bool, device=w.device)
     if keep is not None:
-        prune_all = ~keep.to(w.device, torch.bool)
-    codes = torch.zeros((rows, cols), dtype=torch.float32, device=w.device) if quant is not None else None
-    n_groups = cols // quant.group_size if quant is not None else 0
-    scales = torch.ones((rows, n_groups), device=w.device)
-    zeros = torch.zeros((rows, n_groups), device=w.device) if quant is not None and not quant.symmetric else None
-    starts = list(range(0, cols, blocksize))
-    widths = [min(blocksize, cols - s) for s in starts]
-    block_counts = split_proportional(count, [rows * wd for wd in widths]) if keep is None else [0] * len(starts)
-    for i1, width, bcount in zip(starts, widths, block_counts, strict=True):
-        i2 = i1 + width
-        w1 = w[:, i1:i2].clone()
-        q1 = torch.zeros_like(w1)
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        diag = torch.diag(hinv1)
-        prune1 = prune_all[:, i1:i2].clone()
-        if keep is None and nm is None and bcount > 0:
-            score = (w1**2 / diag.unsqueeze(0) ** 2).flatten()
-            prune1.view(-1)[torch.topk(score, bcount, largest=False).indices] = True
-        for i in range(width):
-            col = w1[:, i]
-            d = hinv1[i, i]
-            if keep is None and nm is not None and count > 0 and i % nm[1] == 0:
-                m = nm[1]
-                score = w1[:, i : i + m] ** 2 / diag[i : i + m].unsqueeze(0) ** 2
-                idx = torch.topk(score, m - nm[0], dim=1, largest=False).indices
-                prune1.scatter_(1, i + idx, True)
-            q = col.clone()
-            q[prune1[:, i]] = 0
-            if quant is not None:
-                g = (i1 + i) // quant.group_size
-                if (i1 + i) % quant.group_size == 0:
-                    # Scales from the group's current (error-corrected) kept weights; later
-                    # N:M choices inside the group are not known yet, so those weights count too.
-                    grp = w1[:, i : i + quant.group_size] * ~prune1[:, i : i + quant.group_size]
-                    scale, zero = group_params(grp, quant, scale_dtype)
-                    scales[:, g] = scale
-                    if zeros is not None:
-                        zeros[:, g] = zero
-                c = quantize_codes(q.unsqueeze(1), scale, zero, quant).squeeze(1)
-                if zero is not None:
-                    c = torch.where(prune1[:, i], zero, c)
-                else:
-                    c = torch.where(prune1[:, i], torch.zeros_like(c), c)
-                codes[:, i1 + i] = c  # type: ignore[index]
-                q = (c - (zero if zero is not None else 0.0)) * scale
-            q1[:, i] = q
-            err = (col - q) / d
-            w1[:, i:] -= err.unsqueeze(1).matmul(hinv1[i, i:].unsqueeze(0))
-            err1[:, i] = err
-        w[:, i1:i2] = q1
-        w[:, i2:] -= err1.matmul(hinv[i1:i2, i2:])
-        prune_all[:, i1:i2] = prune1
-    if quant is None:
-        return w, None
-    qw = QuantizedWeight(
-        q=codes.to(torch.int8),  # type: ignore[union-attr]
-        scale=scales,
-        zero=zeros.to(torch.int8) if zeros is not None else None,
-        config=quant,
-    )
+        pruned = ~keep.to(w.device, torch.bool)
+        qw = _obs_columns(w, hinv, blocksize, pruned=pruned, quant=quant, scale_dtype=scale_dtype)
+    elif nm is not None and count > 0:
+        qw = _obs_columns(w, hinv, blocksize, nm=nm, quant=quant, scale_dtype=scale_dtype)
+    else:
+        qw = _obs_columns(w, hinv, blocksize, group_counts=[count], quant=quant, scale_dtype=scale_dtype)
     return w, qw
 
 
@@ -274,38 +308,12 @@ def sparsegpt_levels(
     column) is what a saliency w² / d² of a level's weights is measured with.
     """
     w0 = weight.detach().float()
-    rows, cols = w0.shape
+    rows = w0.shape[0]
     for c in counts:
         if c < 0 or c > w0.numel():
             raise PruningConfigError(f"cannot prune {c} of {w0.numel()} weights")
     hinv = _inverse_hessian_chol(hessian, percdamp)
-    n = len(counts)
-    w = w0.repeat(n, 1)  # level i owns rows [i * rows, (i + 1) * rows)
-    starts = list(range(0, cols, blocksize))
-    widths = [min(blocksize, cols - s) for s in starts]
-    per_level = [split_proportional(c, [rows * wd for wd in widths]) for c in counts]
-    for b, (i1, width) in enumerate(zip(starts, widths, strict=True)):
-        i2 = i1 + width
-        w1 = w[:, i1:i2].clone()
-        q1 = torch.zeros_like(w1)
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        diag = torch.diag(hinv1)
-        prune1 = torch.zeros_like(w1, dtype=torch.bool)
-        score = w1**2 / diag.unsqueeze(0) ** 2
-        for lvl in range(n):
-            k = per_level[lvl][b]
-            if k > 0:
-                part = prune1[lvl * rows : (lvl + 1) * rows]
-                part.view(-1)[torch.topk(score[lvl * rows : (lvl + 1) * rows].flatten(), k, largest=False).indices] = True
-        for i in range(width):
-            col = w1[:, i]
-            q = col.masked_fill(prune1[:, i], 0.0)
-            q1[:, i] = q
-            err = (col - q) / hinv1[i, i]
-            w1[:, i:] -= err.unsqueeze(1).matmul(hinv1[i, i:].unsqueeze(0))
-            err1[:, i] = err
-        w[:, i1:i2] = q1
-        w[:, i2:] -= err1.matmul(hinv[i1:i2, i2:])
+    w = w0.repeat(len(counts), 1)  # level i owns rows [i * rows, (i + 1) * rows)
+    _obs_columns(w, hinv, blocksize, group_counts=counts)
     levels = [w0.clone() if c == 0 else w[i * rows : (i + 1) * rows].clone() for i, c in enumerate(counts)]
     return levels, torch.diag(hinv).clone()
