@@ -104,6 +104,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     spec = build_spec(args)
     out = Path(args.out) if args.out else default_out(spec)
     _check_out_dir(out, args.overwrite)  # refuse before loading anything
+    if spec.search.workers > 1 and spec.allocation == "evolutionary":
+        # Scoring workers are Celery processes of the service; a CLI run has none to fan out to.
+        print(f"evosparse: search.workers={spec.search.workers}: `evosparse prune` scores in this process "
+              f"(the same search, one process); `evosparse serve --scoring-workers N` and `evosparse submit` "
+              f"spread it over scoring workers", file=sys.stderr)
     tracker = _tracker(args, spec)
 
     class Hooks(CliHooks, RunHooks):

@@ -53,6 +53,15 @@ def test_cli_prune_writes_checkpoint_and_report(tiny_llama_dir, tmp_path, capsys
     assert f"perplexity {report['perplexity']['pruned']:.3f}" in line
 
 
+def test_cli_prune_says_that_it_scores_in_process_when_workers_are_asked(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["prune", str(tiny_llama_dir), "--sparsity", "0.5", "--allocation", "evolutionary", "--seed-from",
+               "uniform", "--generations", "2", "--workers", "2", *SMALL, "--out", str(out)])
+    assert rc == 0
+    assert [h["generation"] for h in json.loads((out / "report.json").read_text())["search"]["history"]] == [0, 1, 2]
+    assert "search.workers=2: `evosparse prune` scores in this process" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
