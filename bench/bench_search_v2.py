@@ -6,7 +6,8 @@ depth-ramp seeds, several seeds, and a second held-out text that is not Python d
            pydoc evaluation half and on the Debian licence texts (/usr/share/common-licenses,
            concatenated; never read for calibration or tuning). ``--transfer sparsegpt``: also
            prune each found allocation with SparseGPT (search on Wanda levels, ship SparseGPT).
-  report   renders bench/results/search_v2.md from bench/results/raw/v2_*.json.
+  report   renders bench/results/search_v2.md from bench/results/raw/v2_*.json (and appends the
+           hand-written bench/results/search_v2_notes.md).
 
 Calibration: 32 pydoc windows (first half, seed 0) for every seed; the search seed varies.
 """
@@ -188,7 +189,10 @@ def cmd_report(args) -> None:
                 continue
             pp = [x[key]["pydoc"] for x in r["runs"]]
             pl = [x[key]["licences"] for x in r["runs"]]
-            rel = (f"{ms([x / uni['pydoc'] for x in pp])} | {ms([x / uni['licences'] for x in pl])}") if uni else "— | —"
+            # A transferred model is pruned by another pruner: this run's uniform is not its baseline.
+            same = key == "ppl" or a.get("transfer") == a["pruner"]
+            rel = (f"{ms([x / uni['pydoc'] for x in pp])} | {ms([x / uni['licences'] for x in pl])}") \
+                if uni and same else "— | —"
             lines.append(f"| {label} ({len(pp)} seeds) | {ms(pp)} | {ms(pl)} | {rel} |")
         if uni and r["runs"]:
             fixed = {k: v["ppl"]["pydoc"] for k, v in r["baselines"].items() if k != "uniform"}
@@ -230,6 +234,9 @@ def cmd_report(args) -> None:
                 lines.append(f"| {rec['generation']} | {rec.get('chunk', '—')} | {rec['best']:.4f} | "
                              f"{rec.get('val', float('nan')):.4f} |")
         lines.append("")
+    notes = ROOT / "results" / "search_v2_notes.md"  # hand-written: how each run ran, what else ran
+    if notes.is_file():
+        lines += ["", notes.read_text().rstrip()]
     (ROOT / "results" / "search_v2.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

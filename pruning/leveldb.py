@@ -15,7 +15,10 @@ count do not depend on what the other layers chose: the search can mix levels fr
   is derived from the nearest anchor below it by pruning the extra weights of lowest saliency
   w² / [H⁻¹]ⱼⱼ² there (no further reconstruction): a cheap, deterministic level, exact at the
   anchors. Without anchors each (linear, count) is computed on first use from the layer
-  Hessian. Either way computed levels are kept in memory up to ``memory_limit_bytes``, then
+  Hessian. Anchors can be stored (``save_anchors``) and read back instead of built
+  (``anchor_folder``): worker/leveldb_store.py keeps them beside the Hessians, so a later job
+  on the same model and grid, and every scoring worker of a job, reads them. Either way computed
+  levels are kept in memory up to ``memory_limit_bytes``, then
   under ``cache_dir`` when one is given, else the least recently used levels make room (and
   are recomputed if asked for again); anchors are always kept.
 
@@ -47,6 +50,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -163,6 +167,7 @@ class LevelDB:
         nm_m: int | None = None,
         anchors: Mapping[str, Sequence[int]] | None = None,
         progress: Callable[[int, int], None] | None = None,
+        anchor_folder: str | Path | None = None,
     ) -> None:
         """``orders``: rankings (ranking pruners); ``hessians``: layer Hessians (SparseGPT).
 
@@ -171,6 +176,8 @@ class LevelDB:
         ``nm_m``: serve N:M levels for this M (counts must be whole N:M patterns; bounds are not used).
         ``anchors``: SparseGPT only, unstructured: the counts per linear built up front (see the
         module docstring); ``progress(done, total)`` follows that build, one call per linear.
+        ``anchor_folder``: those anchors as ``save_anchors`` stored them, read instead of built
+        (the same bits; refused unless stored for exactly these counts).
         The model must hold its dense weights when the database is made.
         """
         if pruner not in PRUNERS:
@@ -204,7 +211,8 @@ class LevelDB:
         self._level_bytes = 0
         self.anchors: dict[str, dict[int, torch.Tensor]] = {}  # SparseGPT: count -> weights, built up front
         self.hinv_diag: dict[str, torch.Tensor] = {}  # SparseGPT: diag of the H⁻¹ factor, per input column
-        self.anchor_seconds = 0.0  # time building the anchors took
+        self.anchor_seconds = 0.0  # time building (or reading) the anchors took
+        self.anchors_loaded = False  # read from a stored folder rather than built here
         if pruner == "sparsegpt":
             if hessians is None:
                 raise PruningConfigError("SparseGPT levels need the layer Hessians")
@@ -215,7 +223,10 @@ class LevelDB:
             if anchors is not None:
                 if nm_m is not None:
                     raise PruningConfigError("SparseGPT anchor levels are unstructured; N:M levels are built on use")
-                self._build_anchors(anchors, progress)
+                if anchor_folder is not None:
+                    self._load_anchors(anchor_folder, anchors)
+                else:
+                    self._build_anchors(anchors, progress)
         else:
             if orders is None:
                 raise PruningConfigError(f"{pruner} levels need the score rankings")
@@ -240,6 +251,7 @@ class LevelDB:
         nm_m: int | None = None,
         anchors: Mapping[str, Sequence[int]] | None = None,
         progress: Callable[[int, int], None] | None = None,
+        anchor_folder: str | Path | None = None,
     ) -> LevelDB:
         """Rank (or collect Hessians) on the dense model, optionally saving them to ``save_to``.
 
@@ -259,7 +271,7 @@ class LevelDB:
             if save_to is not None:
                 save_levels(save_to, pruner, blocks, hessians)
             return cls(model, pruner, None, hessians, blocks=blocks, bounds=bounds, dense=dense, cache_dir=cache_dir,
-                       nm_m=nm_m, anchors=anchors, progress=progress)
+                       nm_m=nm_m, anchors=anchors, progress=progress, anchor_folder=anchor_folder)
         # Rank, store and band one block at a time: the full rankings of the whole model never
         # sit in memory together (on a GPU that is the difference between 2x and 3x the model).
         db = cls(model, pruner, {}, None, blocks=blocks, bounds=bounds, dense=dense, cache_dir=cache_dir, nm_m=nm_m)
@@ -287,14 +299,16 @@ class LevelDB:
         nm_m: int | None = None,
         anchors: Mapping[str, Sequence[int]] | None = None,
         progress: Callable[[int, int], None] | None = None,
+        anchor_folder: str | Path | None = None,
     ) -> LevelDB:
-        """The database ``save_levels`` stored, for this (dense) model (SparseGPT anchors rebuilt here)."""
+        """The database ``save_levels`` stored, for this (dense) model (SparseGPT anchors rebuilt here
+        unless ``anchor_folder`` holds them)."""
         blocks = list(blocks) if blocks is not None else find_blocks(model)
         device = weight_matrix(next(iter(blocks[0].linears.values()))).device
         if pruner == "sparsegpt":
             hessians = load_levels(folder, pruner, blocks, device=device)
             return cls(model, pruner, None, hessians, blocks=blocks, bounds=bounds, dense=dense, cache_dir=cache_dir,
-                       nm_m=nm_m, anchors=anchors, progress=progress)
+                       nm_m=nm_m, anchors=anchors, progress=progress, anchor_folder=anchor_folder)
         check_levels(folder, pruner, blocks)
         db = cls(model, pruner, {}, None, blocks=blocks, bounds=bounds, dense=dense, cache_dir=cache_dir, nm_m=nm_m)
         for info in blocks:  # one block's rankings in memory at a time, as in build()
@@ -389,8 +403,6 @@ class LevelDB:
 
     def _build_anchors(self, anchors: Mapping[str, Sequence[int]], progress: Callable[[int, int], None] | None) -> None:
         """Every anchor level of every linear: one factorisation and one column pass per linear."""
-        import time
-
         from evosparse.pruning.pruners import sparsegpt_levels
 
         t0 = time.perf_counter()
@@ -408,6 +420,40 @@ class LevelDB:
     def anchor_levels(self) -> int:
         """How many (linear, count) levels were built up front."""
         return sum(len(a) for a in self.anchors.values())
+
+    def save_anchors(self, folder: str | Path) -> None:
+        """The anchor levels (and each linear's H⁻¹ diagonal) one safetensors file per block, then
+        ``meta.json`` with the counts last: a later job or a scoring worker reads them instead of
+        running the OBS passes again."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for info in self.blocks:
+            tensors = {f"{n}@{c}": w.contiguous().cpu() for n in info.linears for c, w in self.anchors.get(n, {}).items()}
+            tensors.update({f"{n}@diag": self.hinv_diag[n].contiguous().cpu() for n in info.linears if n in self.hinv_diag})
+            save_file(tensors, str(_block_file(folder, info.index)))
+        meta = {"format": FORMAT_VERSION, "anchors": {n: sorted(a) for n, a in self.anchors.items()}}
+        (folder / "meta.json").write_text(json.dumps(meta))
+
+    def _load_anchors(self, folder: str | Path, anchors: Mapping[str, Sequence[int]]) -> None:
+        from safetensors import safe_open
+
+        t0 = time.perf_counter()
+        folder = Path(folder)
+        if not stored_anchors_match(folder, anchors):
+            raise PruningConfigError(f"{folder} holds other SparseGPT anchor levels than this job's")
+        for info in self.blocks:
+            names = [n for n in info.linears if n in anchors]
+            if not names:
+                continue
+            device = self.hessian[names[0]].device
+            with safe_open(str(_block_file(folder, info.index)), framework="pt", device=str(device)) as f:
+                for n in names:
+                    self.anchors[n] = {c: f.get_tensor(f"{n}@{c}") for c in sorted(set(anchors[n]))}
+                    self.hinv_diag[n] = f.get_tensor(f"{n}@diag")
+        self.anchor_seconds = time.perf_counter() - t0
+        self.anchors_loaded = True
 
     def _derived_level(self, name: str, count: int) -> torch.Tensor | None:
         """A count off the anchor grid: the nearest anchor below it, with the extra weights of lowest
@@ -546,6 +592,22 @@ def save_levels(
     for info in blocks:
         save_block(folder, info, tensors)
     save_meta(folder, pruner, blocks)
+
+
+def anchor_grid_digest(anchors: Mapping[str, Sequence[int]]) -> str:
+    """A short name of a set of SparseGPT anchor counts (part of where they are stored)."""
+    grid = {n: sorted(set(c)) for n, c in anchors.items()}
+    return hashlib.sha256(json.dumps(grid, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stored_anchors_match(folder: str | Path, anchors: Mapping[str, Sequence[int]]) -> bool:
+    """Whether ``folder`` completely holds the anchor levels of exactly these counts."""
+    meta_path = Path(folder) / "meta.json"
+    if not meta_path.is_file():
+        return False
+    meta = json.loads(meta_path.read_text())
+    want = {n: sorted(set(c)) for n, c in anchors.items()}
+    return meta.get("format") == FORMAT_VERSION and meta.get("anchors") == want
 
 
 def check_levels(folder: str | Path, pruner: str, blocks: Sequence[BlockInfo]) -> None:

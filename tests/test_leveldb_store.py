@@ -33,3 +33,26 @@ def test_copies_in_recent_use_are_kept_even_past_the_cap(tiny_llama, tiny_tokens
     levels.build(tiny_llama, tiny_tokens, "wanda")
     levels.build(tiny_llama, (tiny_tokens + 1) % 256, "wanda")
     assert len([p for p in (tmp_path / "scratch").iterdir() if not p.name.startswith(".")]) == 2
+
+
+def test_sparsegpt_anchor_levels_are_stored_once_and_read_back_bit_for_bit(tiny_llama, tiny_tokens, tmp_path):
+    from evosparse.pruning.layers import find_blocks
+
+    store = LocalStore(tmp_path / "store")
+    sizes = {n: weight_matrix(m).numel() for b in find_blocks(tiny_llama) for n, m in b.linears.items()}
+    anchors = {n: [s // 4, s // 2] for n, s in sizes.items()}
+    first = LevelStore(store, tmp_path / "scratch-coordinator")
+    built = first.build(tiny_llama, tiny_tokens, "sparsegpt", anchors=anchors)
+    assert not built.anchors_loaded and built.anchor_levels() == 2 * len(sizes)
+    assert store.is_complete(first.prefix(first.anchor_key(first.last_key, anchors)))
+    # Another machine (a scoring worker, a later job: empty scratch) reads them instead of building them.
+    loaded = LevelStore(store, tmp_path / "scratch-scorer").load(tiny_llama, tiny_tokens, "sparsegpt", anchors=anchors)
+    assert loaded is not None and loaded.anchors_loaded and loaded.anchor_levels() == built.anchor_levels()
+    for name, size in sizes.items():
+        for count in (size // 4, size // 2, size // 4 + 3):  # the anchors, and a level derived between them
+            assert torch.equal(loaded.pruned_weight(name, count), built.pruned_weight(name, count))
+    # Another level grid is not what was stored: built, then stored under its own name.
+    other = {n: [s // 3] for n, s in sizes.items()}
+    third = LevelStore(store, tmp_path / "scratch-other")
+    assert not third.load(tiny_llama, tiny_tokens, "sparsegpt", anchors=other).anchors_loaded
+    assert store.is_complete(third.prefix(third.anchor_key(third.last_key, other)))

@@ -8,6 +8,10 @@ fingerprint, device type) and a job on the same model content reuses what an ear
 whatever its sparsity. Stored under ``leveldb/<key>/`` in the object store (local folder or
 S3), published with the store's completion marker, so a half-written database is never read.
 
+SparseGPT's anchor levels (built up front for a job's level grid) are stored beside it as
+``leveldb/<key>-anchors-<grid digest>/``: a later job with the same grid and every scoring worker
+of the job read them instead of running the OBS passes again.
+
 Each machine keeps local copies under its scratch folder (the work dir); past ``scratch_bytes``
 the least recently used copies are deleted (the store keeps the original).
 """
@@ -26,7 +30,7 @@ from typing import Any
 
 import torch
 from evosparse.jobs.store import Store
-from evosparse.pruning.leveldb import FORMAT_VERSION, LevelDB
+from evosparse.pruning.leveldb import FORMAT_VERSION, LevelDB, anchor_grid_digest, stored_anchors_match
 from evosparse.pruning.snapshot import model_fingerprint, tokens_fingerprint
 from evosparse.worker.search_stage import LevelSource
 from torch import nn
@@ -121,7 +125,44 @@ class LevelStore(LevelSource):
             return None
         self.last_key = key
         self.loaded += 1
-        return LevelDB.load(folder, model, pruner, **kwargs)
+        db = LevelDB.load(folder, model, pruner, **self._with_stored_anchors(key, kwargs))
+        self._store_anchors(key, db)
+        return db
+
+    # SparseGPT anchor levels depend on the level grid too, so they are a separate artifact per
+    # (database key, grid): ``leveldb/<key>-anchors-<grid digest>/``, published like the database.
+    @staticmethod
+    def anchor_key(key: str, anchors: Any) -> str:
+        return f"{key}-anchors-{anchor_grid_digest(anchors)}"
+
+    def _with_stored_anchors(self, key: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        anchors = kwargs.get("anchors")
+        if not anchors:
+            return kwargs
+        folder = self._local(self.anchor_key(key, anchors))
+        if folder is None or not stored_anchors_match(folder, anchors):
+            return kwargs
+        return {**kwargs, "anchor_folder": folder}
+
+    def _store_anchors(self, key: str, db: LevelDB) -> None:
+        """Publish the anchors this process just built (a later job, every scorer, reads them)."""
+        if not db.anchors or db.anchors_loaded:
+            return
+        akey = self.anchor_key(key, {n: list(a) for n, a in db.anchors.items()})
+        if self.store.is_complete(self.prefix(akey)):
+            return
+        tmp = self.scratch / f".{akey}.{uuid.uuid4().hex[:8]}"
+        try:
+            db.save_anchors(tmp)
+            self.store.put_dir(tmp, self.prefix(akey))
+            folder = self.scratch / akey
+            if not folder.exists():
+                tmp.rename(folder)
+                self._touch(folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.trim(keep=self.scratch / akey)
+        log.info("SparseGPT anchor levels of %s stored (%d levels)", key, db.anchor_levels())
 
     def load(self, model: nn.Module, calib: torch.Tensor, pruner: str, **kwargs: Any) -> LevelDB | None:
         return self.load_key(self.key_for(model, calib, pruner, kwargs.get("dense")), model, pruner, **kwargs)
@@ -130,7 +171,7 @@ class LevelStore(LevelSource):
         key = self.key_for(model, calib, pruner, kwargs.get("dense"))
         tmp = self.scratch / f".{key}.{uuid.uuid4().hex[:8]}"
         try:
-            db = LevelDB.build(model, calib, pruner, save_to=tmp, **kwargs)
+            db = LevelDB.build(model, calib, pruner, save_to=tmp, **self._with_stored_anchors(key, kwargs))
             if not self.store.is_complete(self.prefix(key)):
                 self.store.put_dir(tmp, self.prefix(key))
             folder = self.scratch / key
@@ -143,4 +184,5 @@ class LevelStore(LevelSource):
         self.last_key = key
         self.built += 1
         log.info("level database %s built and stored", key)
+        self._store_anchors(key, db)
         return db
