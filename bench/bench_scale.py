@@ -149,7 +149,7 @@ class Service:
 
 
 def run_one(model_path: str, sparsity: float, workers: int, generations: int, offspring: int, selection: str,
-            namespace: str, wait_warm: bool = True, calib_windows: int = 32) -> dict:
+            namespace: str, wait_warm: bool = True, calib_windows: int = 32, pruner: str = "wanda") -> dict:
     """One search as the job task runs it (level store + scoring factory); returns figures."""
     import torch
     from evosparse.jobs.settings import get_settings
@@ -166,7 +166,7 @@ def run_one(model_path: str, sparsity: float, workers: int, generations: int, of
 
     torch.set_num_threads(1)
     settings = get_settings()
-    spec = JobSpec(model=model_path, sparsity=sparsity, pruner="wanda", allocation="evolutionary", seed=0,
+    spec = JobSpec(model=model_path, sparsity=sparsity, pruner=pruner, allocation="evolutionary", seed=0,
                    calib_windows=calib_windows,
                    search={"generations": generations, "offspring": offspring, "selection": selection,
                            "seed_from": "uniform", "workers": workers, "time_budget_min": None})
@@ -338,12 +338,13 @@ def cmd_reuse(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         svc = Service(Path(tmp), scorers=0)
         try:
-            first = run_one(args.model, args.sparsity, 1, 1, args.offspring, args.selection, "r1")
-            second = run_one(args.model, args.sparsity, 1, 1, args.offspring, args.selection, "r2")
+            first = run_one(args.model, args.sparsity, 1, 1, args.offspring, args.selection, "r1", pruner=args.pruner)
+            second = run_one(args.model, args.sparsity, 1, 1, args.offspring, args.selection, "r2", pruner=args.pruner)
         finally:
             svc.stop()
     s1, s2 = sum(first["setup_seconds"].values()), sum(second["setup_seconds"].values())
-    result = {"bench": "reuse", "model": args.model, "first": first["setup_seconds"], "second": second["setup_seconds"],
+    result = {"bench": "reuse", "model": args.model, "pruner": args.pruner,
+              "first": first["setup_seconds"], "second": second["setup_seconds"],
               "first_leveldb": first["leveldb"], "second_leveldb": second["leveldb"],
               "first_total": round(s1, 2), "second_total": round(s2, 2), "ratio": round(s2 / s1, 3)}
     print(f"first job set-up {s1:.1f} s ({first['leveldb']}: {first['setup_seconds']}); second job {s2:.1f} s "
@@ -437,6 +438,7 @@ def main() -> None:
     p.add_argument("--synthetic", choices=sorted(SYNTHETIC), help="memory: a synthetic Llama instead of --model")
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "evosparse-bench-models"))
     p.add_argument("--sparsity", type=float, default=0.7)
+    p.add_argument("--pruner", default="wanda", help="reuse: the level database's pruner (sparsegpt: with anchor levels)")
     p.add_argument("--generations", type=int, default=15, help="memory: batches of offspring to score (default 15)")
     p.add_argument("--offspring", type=int, default=8)
     p.add_argument("--selection", default="256:2,1024:1")
@@ -450,7 +452,8 @@ def main() -> None:
                                              "reuse": cmd_reuse, "ceiling": cmd_ceiling,
                                              "exchange": cmd_exchange}[args.command](args)}
     RAW.mkdir(parents=True, exist_ok=True)
-    name = f"scale_{args.command}_{args.synthetic or Path(args.model).name}{'_on_broker' if args.scoring_on_broker else ''}.json"
+    suffix = ("_on_broker" if args.scoring_on_broker else "") + (f"_{args.pruner}" if args.pruner != "wanda" else "")
+    name = f"scale_{args.command}_{args.synthetic or Path(args.model).name}{suffix}.json"
     (RAW / name).write_text(json.dumps(result, indent=1) + "\n")
 
 
