@@ -61,6 +61,20 @@ class Hooks:
         return False
 
 
+def start(args, **record):
+    """A run's start: the model and windows, a copy of its dense weights, and its JSON record holding the
+    arguments and the dense held-out perplexity (``record`` adds empty tables of its own)."""
+    from evosparse.pruning.evaluate import perplexity
+
+    RAW.mkdir(parents=True, exist_ok=True)
+    model, tok, calib, evalw = setup(args)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    out: dict = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "rows": [], **record}
+    out["dense_ppl"] = perplexity(model, evalw)
+    print("dense", out["dense_ppl"], flush=True)
+    return model, tok, calib, evalw, dense, out
+
+
 def prune_eval(model, dense, calib, evalw, pruner, counts, patterns, quant=None, keep=False):
     """Prune a fresh copy of the dense weights, evaluate on the held-out half; restore unless ``keep``."""
     from evosparse.pruning.evaluate import perplexity
@@ -83,14 +97,7 @@ def cmd_nm(args) -> None:
     from evosparse.worker.compress_stage import Compression
     from evosparse.worker.search_stage import run_search
 
-    RAW.mkdir(parents=True, exist_ok=True)
-    model, _, calib, evalw = setup(args)
-    from evosparse.pruning.evaluate import perplexity
-
-    dense = {k: v.clone() for k, v in model.state_dict().items()}
-    out: dict = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "rows": []}
-    out["dense_ppl"] = perplexity(model, evalw)
-    print("dense", out["dense_ppl"], flush=True)
+    model, _, calib, evalw, dense, out = start(args)
     fish = fisher(model, calib)
     t = time.perf_counter()
     db = LevelDB.build(model, calib, args.pruner, nm_m=8)
@@ -135,20 +142,14 @@ def _block_patterns(layer_pattern: dict[str, str]) -> list[str]:
 
 
 def cmd_quant(args) -> None:
+    from evosparse.pruning.evaluate import perplexity
     from evosparse.pruning.export import export_checkpoint, folder_bytes
     from evosparse.pruning.layers import prunable_linears
-    from evosparse.pruning.quantize import QuantConfig
+    from evosparse.pruning.quantize import QuantConfig, quantize_embeddings
     from evosparse.pruning.sensitivity import allocation_counts
     from transformers import AutoModelForCausalLM
 
-    RAW.mkdir(parents=True, exist_ok=True)
-    model, tok, calib, evalw = setup(args)
-    from evosparse.pruning.evaluate import perplexity
-
-    dense = {k: v.clone() for k, v in model.state_dict().items()}
-    out: dict = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "rows": [], "sizes": []}
-    out["dense_ppl"] = perplexity(model, evalw)
-    print("dense", out["dense_ppl"], flush=True)
+    model, tok, calib, evalw, dense, out = start(args, sizes=[])
     counts = allocation_counts(model, "uniform", args.sparsity)
     path = RAW / f"quant{round(args.sparsity * 100)}{args.tag}.json"
     tmp = Path(tempfile.mkdtemp(prefix="bench-compression-"))
@@ -176,22 +177,33 @@ def cmd_quant(args) -> None:
     try:
         # The dense 16-bit reference: the unpruned model as published (bfloat16).
         artifact("dense 16-bit (unpruned)", "dense", None, out["dense_ppl"], copy.deepcopy(model))
+        variants = {"sparse": ("sparse only", None), "rtn": ("+ RTN 4-bit", QuantConfig(4, args.group, "rtn")),
+                    "gptq": ("+ GPTQ 4-bit", QuantConfig(4, args.group, "gptq"))}
+
+        def row(pruner, label, ppl, s):
+            out["rows"].append({"pruner": pruner, "sparsity": args.sparsity, "variant": label, "ppl": ppl,
+                                "prune_s": s})
+            print(out["rows"][-1], flush=True)
+            save()
+
         for pruner in args.pruners:
-            for label, quant in (
-                ("sparse only", None),
-                ("+ RTN 4-bit", QuantConfig(4, args.group, "rtn")),
-                ("+ GPTQ 4-bit", QuantConfig(4, args.group, "gptq")),
-            ):
+            first = pruner == args.pruners[0]
+            for label, quant in (variants[v] for v in args.variants):
                 ppl, s, quantized = prune_eval(model, dense, calib, evalw, pruner, counts, None, quant, keep=True)
-                out["rows"].append({"pruner": pruner, "sparsity": args.sparsity, "variant": label, "ppl": ppl,
-                                    "prune_s": s})
-                print(out["rows"][-1], flush=True)
-                save()
-                if pruner == args.pruners[0] and label != "+ RTN 4-bit":
+                row(pruner, label, ppl, s)
+                if first and label != "+ RTN 4-bit":
                     artifact(f"{pct} {label}, dense with zeros", "dense", None, ppl, copy.deepcopy(model))
                     if quant is not None:
                         artifact(f"{pct} {label}, compressed-tensors", "compressed-tensors", quantized, ppl,
                                  copy.deepcopy(model))
+                if quant is not None and quant.method == "gptq" and args.embeddings:
+                    # The same pruned linears, then the embedding (tied head) at their bits and group size.
+                    quantized.update(quantize_embeddings(model, quant, torch.bfloat16))
+                    ppl = perplexity(model, evalw)
+                    row(pruner, f"{label} + embeddings {quant.bits}-bit", ppl, s)
+                    if first:
+                        artifact(f"{pct} {label} + embeddings {quant.bits}-bit, compressed-tensors",
+                                 "compressed-tensors", quantized, ppl, copy.deepcopy(model))
                 model.load_state_dict(dense)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -199,7 +211,6 @@ def cmd_quant(args) -> None:
 
 def cmd_bpw(args) -> None:
     from evosparse.jobs.spec import JobSpec
-    from evosparse.pruning.evaluate import perplexity
     from evosparse.pruning.layers import find_blocks
     from evosparse.pruning.leveldb import LevelDB, search_units
     from evosparse.pruning.quantize import QuantConfig
@@ -207,12 +218,7 @@ def cmd_bpw(args) -> None:
     from evosparse.search.bitbudget import unit_bits
     from evosparse.worker.search_stage import budget_levels, budget_seeds, run_search, search_space
 
-    RAW.mkdir(parents=True, exist_ok=True)
-    model, _, calib, evalw = setup(args)
-    dense = {k: v.clone() for k, v in model.state_dict().items()}
-    out: dict = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "rows": []}
-    out["dense_ppl"] = perplexity(model, evalw)
-    print("dense", out["dense_ppl"], flush=True)
+    model, _, calib, evalw, dense, out = start(args)
     fish = fisher(model, calib)
     spec = JobSpec(model=args.model, bits_per_weight=args.bpw, pruner=args.pruner, allocation="evolutionary",
                    calib_windows=args.calib_windows, quantize={"group_size": args.group, "method": "rtn"},
@@ -343,6 +349,9 @@ def main() -> None:
             p.add_argument("--sparsity", type=float, default=0.7)
             p.add_argument("--group", type=int, default=64)
             p.add_argument("--pruners", nargs="+", default=["sparsegpt", "wanda"])
+            p.add_argument("--variants", nargs="+", choices=("sparse", "rtn", "gptq"), default=["sparse", "rtn", "gptq"])
+            p.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=True,
+                           help="after GPTQ, also quantize the embedding (tied head) and export that too")
     r = sub.add_parser("report")
     r.set_defaults(func=cmd_report)
     args = ap.parse_args()

@@ -8,7 +8,20 @@ Two layouts (``fmt``):
   (``weight_packed`` int32 words holding ``bits``-bit codes, ``weight_scale`` per group, the
   zero points packed too when asymmetric) plus the ``quantization_config`` in config.json, which
   transformers' ``from_pretrained`` (and vLLM) read. The packing is compressed-tensors' own
-  compressor, so the layout is theirs, not a re-implementation.
+  compressor, so the layout is theirs, not a re-implementation. With quantized embeddings
+  (``quantize_embeddings``) the token embedding (and an untied output head) is packed too.
+
+What transformers 5.24 + compressed-tensors 0.20 load, and so what this writes:
+
+- No sparse layout: compressed-tensors >= 0.15 dropped its sparse-bitmask and 2:4 compressors
+  (its ``ModelCompressor.update_config`` writes ``sparsity_config: {}``, "sparsity is removed for
+  now") and transformers' compressed-tensors quantizer never reads a sparsity config. Every
+  weight is stored as a code, zeros included: b-bit codes are b/16 of a 16-bit checkpoint at best.
+- A packed ``nn.Embedding`` fails the default load (transformers initialises the module's missing
+  ``weight`` after compressed-tensors swapped it for ``weight_packed``; a tied head finds no
+  ``weight`` to tie to). The ``dequantize: true`` load path works, tied head included: it unpacks
+  each tensor while reading the file, into the dense model. That path decompresses every packed
+  tensor with the config's first scheme, so with embeddings there must be one scheme for all.
 
 The sparsity figures in the report are measured by reading the saved files back (unpacking the
 packed codes for compressed-tensors), so they describe what was written, not what was intended.
@@ -19,6 +32,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +95,19 @@ def _scheme(cfg: QuantConfig, targets: list[str] | None = None):
                               format=CompressionFormat.pack_quantized.value)
 
 
-def _config_groups(quantized: dict[str, QuantizedWeight]) -> dict[str, Any]:
-    """One scheme for every linear, or (per-layer bits) one scheme per config naming its linears."""
+def _config_groups(quantized: dict[str, QuantizedWeight], embeddings: bool = False) -> dict[str, Any]:
+    """One scheme for every linear, or (per-layer bits) one scheme per config naming its linears.
+
+    With quantized ``embeddings`` one scheme targets the Embedding too (see the module docstring).
+    """
     by_cfg: dict[QuantConfig, list[str]] = {}
     for name, qw in quantized.items():
-        by_cfg.setdefault(qw.config, []).append(name)
+        by_cfg.setdefault(replace(qw.config, method="rtn"), []).append(name)  # the method does not show on disk
+    if embeddings:
+        if len(by_cfg) != 1:
+            raise PruningConfigError("quantized embeddings need one bit width and group size for every layer: "
+                                     "transformers dequantizes such a checkpoint with a single scheme")
+        return {"group_0": _scheme(next(iter(by_cfg)), ["Linear", "Embedding"])}
     if len(by_cfg) == 1:
         return {"group_0": _scheme(next(iter(by_cfg)))}
     ordered = sorted(by_cfg.items(), key=lambda kv: (kv[0].bits, kv[0].group_size, kv[0].symmetric))
@@ -114,12 +136,13 @@ def _decompress(local: dict[str, torch.Tensor], scheme) -> torch.Tensor:
     return PackedQuantizationCompressor.decompress(local, scheme)["weight"]
 
 
-def _compressed_tensors_config(quantized: dict[str, QuantizedWeight], ignore: list[str]) -> dict[str, Any]:
+def _compressed_tensors_config(quantized: dict[str, QuantizedWeight], ignore: list[str],
+                               embeddings: bool = False) -> dict[str, Any]:
     from compressed_tensors.config import CompressionFormat
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
     qc = QuantizationConfig(
-        config_groups=_config_groups(quantized),
+        config_groups=_config_groups(quantized, embeddings),
         format=CompressionFormat.pack_quantized.value,
         quantization_status=QuantizationStatus.COMPRESSED,
         ignore=ignore,
@@ -129,6 +152,8 @@ def _compressed_tensors_config(quantized: dict[str, QuantizedWeight], ignore: li
     out = qc.model_dump(mode="json")
     out["quant_method"] = "compressed-tensors"
     out["version"] = compressed_tensors.__version__
+    if embeddings:  # the load path that unpacks an Embedding (transformers' CompressedTensorsConfig reads it)
+        out["dequantize"] = True
     return out
 
 
@@ -232,7 +257,8 @@ def save_checkpoint(
 
     ``dtype`` (default: the model's) is the float dtype written; the model is cast to it in place,
     since export is a job's last use of it. ``quantized`` holds the integer codes of the
-    quantized linears (required for ``fmt='compressed-tensors'``). ``metadata`` goes into every
+    quantized linears and, with quantized embeddings, of the embedding and output head (required
+    for ``fmt='compressed-tensors'``). ``metadata`` goes into every
     safetensors header (strings; what produced the file). Returns ``{"global_sparsity",
     "layer_sparsity", "format", "dtype", "checkpoint_bytes"}`` (report.json is the caller's).
     """
@@ -257,9 +283,10 @@ def save_checkpoint(
         assert quantized is not None
         _pack_folder(folder, quantized, dtype, metadata)
         ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized)
+        embeddings = any(isinstance(model.get_submodule(n), nn.Embedding) for n in quantized)
         config_path = folder / "config.json"
         config = json.loads(config_path.read_text())
-        config["quantization_config"] = _compressed_tensors_config(quantized, ignore)
+        config["quantization_config"] = _compressed_tensors_config(quantized, ignore, embeddings)
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     elif metadata:
         stamp_metadata(folder, metadata)

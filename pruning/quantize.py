@@ -12,6 +12,10 @@ so a pruned weight quantizes to exactly 0. The keep mask is applied once more af
 Scales are rounded to the checkpoint's dtype (``scale_dtype``) when they are chosen, so the
 dense-with-zeros export and the packed export dequantize to the same numbers.
 
+The token embedding and the output head (``quantize_embeddings``, spec ``quantize.embeddings``)
+are quantized round-to-nearest with the linears' bits and group size: a tied pair is one matrix,
+quantized once under the embedding's name.
+
 Two methods use this module: round-to-nearest (``quantize_rtn``) and the GPTQ-style error
 feedback inside ``pruning.pruners.obs_prune_quantize`` (which calls ``group_params`` and
 ``quantize_codes`` column by column).
@@ -19,10 +23,11 @@ feedback inside ``pruning.pruners.obs_prune_quantize`` (which calls ``group_para
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from evosparse.pruning.errors import PruningConfigError
+from torch import nn
 
 QUANT_METHODS = ("rtn", "gptq")
 
@@ -156,3 +161,35 @@ def distinct_per_group(qw: QuantizedWeight) -> int:
     g = deq.reshape(rows * (cols // qw.config.group_size), qw.config.group_size)
     srt = torch.sort(g, dim=1).values
     return int(((srt[:, 1:] != srt[:, :-1]).sum(dim=1) + 1).max())
+
+
+def embedding_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """{module name: weight} of the input embedding and the output head; a tied pair once, as the embedding."""
+    found: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, getter)()
+        if module is None or id(module.weight) in seen:
+            continue
+        name = next(n for n, m in model.named_modules() if m is module)
+        seen.add(id(module.weight))
+        found[name] = module.weight
+    return found
+
+
+@torch.no_grad()
+def quantize_embeddings(
+    model: nn.Module, cfg: QuantConfig, scale_dtype: torch.dtype = torch.float32
+) -> dict[str, QuantizedWeight]:
+    """Quantize the embedding and output head in place (round to nearest: no Hessian reaches the embedding).
+
+    Returns their codes by module name, as ``prune_model`` returns the linears'.
+    """
+    cfg = replace(cfg, method="rtn")
+    out: dict[str, QuantizedWeight] = {}
+    for name, weight in embedding_weights(model).items():
+        cfg.check_in_features(name, weight.shape[1])
+        qw = quantize_rtn(weight, cfg, keep=torch.ones_like(weight, dtype=torch.bool), scale_dtype=scale_dtype)
+        weight.copy_(qw.dequantize().to(weight.dtype))
+        out[name] = qw
+    return out

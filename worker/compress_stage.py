@@ -9,6 +9,8 @@ The runner calls these at its prune and export steps and stays otherwise unaware
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -94,6 +96,38 @@ class Compression:
             out["layer_bits"] = dict(self.widths)
             out["layer_pruned"] = {n: counts.get(n, 0) for n in sizes}
         return out
+
+    @property
+    def embeddings(self) -> bool:
+        """Spec ``quantize.embeddings``: the embedding and output head are quantized too."""
+        q = self.spec.quantize
+        return self.quant is not None and q is not None and q.embeddings
+
+    def quantize_embeddings(self, model: nn.Module) -> dict[str, QuantizedWeight]:
+        """With ``quantize.embeddings``: the embedding and output head quantized in place; their codes."""
+        from evosparse.pruning.quantize import quantize_embeddings
+
+        if not self.embeddings:
+            return {}
+        assert self.quant is not None
+        return quantize_embeddings(model, self.quant, self.dtype)
+
+    @contextmanager
+    def embeddings_quantized(self, model: nn.Module) -> Iterator[None]:
+        """The embeddings quantized as the final model's will be, restored afterwards (the uniform baseline)."""
+        from evosparse.pruning.quantize import embedding_weights
+
+        if not self.embeddings:
+            yield
+            return
+        saved = {n: w.detach().clone() for n, w in embedding_weights(model).items()}
+        self.quantize_embeddings(model)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, w in embedding_weights(model).items():
+                    w.copy_(saved[name])
 
     def export_kwargs(self, quantized: dict[str, QuantizedWeight]) -> dict[str, Any]:
         return {"fmt": self.spec.format, "dtype": self.dtype, "quantized": quantized or None}

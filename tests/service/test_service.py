@@ -231,10 +231,13 @@ def _bad_inputs(model_root):  # noqa: ANN001, ANN202
         ("bit widths outside 2..8", {**bpw, "quantize": {"group_size": 32, "bit_widths": [1, 4]}}, 422),
         ("bit widths without bits_per_weight", {**ok, "quantize": {"group_size": 32, "bit_widths": [4]}}, 422),
         ("bits_per_weight group does not divide 160", {**bpw, "quantize": {"group_size": 64}}, 400),
+        ("quantize embeddings with bits_per_weight",
+         {**bpw, "quantize": {"group_size": 32, "method": "rtn", "embeddings": True}}, 422),
+        ("quantize embeddings not a boolean", {**ok, "quantize": {"group_size": 32, "embeddings": "some"}}, 422),
     ]
 
 
-@pytest.mark.parametrize("case", range(80))
+@pytest.mark.parametrize("case", range(82))
 def test_bad_input_is_refused_and_creates_no_job(stack, case):
     name, body, status = _bad_inputs(stack.model_root)[case]
     client = stack.client("bad-input")
@@ -252,7 +255,7 @@ def test_bad_input_is_refused_and_creates_no_job(stack, case):
 
 
 def test_bad_input_table_is_complete(model_root):
-    assert len(_bad_inputs(model_root)) == 80
+    assert len(_bad_inputs(model_root)) == 82
 
 
 def test_oversized_chunked_body_is_refused(stack):
