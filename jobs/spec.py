@@ -252,9 +252,10 @@ class JobSpec(BaseModel):
         "auto", description="auto: bfloat16 on GPUs (float16 without bf16), float32 on CPU")
     quantize: QuantizeSettings | None = Field(None, description=(
         "quantize the pruned linears on top of sparsity, pruned weights kept 0 (none by default)"))
-    format: Literal["dense", "compressed-tensors"] = Field("dense", description=(
-        "checkpoint layout: dense (HF folder, zeros stored) or compressed-tensors (packed integer codes; "
-        "needs symmetric quantize)"))
+    format: Literal["dense", "compressed-tensors", "gguf"] = Field("dense", description=(
+        "checkpoint layout: dense (HF folder, zeros stored), compressed-tensors (packed integer codes; "
+        "needs symmetric quantize) or gguf (llama.cpp, Q8_0 matrices: zeros stay exact; llama models, "
+        "without quantize)"))
     export_dtype: Literal["source", "float32", "bfloat16", "float16"] = Field("source", description=(
         "float dtype of the saved checkpoint; source: the dtype the model was published in"))
     eval_tasks: list[str] = Field(default_factory=list, max_length=len(EVAL_TASKS), description=(
@@ -387,6 +388,9 @@ class JobSpec(BaseModel):
             # and 2:4 formats: what it stores compactly is quantized weights.
             raise ValueError("format 'compressed-tensors' stores packed integer weights: give quantize "
                              "(e.g. {bits: 8} keeps the most accuracy), or use format 'dense'")
+        if self.format == "gguf" and self.quantize is not None:
+            raise ValueError("format 'gguf' stores Q8_0 (8-bit blocks of 32 with a float16 scale) itself: "
+                             "leave quantize out, or use format 'compressed-tensors' for other widths")
         if self.quantize is not None and self.quantize.embeddings and self.bits_per_weight is not None:
             # The embeddings take quantize.bits; and transformers dequantizes a compressed-tensors
             # checkpoint that quantizes them with one scheme for every packed weight (export.py).

@@ -1,9 +1,11 @@
 """Export a pruned model: Hugging Face checkpoint (safetensors) + tokenizer + report.json.
 
-Two layouts (``fmt``):
+Three layouts (``fmt``):
 
 - ``dense``: the model's tensors as they are, pruned weights stored as zeros (quantized weights
   as their dequantized values), in the chosen float dtype (by default the source model's).
+- ``gguf``: one llama.cpp file, Q8_0 matrices (``pruning.gguf_export``), read back by transformers
+  with ``from_pretrained(folder, gguf_file="model.gguf")``.
 - ``compressed-tensors``: the quantized linears as compressed-tensors' ``pack-quantized`` layout
   (``weight_packed`` int32 words holding ``bits``-bit codes, ``weight_scale`` per group, the
   zero points packed too when asymmetric) plus the ``quantization_config`` in config.json, which
@@ -42,17 +44,21 @@ from evosparse.pruning.layers import prunable_linears
 from evosparse.pruning.quantize import QuantConfig, QuantizedWeight
 from torch import nn
 
-FORMATS = ("dense", "compressed-tensors")
+FORMATS = ("dense", "compressed-tensors", "gguf")
 
 
 def count_zeros_in_checkpoint(folder: str | Path, weight_names: list[str]) -> dict[str, tuple[int, int]]:
     """{tensor name: (zeros, numel)} for the given tensor names, read from the folder's *.safetensors.
 
     A ``X.weight`` stored packed (``X.weight_packed``, compressed-tensors) is unpacked and
-    dequantized with the checkpoint's own quantization_config first (the scheme that targets it).
+    dequantized with the checkpoint's own quantization_config first (the scheme that targets it);
+    a folder holding a GGUF file is read from it (Q8_0 dequantized).
     """
+    from evosparse.pruning.gguf_export import GGUF_FILE, gguf_zero_counts
     from safetensors import safe_open
 
+    if (Path(folder) / GGUF_FILE).is_file():
+        return gguf_zero_counts(Path(folder) / GGUF_FILE, weight_names)
     wanted = set(weight_names)
     found: dict[str, tuple[int, int]] = {}
     schemes = None
@@ -237,8 +243,8 @@ def write_report(folder: str | Path, report: dict[str, Any]) -> None:
 
 
 def folder_bytes(folder: str | Path) -> int:
-    """Bytes of the weight files (*.safetensors) in a checkpoint folder."""
-    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+    """Bytes of the weight files (*.safetensors, *.gguf) in a checkpoint folder."""
+    return sum(f.stat().st_size for pattern in ("*.safetensors", "*.gguf") for f in Path(folder).glob(pattern))
 
 
 @torch.no_grad()
@@ -270,8 +276,24 @@ def save_checkpoint(
             raise PruningConfigError("format 'compressed-tensors' needs quantized weights (give quantize)")
         if any(not isinstance(m, nn.Linear) for m in linears.values()):
             raise PruningConfigError("format 'compressed-tensors' needs nn.Linear layers (GPT-2's Conv1D is not)")
+    if fmt == "gguf":
+        from evosparse.pruning.gguf_export import check_gguf_model
+
+        check_gguf_model(model)
+        if quantized:
+            raise PruningConfigError("format 'gguf' stores Q8_0 (8-bit blocks of 32) itself: leave quantize out")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if fmt == "gguf":
+        from evosparse.pruning.gguf_export import GGUF_FILE, write_gguf
+
+        write_gguf(model, tokenizer, folder / GGUF_FILE, metadata)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        names = linear_names if linear_names is not None else list(linears)
+        global_sparsity, layer = measured_sparsity(folder, names)
+        return {"global_sparsity": global_sparsity, "layer_sparsity": layer, "format": fmt,
+                "dtype": "q8_0", "checkpoint_bytes": folder_bytes(folder)}
     if dtype is not None:
         model.to(dtype)
     dtype = next(model.parameters()).dtype

@@ -54,6 +54,10 @@ class Compression:
             from evosparse.pruning.mixed import block_space
 
             block_space(model, spec.sparsity, spec.mixed.m, spec.mixed.pruned, spec.search.max_level_delta)
+        if spec.format == "gguf":  # before any pruning: the writer knows llama's layout only
+            from evosparse.pruning.gguf_export import check_gguf_model
+
+            check_gguf_model(model)
         dtype = source_dtype(spec.model) if spec.export_dtype == "source" else _DTYPES[spec.export_dtype]
         return cls(spec=spec, dtype=dtype, quant=quant)
 
@@ -103,25 +107,32 @@ class Compression:
         q = self.spec.quantize
         return self.quant is not None and q is not None and q.embeddings
 
-    def quantize_embeddings(self, model: nn.Module) -> dict[str, QuantizedWeight]:
-        """With ``quantize.embeddings``: the embedding and output head quantized in place; their codes."""
+    def finish(self, model: nn.Module) -> dict[str, QuantizedWeight]:
+        """After the linears are pruned: what the checkpoint format does to the rest, in place, so the
+        evaluation sees the file's numbers: quantized embeddings (their codes returned), gguf's Q8_0."""
         from evosparse.pruning.quantize import quantize_embeddings
 
-        if not self.embeddings:
-            return {}
-        assert self.quant is not None
-        return quantize_embeddings(model, self.quant, self.dtype)
+        codes: dict[str, QuantizedWeight] = {}
+        if self.embeddings:
+            assert self.quant is not None
+            codes = quantize_embeddings(model, self.quant, self.dtype)
+        if self.spec.format == "gguf":
+            from evosparse.pruning.gguf_export import round_q8_0
+
+            round_q8_0(model)
+        return codes
 
     @contextmanager
-    def embeddings_quantized(self, model: nn.Module) -> Iterator[None]:
-        """The embeddings quantized as the final model's will be, restored afterwards (the uniform baseline)."""
+    def finished(self, model: nn.Module) -> Iterator[None]:
+        """``finish`` for a while (the uniform baseline), the embeddings restored afterwards (the caller
+        restores the linears from its dense snapshot)."""
         from evosparse.pruning.quantize import embedding_weights
 
-        if not self.embeddings:
+        if not (self.embeddings or self.spec.format == "gguf"):  # nothing to do: no copy either
             yield
             return
         saved = {n: w.detach().clone() for n, w in embedding_weights(model).items()}
-        self.quantize_embeddings(model)
+        self.finish(model)
         try:
             yield
         finally:
