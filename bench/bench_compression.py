@@ -6,9 +6,9 @@ Subcommands, each writing JSON under bench/results/raw/ (``report`` renders benc
           the mixed allocation both as the Fisher allocation projected onto the N:8 grid (no
           search) and searched (evolutionary, Fisher-seeded, same level grid), for one pruner.
   quant   70 % sparsity: sparse alone, + RTN 4-bit, + GPTQ 4-bit (joint with SparseGPT, mask-fixed
-          error feedback with Wanda), and the artifact sizes of each format against the dense
-          16-bit checkpoint, each artifact loaded back with transformers' from_pretrained and
-          evaluated again.
+          error feedback with Wanda), + the embedding (tied head) 4-bit too, and the artifact sizes of
+          each format (dense, compressed-tensors, GGUF Q8_0) against the dense 16-bit checkpoint,
+          each artifact loaded back with transformers' from_pretrained and evaluated again.
   bpw     a size budget in bits per weight (cost model: search/bitbudget.py): every uniform
           (sparsity, bits) meeting it, the Fisher seed at the baseline's width (no search), and the
           searched per-layer (sparsity, bits), all RTN-quantized, for one pruner.
@@ -144,6 +144,7 @@ def _block_patterns(layer_pattern: dict[str, str]) -> list[str]:
 def cmd_quant(args) -> None:
     from evosparse.pruning.evaluate import perplexity
     from evosparse.pruning.export import export_checkpoint, folder_bytes
+    from evosparse.pruning.gguf_export import GGUF_FILE, round_q8_0
     from evosparse.pruning.layers import prunable_linears
     from evosparse.pruning.quantize import QuantConfig, quantize_embeddings
     from evosparse.pruning.sensitivity import allocation_counts
@@ -161,7 +162,9 @@ def cmd_quant(args) -> None:
         """Export ``src`` (cast to bfloat16 on the way: export is its last use), load it back, evaluate."""
         folder = tmp / label.replace(" ", "_").replace("%", "pct")
         rep = export_checkpoint(src, tok, folder, {}, fmt=fmt, dtype=torch.bfloat16, quantized=quantized)
-        loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+        # a GGUF is read as evosparse reads GGUF input: transformers dequantizes it to float32
+        gguf = {"gguf_file": GGUF_FILE, "dtype": torch.float32} if fmt == "gguf" else {}
+        loaded = AutoModelForCausalLM.from_pretrained(folder, **gguf).eval()
         ppl_loaded = perplexity(loaded, evalw)
         lin = prunable_linears(loaded)
         zeros = sum(int((m.weight == 0).sum()) for m in lin.values()) / sum(m.weight.numel() for m in lin.values())
@@ -191,6 +194,10 @@ def cmd_quant(args) -> None:
             for label, quant in (variants[v] for v in args.variants):
                 ppl, s, quantized = prune_eval(model, dense, calib, evalw, pruner, counts, None, quant, keep=True)
                 row(pruner, label, ppl, s)
+                if first and quant is None and args.gguf:  # GGUF Q8_0 of the sparse model, evaluated as rounded
+                    q8 = copy.deepcopy(model)
+                    round_q8_0(q8)
+                    artifact(f"{pct} {label}, GGUF Q8_0", "gguf", None, perplexity(q8, evalw), q8)
                 if first and label != "+ RTN 4-bit":
                     artifact(f"{pct} {label}, dense with zeros", "dense", None, ppl, copy.deepcopy(model))
                     if quant is not None:
@@ -304,7 +311,14 @@ def cmd_report(args) -> None:
     for f in sorted(RAW.glob("quant*.json")):
         d = json.loads(f.read_text())
         a = d["args"]
+        flags = (f" --pruners {' '.join(a['pruners'])} --group {a['group']}"
+                 + (f" --variants {' '.join(a['variants'])}" if "variants" in a else "")
+                 + ("" if a.get("embeddings", False) else " --no-embeddings" if "embeddings" in a else "")
+                 + ("" if a.get("gguf", False) else " --no-gguf" if "gguf" in a else "")
+                 + (f" --tag {a['tag']}" if a.get("tag") else ""))
         lines += [f"## Sparsity + quantization at {a['sparsity']:g} (`{f.name}`)", "",
+                  f"Command: `python bench/bench_compression.py quant{flags}` (under `/work/helpers/heavy.sh bench`).",
+                  "",
                   f"dense ppl {d['dense_ppl']:.2f}; uniform allocation; group size {a['group']}, symmetric; "
                   "scales rounded to bfloat16.", "",
                   "| pruner | variant | held-out ppl | vs sparse only | prune (s) |", "| --- | --- | --- | --- | --- |"]
@@ -314,8 +328,9 @@ def cmd_report(args) -> None:
                          f"{r['prune_s']:.0f} |")
         if d["sizes"]:
             ref = d["sizes"][0]["bytes"]
-            lines += ["", "Artifacts (weights on disk, `*.safetensors`), each loaded back with "
-                      "`AutoModelForCausalLM.from_pretrained` and evaluated again:", "",
+            lines += ["", "Artifacts (weights on disk: `*.safetensors`, `*.gguf`), each loaded back with "
+                      "`AutoModelForCausalLM.from_pretrained` (a GGUF with `gguf_file=`, as float32) and evaluated "
+                      "again:", "",
                       "| artifact | format | MiB | × dense 16-bit | ppl in memory | ppl loaded | sparsity (report) | "
                       "sparsity (loaded) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
             for s in d["sizes"]:
@@ -352,6 +367,8 @@ def main() -> None:
             p.add_argument("--variants", nargs="+", choices=("sparse", "rtn", "gptq"), default=["sparse", "rtn", "gptq"])
             p.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=True,
                            help="after GPTQ, also quantize the embedding (tied head) and export that too")
+            p.add_argument("--gguf", action=argparse.BooleanOptionalAction, default=True,
+                           help="export the sparse-only model as GGUF Q8_0 too")
     r = sub.add_parser("report")
     r.set_defaults(func=cmd_report)
     args = ap.parse_args()

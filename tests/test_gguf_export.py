@@ -100,3 +100,5 @@ def test_a_gguf_job_reports_the_file(tiny_llama_dir, tmp_path):
     assert rep["global_sparsity"] == pytest.approx(sum(z for z, _ in zeros.values()) / sum(n for _, n in zeros.values()),
                                                    abs=1e-12)
     assert rep["global_sparsity"] >= 0.5
+    card = (tmp_path / "out" / "README.md").read_text()  # the model card says how to load this file
+    assert 'from_pretrained(".", gguf_file="model.gguf")' in card
