@@ -204,8 +204,9 @@ def cmd_quant(args) -> None:
                         artifact(f"{pct} {label}, compressed-tensors", "compressed-tensors", quantized, ppl,
                                  copy.deepcopy(model))
                 if quant is not None and quant.method == "gptq" and args.embeddings:
-                    # The same pruned linears, then the embedding (tied head) at their bits and group size.
-                    quantized.update(quantize_embeddings(model, quant, torch.bfloat16))
+                    # The same pruned linears, then the embedding (tied head) at their bits and group size,
+                    # GPTQ through the head's input Hessian on the calibration windows.
+                    quantized.update(quantize_embeddings(model, quant, torch.bfloat16, calib))
                     ppl = perplexity(model, evalw)
                     row(pruner, f"{label} + embeddings {quant.bits}-bit", ppl, s)
                     if first:

@@ -196,8 +196,8 @@ class QuantizeSettings(BaseModel):
     symmetric: bool = Field(True, description="symmetric grid (zero point 0) or asymmetric (integer zero point)")
     embeddings: bool = Field(False, description=(
         "also quantize the token embedding and the output head (one matrix when tied, as in SmolLM2) with the "
-        "same bits and group size, round to nearest; the last 16-bit weights of a quantized checkpoint "
-        "(SmolLM2-135M: 21 %), at a perplexity cost the report's figures include"))
+        "same bits, group size and method (gptq: through the head's input Hessian); the last 16-bit weights "
+        "of a quantized checkpoint (SmolLM2-135M: 21 %), at a perplexity cost the report's figures include"))
     bit_widths: list[int] | None = Field(None, min_length=1, max_length=7, description=(
         "with bits_per_weight: the widths each layer chooses from (default 2,3,4,8); quantize.bits is then unused"))
 
@@ -349,7 +349,9 @@ class JobSpec(BaseModel):
                 raise ValueError("structured widths are searched in one process: search.workers must be 1")
             if self.quantize is not None or self.format != "dense":
                 raise ValueError("pattern 'structured' is exported as a smaller dense model: quantize and "
-                                 "format 'compressed-tensors' are not supported with it yet")
+                                 f"format {self.format!r} are not supported with it yet" if self.format != "dense"
+                                 else "pattern 'structured' is exported as a smaller dense model: quantize is not "
+                                 "supported with it yet")
         return self
 
     @model_validator(mode="after")

@@ -172,7 +172,7 @@ def test_quantized_embeddings_round_trip_through_transformers(tiny_llama, tiny_t
     counts = allocation_counts(model, "uniform", 0.7)
     quantized = prune_model(model, tiny_tokens, "wanda", counts, quant=cfg, scale_dtype=torch.bfloat16)
     linears_only = dict(quantized)
-    emb = quantize_embeddings(model, cfg, torch.bfloat16)
+    emb = quantize_embeddings(model, cfg, torch.bfloat16, tiny_tokens)  # gptq: the head through its Hessian
     assert set(emb) == ({"model.embed_tokens"} if tied else {"model.embed_tokens", "lm_head"})
     assert all(distinct_per_group(qw) <= 16 for qw in emb.values())
     assert torch.equal(model.model.embed_tokens.weight, emb["model.embed_tokens"].dequantize())  # in place
@@ -211,6 +211,28 @@ def test_quantized_embeddings_round_trip_through_transformers(tiny_llama, tiny_t
     with pytest.raises(PruningConfigError, match="one bit width"):
         export_checkpoint(copy.deepcopy(a), None, tmp_path / "m", {}, fmt="compressed-tensors",
                           dtype=torch.bfloat16, quantized=mixed)
+
+
+def test_gptq_of_the_tied_head_beats_round_to_nearest_on_its_output(tiny_tokens):
+    import copy
+
+    from evosparse.pruning.quantize import QuantConfig, head_hessian, quantize_embeddings
+
+    model = _tied_llama()
+    h = head_hessian(model, tiny_tokens, batch_size=3)  # batches that do not divide the windows
+    with torch.no_grad():
+        x = model.model(tiny_tokens).last_hidden_state.reshape(-1, 64)  # the head's input, taken directly
+    assert torch.allclose(h, 2 * x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-5)
+    w = model.lm_head.weight.detach().clone()
+
+    def output_error(cfg):
+        m = copy.deepcopy(model)
+        qw = quantize_embeddings(m, cfg, torch.float32, tiny_tokens)["model.embed_tokens"]
+        assert m.lm_head.weight is m.model.embed_tokens.weight  # still tied, quantized once
+        d = w - qw.dequantize()
+        return float(torch.trace(d @ h @ d.t()))
+
+    assert output_error(QuantConfig(4, 32, "gptq")) < 0.9 * output_error(QuantConfig(4, 32, "rtn"))
 
 
 def test_a_job_with_quantized_embeddings_reports_what_it_wrote(bf16_model_dir, tmp_path):

@@ -107,15 +107,16 @@ class Compression:
         q = self.spec.quantize
         return self.quant is not None and q is not None and q.embeddings
 
-    def finish(self, model: nn.Module) -> dict[str, QuantizedWeight]:
+    def finish(self, model: nn.Module, calib: torch.Tensor) -> dict[str, QuantizedWeight]:
         """After the linears are pruned: what the checkpoint format does to the rest, in place, so the
-        evaluation sees the file's numbers: quantized embeddings (their codes returned), gguf's Q8_0."""
+        evaluation sees the file's numbers: quantized embeddings (their codes returned; GPTQ calibrates
+        the head on ``calib``), gguf's Q8_0."""
         from evosparse.pruning.quantize import quantize_embeddings
 
         codes: dict[str, QuantizedWeight] = {}
         if self.embeddings:
             assert self.quant is not None
-            codes = quantize_embeddings(model, self.quant, self.dtype)
+            codes = quantize_embeddings(model, self.quant, self.dtype, calib)
         if self.spec.format == "gguf":
             from evosparse.pruning.gguf_export import round_q8_0
 
@@ -123,7 +124,7 @@ class Compression:
         return codes
 
     @contextmanager
-    def finished(self, model: nn.Module) -> Iterator[None]:
+    def finished(self, model: nn.Module, calib: torch.Tensor) -> Iterator[None]:
         """``finish`` for a while (the uniform baseline), the embeddings restored afterwards (the caller
         restores the linears from its dense snapshot)."""
         from evosparse.pruning.quantize import embedding_weights
@@ -132,7 +133,7 @@ class Compression:
             yield
             return
         saved = {n: w.detach().clone() for n, w in embedding_weights(model).items()}
-        self.finish(model)
+        self.finish(model, calib)
         try:
             yield
         finally:
