@@ -6,9 +6,9 @@ Subcommands, each writing JSON under bench/results/raw/ (``report`` renders benc
           the mixed allocation both as the Fisher allocation projected onto the N:8 grid (no
           search) and searched (evolutionary, Fisher-seeded, same level grid), for one pruner.
   quant   70 % sparsity: sparse alone, + RTN 4-bit, + GPTQ 4-bit (joint with SparseGPT, mask-fixed
-          error feedback with Wanda), and the artifact sizes of each format against the dense
-          16-bit checkpoint, each artifact loaded back with transformers' from_pretrained and
-          evaluated again.
+          error feedback with Wanda), + the embedding (tied head) 4-bit too, and the artifact sizes of
+          each format (dense, compressed-tensors, GGUF Q8_0) against the dense 16-bit checkpoint,
+          each artifact loaded back with transformers' from_pretrained and evaluated again.
   bpw     a size budget in bits per weight (cost model: search/bitbudget.py): every uniform
           (sparsity, bits) meeting it, the Fisher seed at the baseline's width (no search), and the
           searched per-layer (sparsity, bits), all RTN-quantized, for one pruner.
@@ -61,6 +61,20 @@ class Hooks:
         return False
 
 
+def start(args, **record):
+    """A run's start: the model and windows, a copy of its dense weights, and its JSON record holding the
+    arguments and the dense held-out perplexity (``record`` adds empty tables of its own)."""
+    from evosparse.pruning.evaluate import perplexity
+
+    RAW.mkdir(parents=True, exist_ok=True)
+    model, tok, calib, evalw = setup(args)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    out: dict = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "rows": [], **record}
+    out["dense_ppl"] = perplexity(model, evalw)
+    print("dense", out["dense_ppl"], flush=True)
+    return model, tok, calib, evalw, dense, out
+
+
 def prune_eval(model, dense, calib, evalw, pruner, counts, patterns, quant=None, keep=False):
     """Prune a fresh copy of the dense weights, evaluate on the held-out half; restore unless ``keep``."""
     from evosparse.pruning.evaluate import perplexity
@@ -83,14 +97,7 @@ def cmd_nm(args) -> None:
     from evosparse.worker.compress_stage import Compression
     from evosparse.worker.search_stage import run_search
 
-    RAW.mkdir(parents=True, exist_ok=True)
-    model, _, calib, evalw = setup(args)
-    from evosparse.pruning.evaluate import perplexity
-
-    dense = {k: v.clone() for k, v in model.state_dict().items()}
-    out: dict = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "rows": []}
-    out["dense_ppl"] = perplexity(model, evalw)
-    print("dense", out["dense_ppl"], flush=True)
+    model, _, calib, evalw, dense, out = start(args)
     fish = fisher(model, calib)
     t = time.perf_counter()
     db = LevelDB.build(model, calib, args.pruner, nm_m=8)
@@ -135,20 +142,15 @@ def _block_patterns(layer_pattern: dict[str, str]) -> list[str]:
 
 
 def cmd_quant(args) -> None:
+    from evosparse.pruning.evaluate import perplexity
     from evosparse.pruning.export import export_checkpoint, folder_bytes
+    from evosparse.pruning.gguf_export import GGUF_FILE, round_q8_0
     from evosparse.pruning.layers import prunable_linears
-    from evosparse.pruning.quantize import QuantConfig
+    from evosparse.pruning.quantize import QuantConfig, quantize_embeddings
     from evosparse.pruning.sensitivity import allocation_counts
     from transformers import AutoModelForCausalLM
 
-    RAW.mkdir(parents=True, exist_ok=True)
-    model, tok, calib, evalw = setup(args)
-    from evosparse.pruning.evaluate import perplexity
-
-    dense = {k: v.clone() for k, v in model.state_dict().items()}
-    out: dict = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "rows": [], "sizes": []}
-    out["dense_ppl"] = perplexity(model, evalw)
-    print("dense", out["dense_ppl"], flush=True)
+    model, tok, calib, evalw, dense, out = start(args, sizes=[])
     counts = allocation_counts(model, "uniform", args.sparsity)
     path = RAW / f"quant{round(args.sparsity * 100)}{args.tag}.json"
     tmp = Path(tempfile.mkdtemp(prefix="bench-compression-"))
@@ -160,7 +162,9 @@ def cmd_quant(args) -> None:
         """Export ``src`` (cast to bfloat16 on the way: export is its last use), load it back, evaluate."""
         folder = tmp / label.replace(" ", "_").replace("%", "pct")
         rep = export_checkpoint(src, tok, folder, {}, fmt=fmt, dtype=torch.bfloat16, quantized=quantized)
-        loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+        # a GGUF is read as evosparse reads GGUF input: transformers dequantizes it to float32
+        gguf = {"gguf_file": GGUF_FILE, "dtype": torch.float32} if fmt == "gguf" else {}
+        loaded = AutoModelForCausalLM.from_pretrained(folder, **gguf).eval()
         ppl_loaded = perplexity(loaded, evalw)
         lin = prunable_linears(loaded)
         zeros = sum(int((m.weight == 0).sum()) for m in lin.values()) / sum(m.weight.numel() for m in lin.values())
@@ -176,22 +180,38 @@ def cmd_quant(args) -> None:
     try:
         # The dense 16-bit reference: the unpruned model as published (bfloat16).
         artifact("dense 16-bit (unpruned)", "dense", None, out["dense_ppl"], copy.deepcopy(model))
+        variants = {"sparse": ("sparse only", None), "rtn": ("+ RTN 4-bit", QuantConfig(4, args.group, "rtn")),
+                    "gptq": ("+ GPTQ 4-bit", QuantConfig(4, args.group, "gptq"))}
+
+        def row(pruner, label, ppl, s):
+            out["rows"].append({"pruner": pruner, "sparsity": args.sparsity, "variant": label, "ppl": ppl,
+                                "prune_s": s})
+            print(out["rows"][-1], flush=True)
+            save()
+
         for pruner in args.pruners:
-            for label, quant in (
-                ("sparse only", None),
-                ("+ RTN 4-bit", QuantConfig(4, args.group, "rtn")),
-                ("+ GPTQ 4-bit", QuantConfig(4, args.group, "gptq")),
-            ):
+            first = pruner == args.pruners[0]
+            for label, quant in (variants[v] for v in args.variants):
                 ppl, s, quantized = prune_eval(model, dense, calib, evalw, pruner, counts, None, quant, keep=True)
-                out["rows"].append({"pruner": pruner, "sparsity": args.sparsity, "variant": label, "ppl": ppl,
-                                    "prune_s": s})
-                print(out["rows"][-1], flush=True)
-                save()
-                if pruner == args.pruners[0] and label != "+ RTN 4-bit":
+                row(pruner, label, ppl, s)
+                if first and quant is None and args.gguf:  # GGUF Q8_0 of the sparse model, evaluated as rounded
+                    q8 = copy.deepcopy(model)
+                    round_q8_0(q8)
+                    artifact(f"{pct} {label}, GGUF Q8_0", "gguf", None, perplexity(q8, evalw), q8)
+                if first and label != "+ RTN 4-bit":
                     artifact(f"{pct} {label}, dense with zeros", "dense", None, ppl, copy.deepcopy(model))
                     if quant is not None:
                         artifact(f"{pct} {label}, compressed-tensors", "compressed-tensors", quantized, ppl,
                                  copy.deepcopy(model))
+                if quant is not None and quant.method == "gptq" and args.embeddings:
+                    # The same pruned linears, then the embedding (tied head) at their bits and group size,
+                    # GPTQ through the head's input Hessian on the calibration windows.
+                    quantized.update(quantize_embeddings(model, quant, torch.bfloat16, calib))
+                    ppl = perplexity(model, evalw)
+                    row(pruner, f"{label} + embeddings {quant.bits}-bit", ppl, s)
+                    if first:
+                        artifact(f"{pct} {label} + embeddings {quant.bits}-bit, compressed-tensors",
+                                 "compressed-tensors", quantized, ppl, copy.deepcopy(model))
                 model.load_state_dict(dense)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -199,7 +219,6 @@ def cmd_quant(args) -> None:
 
 def cmd_bpw(args) -> None:
     from evosparse.jobs.spec import JobSpec
-    from evosparse.pruning.evaluate import perplexity
     from evosparse.pruning.layers import find_blocks
     from evosparse.pruning.leveldb import LevelDB, search_units
     from evosparse.pruning.quantize import QuantConfig
@@ -207,12 +226,7 @@ def cmd_bpw(args) -> None:
     from evosparse.search.bitbudget import unit_bits
     from evosparse.worker.search_stage import budget_levels, budget_seeds, run_search, search_space
 
-    RAW.mkdir(parents=True, exist_ok=True)
-    model, _, calib, evalw = setup(args)
-    dense = {k: v.clone() for k, v in model.state_dict().items()}
-    out: dict = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "rows": []}
-    out["dense_ppl"] = perplexity(model, evalw)
-    print("dense", out["dense_ppl"], flush=True)
+    model, _, calib, evalw, dense, out = start(args)
     fish = fisher(model, calib)
     spec = JobSpec(model=args.model, bits_per_weight=args.bpw, pruner=args.pruner, allocation="evolutionary",
                    calib_windows=args.calib_windows, quantize={"group_size": args.group, "method": "rtn"},
@@ -298,7 +312,14 @@ def cmd_report(args) -> None:
     for f in sorted(RAW.glob("quant*.json")):
         d = json.loads(f.read_text())
         a = d["args"]
+        flags = (f" --pruners {' '.join(a['pruners'])} --group {a['group']}"
+                 + (f" --variants {' '.join(a['variants'])}" if "variants" in a else "")
+                 + ("" if a.get("embeddings", False) else " --no-embeddings" if "embeddings" in a else "")
+                 + ("" if a.get("gguf", False) else " --no-gguf" if "gguf" in a else "")
+                 + (f" --tag {a['tag']}" if a.get("tag") else ""))
         lines += [f"## Sparsity + quantization at {a['sparsity']:g} (`{f.name}`)", "",
+                  f"Command: `python bench/bench_compression.py quant{flags}` (under `/work/helpers/heavy.sh bench`).",
+                  "",
                   f"dense ppl {d['dense_ppl']:.2f}; uniform allocation; group size {a['group']}, symmetric; "
                   "scales rounded to bfloat16.", "",
                   "| pruner | variant | held-out ppl | vs sparse only | prune (s) |", "| --- | --- | --- | --- | --- |"]
@@ -308,8 +329,9 @@ def cmd_report(args) -> None:
                          f"{r['prune_s']:.0f} |")
         if d["sizes"]:
             ref = d["sizes"][0]["bytes"]
-            lines += ["", "Artifacts (weights on disk, `*.safetensors`), each loaded back with "
-                      "`AutoModelForCausalLM.from_pretrained` and evaluated again:", "",
+            lines += ["", "Artifacts (weights on disk: `*.safetensors`, `*.gguf`), each loaded back with "
+                      "`AutoModelForCausalLM.from_pretrained` (a GGUF with `gguf_file=`, as float32) and evaluated "
+                      "again:", "",
                       "| artifact | format | MiB | × dense 16-bit | ppl in memory | ppl loaded | sparsity (report) | "
                       "sparsity (loaded) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
             for s in d["sizes"]:
@@ -343,6 +365,11 @@ def main() -> None:
             p.add_argument("--sparsity", type=float, default=0.7)
             p.add_argument("--group", type=int, default=64)
             p.add_argument("--pruners", nargs="+", default=["sparsegpt", "wanda"])
+            p.add_argument("--variants", nargs="+", choices=("sparse", "rtn", "gptq"), default=["sparse", "rtn", "gptq"])
+            p.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=True,
+                           help="after GPTQ, also quantize the embedding (tied head) and export that too")
+            p.add_argument("--gguf", action=argparse.BooleanOptionalAction, default=True,
+                           help="export the sparse-only model as GGUF Q8_0 too")
     r = sub.add_parser("report")
     r.set_defaults(func=cmd_report)
     args = ap.parse_args()

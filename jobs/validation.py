@@ -169,8 +169,24 @@ def _dividing(dims: frozenset[int], upto: int = 512) -> str:
     return ", ".join(map(str, common)) or "none from 8 up"
 
 
+def model_type(model: str) -> str | None:
+    """config.json's model_type (None when unknown: hub ids and GGUF files, which the worker checks)."""
+    if model in BUILTIN_IN_FEATURES:
+        return "llama"  # SmolLM2
+    config = Path(model) / "config.json"
+    try:
+        cfg = json.loads(config.read_text()) if config.is_file() else None
+    except (OSError, ValueError):
+        return None
+    kind = cfg.get("model_type") if isinstance(cfg, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
 def check_shapes(spec: JobSpec) -> None:
-    """Quantization groups and N:M groups must tile every linear's input dimension."""
+    """Quantization groups and N:M groups must tile every linear's input dimension; gguf needs a llama."""
+    kind = model_type(spec.model) if spec.format == "gguf" else None
+    if kind is not None and kind != "llama":
+        raise SpecRejected("format", f"gguf is written for the llama architecture; {spec.model} is {kind!r}")
     dims = model_in_features(spec.model)
     if dims is None:
         return

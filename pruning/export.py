@@ -1,14 +1,29 @@
 """Export a pruned model: Hugging Face checkpoint (safetensors) + tokenizer + report.json.
 
-Two layouts (``fmt``):
+Three layouts (``fmt``):
 
 - ``dense``: the model's tensors as they are, pruned weights stored as zeros (quantized weights
   as their dequantized values), in the chosen float dtype (by default the source model's).
+- ``gguf``: one llama.cpp file, Q8_0 matrices (``pruning.gguf_export``), read back by transformers
+  with ``from_pretrained(folder, gguf_file="model.gguf")``.
 - ``compressed-tensors``: the quantized linears as compressed-tensors' ``pack-quantized`` layout
   (``weight_packed`` int32 words holding ``bits``-bit codes, ``weight_scale`` per group, the
   zero points packed too when asymmetric) plus the ``quantization_config`` in config.json, which
   transformers' ``from_pretrained`` (and vLLM) read. The packing is compressed-tensors' own
-  compressor, so the layout is theirs, not a re-implementation.
+  compressor, so the layout is theirs, not a re-implementation. With quantized embeddings
+  (``quantize_embeddings``) the token embedding (and an untied output head) is packed too.
+
+What transformers 5.24 + compressed-tensors 0.20 load, and so what this writes:
+
+- No sparse layout: compressed-tensors >= 0.15 dropped its sparse-bitmask and 2:4 compressors
+  (its ``ModelCompressor.update_config`` writes ``sparsity_config: {}``, "sparsity is removed for
+  now") and transformers' compressed-tensors quantizer never reads a sparsity config. Every
+  weight is stored as a code, zeros included: b-bit codes are b/16 of a 16-bit checkpoint at best.
+- A packed ``nn.Embedding`` fails the default load (transformers initialises the module's missing
+  ``weight`` after compressed-tensors swapped it for ``weight_packed``; a tied head finds no
+  ``weight`` to tie to). The ``dequantize: true`` load path works, tied head included: it unpacks
+  each tensor while reading the file, into the dense model. That path decompresses every packed
+  tensor with the config's first scheme, so with embeddings there must be one scheme for all.
 
 The sparsity figures in the report are measured by reading the saved files back (unpacking the
 packed codes for compressed-tensors), so they describe what was written, not what was intended.
@@ -19,6 +34,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +44,21 @@ from evosparse.pruning.layers import prunable_linears
 from evosparse.pruning.quantize import QuantConfig, QuantizedWeight
 from torch import nn
 
-FORMATS = ("dense", "compressed-tensors")
+FORMATS = ("dense", "compressed-tensors", "gguf")
 
 
 def count_zeros_in_checkpoint(folder: str | Path, weight_names: list[str]) -> dict[str, tuple[int, int]]:
     """{tensor name: (zeros, numel)} for the given tensor names, read from the folder's *.safetensors.
 
     A ``X.weight`` stored packed (``X.weight_packed``, compressed-tensors) is unpacked and
-    dequantized with the checkpoint's own quantization_config first (the scheme that targets it).
+    dequantized with the checkpoint's own quantization_config first (the scheme that targets it);
+    a folder holding a GGUF file is read from it (Q8_0 dequantized).
     """
+    from evosparse.pruning.gguf_export import GGUF_FILE, gguf_zero_counts
     from safetensors import safe_open
 
+    if (Path(folder) / GGUF_FILE).is_file():
+        return gguf_zero_counts(Path(folder) / GGUF_FILE, weight_names)
     wanted = set(weight_names)
     found: dict[str, tuple[int, int]] = {}
     schemes = None
@@ -81,11 +101,19 @@ def _scheme(cfg: QuantConfig, targets: list[str] | None = None):
                               format=CompressionFormat.pack_quantized.value)
 
 
-def _config_groups(quantized: dict[str, QuantizedWeight]) -> dict[str, Any]:
-    """One scheme for every linear, or (per-layer bits) one scheme per config naming its linears."""
+def _config_groups(quantized: dict[str, QuantizedWeight], embeddings: bool = False) -> dict[str, Any]:
+    """One scheme for every linear, or (per-layer bits) one scheme per config naming its linears.
+
+    With quantized ``embeddings`` one scheme targets the Embedding too (see the module docstring).
+    """
     by_cfg: dict[QuantConfig, list[str]] = {}
     for name, qw in quantized.items():
-        by_cfg.setdefault(qw.config, []).append(name)
+        by_cfg.setdefault(replace(qw.config, method="rtn"), []).append(name)  # the method does not show on disk
+    if embeddings:
+        if len(by_cfg) != 1:
+            raise PruningConfigError("quantized embeddings need one bit width and group size for every layer: "
+                                     "transformers dequantizes such a checkpoint with a single scheme")
+        return {"group_0": _scheme(next(iter(by_cfg)), ["Linear", "Embedding"])}
     if len(by_cfg) == 1:
         return {"group_0": _scheme(next(iter(by_cfg)))}
     ordered = sorted(by_cfg.items(), key=lambda kv: (kv[0].bits, kv[0].group_size, kv[0].symmetric))
@@ -114,12 +142,13 @@ def _decompress(local: dict[str, torch.Tensor], scheme) -> torch.Tensor:
     return PackedQuantizationCompressor.decompress(local, scheme)["weight"]
 
 
-def _compressed_tensors_config(quantized: dict[str, QuantizedWeight], ignore: list[str]) -> dict[str, Any]:
+def _compressed_tensors_config(quantized: dict[str, QuantizedWeight], ignore: list[str],
+                               embeddings: bool = False) -> dict[str, Any]:
     from compressed_tensors.config import CompressionFormat
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
     qc = QuantizationConfig(
-        config_groups=_config_groups(quantized),
+        config_groups=_config_groups(quantized, embeddings),
         format=CompressionFormat.pack_quantized.value,
         quantization_status=QuantizationStatus.COMPRESSED,
         ignore=ignore,
@@ -129,6 +158,8 @@ def _compressed_tensors_config(quantized: dict[str, QuantizedWeight], ignore: li
     out = qc.model_dump(mode="json")
     out["quant_method"] = "compressed-tensors"
     out["version"] = compressed_tensors.__version__
+    if embeddings:  # the load path that unpacks an Embedding (transformers' CompressedTensorsConfig reads it)
+        out["dequantize"] = True
     return out
 
 
@@ -212,8 +243,8 @@ def write_report(folder: str | Path, report: dict[str, Any]) -> None:
 
 
 def folder_bytes(folder: str | Path) -> int:
-    """Bytes of the weight files (*.safetensors) in a checkpoint folder."""
-    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+    """Bytes of the weight files (*.safetensors, *.gguf) in a checkpoint folder."""
+    return sum(f.stat().st_size for pattern in ("*.safetensors", "*.gguf") for f in Path(folder).glob(pattern))
 
 
 @torch.no_grad()
@@ -232,7 +263,8 @@ def save_checkpoint(
 
     ``dtype`` (default: the model's) is the float dtype written; the model is cast to it in place,
     since export is a job's last use of it. ``quantized`` holds the integer codes of the
-    quantized linears (required for ``fmt='compressed-tensors'``). ``metadata`` goes into every
+    quantized linears and, with quantized embeddings, of the embedding and output head (required
+    for ``fmt='compressed-tensors'``). ``metadata`` goes into every
     safetensors header (strings; what produced the file). Returns ``{"global_sparsity",
     "layer_sparsity", "format", "dtype", "checkpoint_bytes"}`` (report.json is the caller's).
     """
@@ -244,8 +276,24 @@ def save_checkpoint(
             raise PruningConfigError("format 'compressed-tensors' needs quantized weights (give quantize)")
         if any(not isinstance(m, nn.Linear) for m in linears.values()):
             raise PruningConfigError("format 'compressed-tensors' needs nn.Linear layers (GPT-2's Conv1D is not)")
+    if fmt == "gguf":
+        from evosparse.pruning.gguf_export import check_gguf_model
+
+        check_gguf_model(model)
+        if quantized:
+            raise PruningConfigError("format 'gguf' stores Q8_0 (8-bit blocks of 32) itself: leave quantize out")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if fmt == "gguf":
+        from evosparse.pruning.gguf_export import GGUF_FILE, write_gguf
+
+        write_gguf(model, tokenizer, folder / GGUF_FILE, metadata)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        names = linear_names if linear_names is not None else list(linears)
+        global_sparsity, layer = measured_sparsity(folder, names)
+        return {"global_sparsity": global_sparsity, "layer_sparsity": layer, "format": fmt,
+                "dtype": "q8_0", "checkpoint_bytes": folder_bytes(folder)}
     if dtype is not None:
         model.to(dtype)
     dtype = next(model.parameters()).dtype
@@ -257,9 +305,10 @@ def save_checkpoint(
         assert quantized is not None
         _pack_folder(folder, quantized, dtype, metadata)
         ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized)
+        embeddings = any(isinstance(model.get_submodule(n), nn.Embedding) for n in quantized)
         config_path = folder / "config.json"
         config = json.loads(config_path.read_text())
-        config["quantization_config"] = _compressed_tensors_config(quantized, ignore)
+        config["quantization_config"] = _compressed_tensors_config(quantized, ignore, embeddings)
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     elif metadata:
         stamp_metadata(folder, metadata)

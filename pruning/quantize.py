@@ -12,6 +12,11 @@ so a pruned weight quantizes to exactly 0. The keep mask is applied once more af
 Scales are rounded to the checkpoint's dtype (``scale_dtype``) when they are chosen, so the
 dense-with-zeros export and the packed export dequantize to the same numbers.
 
+The token embedding and the output head (``quantize_embeddings``, spec ``quantize.embeddings``)
+are quantized with the linears' bits, group size and method (GPTQ through the head's input
+Hessian, RTN for a lookup-only embedding): a tied pair is one matrix, quantized once under the
+embedding's name.
+
 Two methods use this module: round-to-nearest (``quantize_rtn``) and the GPTQ-style error
 feedback inside ``pruning.pruners.obs_prune_quantize`` (which calls ``group_params`` and
 ``quantize_codes`` column by column).
@@ -19,10 +24,11 @@ feedback inside ``pruning.pruners.obs_prune_quantize`` (which calls ``group_para
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from evosparse.pruning.errors import PruningConfigError
+from torch import nn
 
 QUANT_METHODS = ("rtn", "gptq")
 
@@ -156,3 +162,82 @@ def distinct_per_group(qw: QuantizedWeight) -> int:
     g = deq.reshape(rows * (cols // qw.config.group_size), qw.config.group_size)
     srt = torch.sort(g, dim=1).values
     return int(((srt[:, 1:] != srt[:, :-1]).sum(dim=1) + 1).max())
+
+
+def embedding_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """{module name: weight} of the input embedding and the output head; a tied pair once, as the embedding."""
+    found: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, getter)()
+        if module is None or id(module.weight) in seen:
+            continue
+        name = next(n for n, m in model.named_modules() if m is module)
+        seen.add(id(module.weight))
+        found[name] = module.weight
+    return found
+
+
+class _HeadInputSeen(Exception):
+    """Stops a calibration forward once the output head's input is recorded (no logits needed)."""
+
+
+@torch.no_grad()
+def head_hessian(model: nn.Module, calib_tokens: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """H = 2 X^T X / N of the output head's input (the final hidden states) over the calibration windows."""
+    head = model.get_output_embeddings()
+    cols = head.weight.shape[1]
+    h = torch.zeros(cols, cols, dtype=torch.float32, device=head.weight.device)
+    seen = 0
+
+    def record(module: nn.Module, args: tuple) -> None:
+        nonlocal h, seen
+        x = args[0].reshape(-1, cols).to(h.device, torch.float32)
+        h += 2 * x.t() @ x
+        seen += x.shape[0]
+        raise _HeadInputSeen
+
+    handle = head.register_forward_pre_hook(record)
+    try:
+        device = model.get_input_embeddings().weight.device
+        for i in range(0, len(calib_tokens), batch_size):
+            try:
+                model(calib_tokens[i:i + batch_size].to(device))
+            except _HeadInputSeen:
+                pass
+    finally:
+        handle.remove()
+    return h / max(seen, 1)
+
+
+@torch.no_grad()
+def quantize_embeddings(
+    model: nn.Module, cfg: QuantConfig, scale_dtype: torch.dtype = torch.float32,
+    calib_tokens: torch.Tensor | None = None,
+) -> dict[str, QuantizedWeight]:
+    """Quantize the embedding and output head in place; their codes by module name (as ``prune_model``'s).
+
+    ``cfg.method`` gptq (with ``calib_tokens``): the output head (the tied matrix, for SmolLM2) is
+    quantized with GPTQ error feedback through the Hessian of its input, the final hidden states.
+    On SmolLM2-135M at 70 % + GPTQ 4-bit that holds the perplexity at 88.09 against 112.03 with
+    round to nearest (83.13 with the embedding unquantized). An untied input embedding is always
+    round to nearest: a lookup's "inputs" are one-hot, there is no error to feed back.
+    """
+    from evosparse.pruning.pruners import obs_prune_quantize  # pruners imports this module
+
+    head = model.get_output_embeddings()
+    gptq = cfg.method == "gptq" and calib_tokens is not None and head is not None
+    hessian = head_hessian(model, calib_tokens) if gptq else None
+    rtn = replace(cfg, method="rtn")
+    out: dict[str, QuantizedWeight] = {}
+    for name, weight in embedding_weights(model).items():
+        cfg.check_in_features(name, weight.shape[1])
+        keep = torch.ones_like(weight, dtype=torch.bool)
+        if hessian is not None and weight is head.weight:
+            _, qw = obs_prune_quantize(weight, hessian, 0, quant=cfg, keep=keep, scale_dtype=scale_dtype)
+            assert qw is not None
+        else:
+            qw = quantize_rtn(weight, rtn, keep=keep, scale_dtype=scale_dtype)
+        weight.copy_(qw.dequantize().to(weight.dtype))
+        out[name] = qw
+    return out

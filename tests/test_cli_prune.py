@@ -236,11 +236,13 @@ def test_cli_quantize_and_format_flags(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["prune", str(tiny_llama_dir), "--sparsity", "0.5", "--pruner", "wanda", "--pattern", "mixed:4",
                "--quantize-bits", "3", "--quantize-group", "32", "--quantize-method", "rtn",
-               "--format", "compressed-tensors", "--export-dtype", "float16", *SMALL, "--out", str(out)])
+               "--quantize-embeddings", "--format", "compressed-tensors", "--export-dtype", "float16", *SMALL,
+               "--out", str(out)])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["quantize"] == {"bits": 3, "group_size": 32, "method": "rtn", "symmetric": True}
+    assert report["quantize"] == {"bits": 3, "group_size": 32, "method": "rtn", "symmetric": True, "embeddings": True}
     assert report["format"] == "compressed-tensors" and report["dtype"] == "float16"
     assert set(report["layer_pattern"].values()) <= {"1:4", "2:4", "3:4"}
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 3
+    assert config["quantization_config"]["dequantize"] is True  # the load path of a packed embedding

@@ -9,6 +9,8 @@ The runner calls these at its prune and export steps and stays otherwise unaware
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -52,6 +54,10 @@ class Compression:
             from evosparse.pruning.mixed import block_space
 
             block_space(model, spec.sparsity, spec.mixed.m, spec.mixed.pruned, spec.search.max_level_delta)
+        if spec.format == "gguf":  # before any pruning: the writer knows llama's layout only
+            from evosparse.pruning.gguf_export import check_gguf_model
+
+            check_gguf_model(model)
         dtype = source_dtype(spec.model) if spec.export_dtype == "source" else _DTYPES[spec.export_dtype]
         return cls(spec=spec, dtype=dtype, quant=quant)
 
@@ -94,6 +100,46 @@ class Compression:
             out["layer_bits"] = dict(self.widths)
             out["layer_pruned"] = {n: counts.get(n, 0) for n in sizes}
         return out
+
+    @property
+    def embeddings(self) -> bool:
+        """Spec ``quantize.embeddings``: the embedding and output head are quantized too."""
+        q = self.spec.quantize
+        return self.quant is not None and q is not None and q.embeddings
+
+    def finish(self, model: nn.Module, calib: torch.Tensor) -> dict[str, QuantizedWeight]:
+        """After the linears are pruned: what the checkpoint format does to the rest, in place, so the
+        evaluation sees the file's numbers: quantized embeddings (their codes returned; GPTQ calibrates
+        the head on ``calib``), gguf's Q8_0."""
+        from evosparse.pruning.quantize import quantize_embeddings
+
+        codes: dict[str, QuantizedWeight] = {}
+        if self.embeddings:
+            assert self.quant is not None
+            codes = quantize_embeddings(model, self.quant, self.dtype, calib)
+        if self.spec.format == "gguf":
+            from evosparse.pruning.gguf_export import round_q8_0
+
+            round_q8_0(model)
+        return codes
+
+    @contextmanager
+    def finished(self, model: nn.Module, calib: torch.Tensor) -> Iterator[None]:
+        """``finish`` for a while (the uniform baseline), the embeddings restored afterwards (the caller
+        restores the linears from its dense snapshot)."""
+        from evosparse.pruning.quantize import embedding_weights
+
+        if not (self.embeddings or self.spec.format == "gguf"):  # nothing to do: no copy either
+            yield
+            return
+        saved = {n: w.detach().clone() for n, w in embedding_weights(model).items()}
+        self.finish(model, calib)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, w in embedding_weights(model).items():
+                    w.copy_(saved[name])
 
     def export_kwargs(self, quantized: dict[str, QuantizedWeight]) -> dict[str, Any]:
         return {"fmt": self.spec.format, "dtype": self.dtype, "quantized": quantized or None}

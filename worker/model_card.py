@@ -45,8 +45,8 @@ def _tags(report: dict[str, Any]) -> list[str]:
     if report.get("quantize"):
         widths = report["quantize"].get("bit_widths") or [report["quantize"].get("bits")]
         tags += [f"int{b}" for b in widths if b is not None]
-    if report.get("format") == "compressed-tensors":
-        tags.append("compressed-tensors")
+    if report.get("format") in ("compressed-tensors", "gguf"):
+        tags.append(str(report["format"]))
     return tags
 
 
@@ -164,6 +164,10 @@ def card_text(report: dict[str, Any]) -> str:
     if report.get("structure", {}).get("form") == "evosparse-layer-widths":
         use = ["from evosparse.pruning.loading import load_model", "", "model, tokenizer = load_model(\".\")  "
                "# per-layer widths: plain from_pretrained refuses them"]
+    elif report.get("format") == "gguf":  # pruning.gguf_export.GGUF_FILE (not imported: no torch here)
+        use = ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+               "model = AutoModelForCausalLM.from_pretrained(\".\", gguf_file=\"model.gguf\")",
+               "tokenizer = AutoTokenizer.from_pretrained(\".\", gguf_file=\"model.gguf\")"]
     else:
         use = ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                "model = AutoModelForCausalLM.from_pretrained(\".\")", "tokenizer = AutoTokenizer.from_pretrained(\".\")"]

@@ -331,7 +331,8 @@ def uniform_baseline(job: Job) -> None:
     prune_model(job.model, job.calib, job.spec.pruner, plan.counts, plan.patterns, blocks=job.blocks,
                 progress=job.progress.counter("uniform_baseline"), should_cancel=job.hooks.should_cancel,
                 **job.compression.prune_kwargs(widths))
-    job.perplexities["uniform"] = perplexity(job.model, job.evalw)
+    with job.compression.finished(job.model, job.calib):  # like for like with the final model
+        job.perplexities["uniform"] = perplexity(job.model, job.evalw)
     job.dense.restore()
 
 
@@ -348,6 +349,9 @@ def prune(job: Job) -> None:
         job.quantized = prune_model(job.model, job.calib, job.spec.pruner, plan.counts, plan.patterns,
                                     blocks=job.blocks, progress=job.progress.counter("prune"),
                                     should_cancel=job.hooks.should_cancel, **job.compression.prune_kwargs())
+        # After the linears: their calibration passes run on the source embeddings, as in the search;
+        # the head's GPTQ then sees the pruned model's final hidden states.
+        job.quantized.update(job.compression.finish(job.model, job.calib))
         job.report["layer_pattern"] = plan.layer_pattern
     job.dense = None  # nothing restores the dense model after this: free the snapshot
 

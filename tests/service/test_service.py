@@ -188,7 +188,8 @@ def _bad_inputs(model_root):  # noqa: ANN001, ANN202
         ("quantize unknown method", {**ok, "quantize": {"bits": 4, "group_size": 32, "method": "awq"}}, 422),
         ("quantize group does not divide 160", {**ok, "quantize": {"bits": 4, "group_size": 64}}, 400),
         ("compressed-tensors without quantize", {**ok, "format": "compressed-tensors"}, 422),
-        ("unknown format", {**ok, "format": "gguf"}, 422),
+        ("unknown format", {**ok, "format": "onnx"}, 422),
+        ("gguf with quantize", {**ok, "format": "gguf", "quantize": {"bits": 8, "group_size": 32}}, 422),
         ("mixed:8 sparsity out of reach", {**ok, "pattern": "mixed:8", "sparsity": 0.95}, 422),
         ("mixed:8 target not exact over 4 layers", {**ok, "pattern": "mixed:8", "sparsity": 0.61}, 400),
         ("mixed:3 groups do not tile 64", {**ok, "pattern": "mixed:3", "sparsity": 0.5}, 400),
@@ -231,10 +232,13 @@ def _bad_inputs(model_root):  # noqa: ANN001, ANN202
         ("bit widths outside 2..8", {**bpw, "quantize": {"group_size": 32, "bit_widths": [1, 4]}}, 422),
         ("bit widths without bits_per_weight", {**ok, "quantize": {"group_size": 32, "bit_widths": [4]}}, 422),
         ("bits_per_weight group does not divide 160", {**bpw, "quantize": {"group_size": 64}}, 400),
+        ("quantize embeddings with bits_per_weight",
+         {**bpw, "quantize": {"group_size": 32, "method": "rtn", "embeddings": True}}, 422),
+        ("quantize embeddings not a boolean", {**ok, "quantize": {"group_size": 32, "embeddings": "some"}}, 422),
     ]
 
 
-@pytest.mark.parametrize("case", range(80))
+@pytest.mark.parametrize("case", range(83))
 def test_bad_input_is_refused_and_creates_no_job(stack, case):
     name, body, status = _bad_inputs(stack.model_root)[case]
     client = stack.client("bad-input")
@@ -252,7 +256,7 @@ def test_bad_input_is_refused_and_creates_no_job(stack, case):
 
 
 def test_bad_input_table_is_complete(model_root):
-    assert len(_bad_inputs(model_root)) == 80
+    assert len(_bad_inputs(model_root)) == 83
 
 
 def test_oversized_chunked_body_is_refused(stack):
