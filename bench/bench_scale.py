@@ -205,6 +205,8 @@ def run_one(model_path: str, sparsity: float, workers: int, generations: int, of
         "best_levels": out.best_levels, "best_fitness": out.best_fitness,
         "setup_seconds": {k: round(v, 2) for k, v in out.timings.items() if k != "search"},
         "leveldb": out.leveldb, "load_seconds": round(load_s, 2),
+        # SparseGPT: anchor levels, and whether this job read them from the store or built and stored them.
+        "anchor_levels": out.anchor_levels, "anchors": {"read": levels.anchors_read, "stored": levels.anchors_stored},
         "model_param_mb": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1),
     }
 
@@ -348,7 +350,8 @@ def cmd_reuse(args: argparse.Namespace) -> dict:
               "first_leveldb": first["leveldb"], "second_leveldb": second["leveldb"],
               "first_total": round(s1, 2), "second_total": round(s2, 2), "ratio": round(s2 / s1, 3)}
     print(f"first job set-up {s1:.1f} s ({first['leveldb']}: {first['setup_seconds']}); second job {s2:.1f} s "
-          f"({second['leveldb']}: {second['setup_seconds']}); ratio {result['ratio']}")
+          f"({second['leveldb']}: {second['setup_seconds']}); ratio {result['ratio']}; anchor levels "
+          f"{first['anchor_levels']} {first['anchors']} then {second['anchor_levels']} {second['anchors']}")
     return result
 
 

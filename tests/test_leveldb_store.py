@@ -48,6 +48,7 @@ def test_sparsegpt_anchor_levels_are_stored_once_and_read_back_bit_for_bit(tiny_
     # Another machine (a scoring worker, a later job: empty scratch) reads them instead of building them.
     loaded = LevelStore(store, tmp_path / "scratch-scorer").load(tiny_llama, tiny_tokens, "sparsegpt", anchors=anchors)
     assert loaded is not None and loaded.anchors_loaded and loaded.anchor_levels() == built.anchor_levels()
+    assert (first.anchors_stored, first.anchors_read) == (1, 0)
     for name, size in sizes.items():
         for count in (size // 4, size // 2, size // 4 + 3):  # the anchors, and a level derived between them
             assert torch.equal(loaded.pruned_weight(name, count), built.pruned_weight(name, count))

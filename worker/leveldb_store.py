@@ -56,6 +56,8 @@ class LevelStore(LevelSource):
         self.last_key: str | None = None  # the key of the database the last load/build served
         self.built = 0
         self.loaded = 0
+        self.anchors_read = 0  # SparseGPT anchor sets read from the store / built here and stored
+        self.anchors_stored = 0
         self._keys: dict[tuple[int, int, str], str] = {}
 
     def key_for(self, model: nn.Module, calib: torch.Tensor, pruner: str, dense: Any = None) -> str:
@@ -142,6 +144,7 @@ class LevelStore(LevelSource):
         folder = self._local(self.anchor_key(key, anchors))
         if folder is None or not stored_anchors_match(folder, anchors):
             return kwargs
+        self.anchors_read += 1
         return {**kwargs, "anchor_folder": folder}
 
     def _store_anchors(self, key: str, db: LevelDB) -> None:
@@ -161,6 +164,7 @@ class LevelStore(LevelSource):
                 self._touch(folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        self.anchors_stored += 1
         self.trim(keep=self.scratch / akey)
         log.info("SparseGPT anchor levels of %s stored (%d levels)", key, db.anchor_levels())
 
