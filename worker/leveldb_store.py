@@ -157,16 +157,23 @@ class LevelStore(LevelSource):
         tmp = self.scratch / f".{akey}.{uuid.uuid4().hex[:8]}"
         try:
             db.save_anchors(tmp)
-            self.store.put_dir(tmp, self.prefix(akey))
-            folder = self.scratch / akey
-            if not folder.exists():
-                tmp.rename(folder)
-                self._touch(folder)
+            self._publish(tmp, akey)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self.anchors_stored += 1
-        self.trim(keep=self.scratch / akey)
         log.info("SparseGPT anchor levels of %s stored (%d levels)", key, db.anchor_levels())
+
+    def _publish(self, tmp: Path, key: str) -> Path:
+        """Put the folder written at ``tmp`` in the store under ``key`` (unless another process already
+        has) and keep it as this machine's local copy, the least recently used copies trimmed."""
+        if not self.store.is_complete(self.prefix(key)):
+            self.store.put_dir(tmp, self.prefix(key))
+        folder = self.scratch / key
+        if not folder.exists():
+            tmp.rename(folder)
+        self._touch(folder)
+        self.trim(keep=folder)
+        return folder
 
     def load(self, model: nn.Module, calib: torch.Tensor, pruner: str, **kwargs: Any) -> LevelDB | None:
         return self.load_key(self.key_for(model, calib, pruner, kwargs.get("dense")), model, pruner, **kwargs)
@@ -176,15 +183,9 @@ class LevelStore(LevelSource):
         tmp = self.scratch / f".{key}.{uuid.uuid4().hex[:8]}"
         try:
             db = LevelDB.build(model, calib, pruner, save_to=tmp, **self._with_stored_anchors(key, kwargs))
-            if not self.store.is_complete(self.prefix(key)):
-                self.store.put_dir(tmp, self.prefix(key))
-            folder = self.scratch / key
-            if not folder.exists():
-                tmp.rename(folder)
+            self._publish(tmp, key)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        self._touch(folder)
-        self.trim(keep=folder)
         self.last_key = key
         self.built += 1
         log.info("level database %s built and stored", key)

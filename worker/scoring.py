@@ -240,11 +240,14 @@ class DistributedFitness:
                 self.r.delete(*_keys(batch).values())
         else:
             for i, rng in items:
-                self.local.score_range(vectors[i], rng)
-                if final:
-                    self.traces.publish([vectors[i]], self.batches)
+                self._score_here(vectors[i], rng, final)
         # Every window is known now: the scores are means of per-window scores, computed here alike.
         return self.local.score_many(vectors, tokens, chunk)
+
+    def _score_here(self, vector: tuple[int, ...], rng: tuple[int, int], final: bool) -> None:
+        self.local.score_range(vector, rng)
+        if final:  # before the score is known to anyone: the winner's trace is there when decided
+            self.traces.publish([vector], self.batches)
 
     def _gather(self, batch: str, vectors: list[tuple[int, ...]], items: list[tuple[int, tuple[int, int]]],
                 final: bool) -> None:
@@ -261,9 +264,7 @@ class DistributedFitness:
                     lease = _Lease(self.r, _keys(batch, j)["lease"], self.holder, self.lease_s)
                     lease.start()
                     try:
-                        self.local.score_range(vectors[i], rng)
-                        if final:
-                            self.traces.publish([vectors[i]], self.batches)
+                        self._score_here(vectors[i], rng, final)
                     finally:
                         lease.release()
                     done.add(j)
