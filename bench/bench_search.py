@@ -69,8 +69,8 @@ def sensitivity(model, calib, n_fisher: int) -> dict:
     else:
         fisher = sens.fisher_traces(model, calib[:n_fisher])
         path.write_text(json.dumps(fisher))
-    owl = sens.owl_ratios(model, sens.dense_input_stats(model, calib), 5.0)
-    return {"fisher": fisher, "owl": owl}
+    stats = sens.dense_input_stats(model, calib)  # one dense pass serves OWL ratios and Hessian traces
+    return {"fisher": fisher, "owl": sens.owl_ratios(model, stats, 5.0), "hessian": sens.hessian_traces(model, stats)}
 
 
 def make_spec(args, seed_from: str):

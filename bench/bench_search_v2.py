@@ -6,6 +6,9 @@ depth-ramp seeds, several seeds, and a second held-out text that is not Python d
            pydoc evaluation half and on the Debian licence texts (/usr/share/common-licenses,
            concatenated; never read for calibration or tuning). ``--transfer sparsegpt``: also
            prune each found allocation with SparseGPT (search on Wanda levels, ship SparseGPT).
+           ``--transfer-search wanda``: per seed, also a search on Wanda levels given the same whole-job
+           time as the native search (its budget grows by the level databases' build-time difference),
+           its allocation pruned with ``--pruner``: transfer against native search at equal time.
   report   renders bench/results/search_v2.md from bench/results/raw/v2_*.json (and appends the
            hand-written bench/results/search_v2_notes.md).
 
@@ -107,7 +110,7 @@ def cmd_quality(args) -> None:
         else:
             kind, _, spread = name.partition("@")
             counts = allocation_counts(model, kind, args.sparsity, owl=sens["owl"], fisher=sens["fisher"],
-                                       owl_lambda=0.08, spread=float(spread or 0.1), blocks=blocks)
+                                       hessian=sens["hessian"], owl_lambda=0.08, spread=float(spread or 0.1), blocks=blocks)
         alloc_s = time.perf_counter() - t
         ppl, prune_s = prune_eval(model, dense, calib, texts, args.pruner, counts)
         out["baselines"][name] = {"ppl": ppl, "alloc_s": alloc_s, "prune_s": prune_s, **extra}
@@ -126,6 +129,17 @@ def cmd_quality(args) -> None:
     out["leveldb"] = {"seconds": time.perf_counter() - t, "anchor_seconds": db.anchor_seconds,
                       "anchor_levels": db.anchor_levels(), "linears": len(db.modules), "mb": db.nbytes() / 2**20}
     print("level db", out["leveldb"], flush=True)
+    if args.transfer_search:
+        # Equal whole-job time: the same final prune and dense references, so the transfer search gets
+        # the native search's budget plus what its cheaper level database saves.
+        spec_t = spec0.model_copy(update={"pruner": args.transfer_search})
+        t = time.perf_counter()
+        db_t = LevelDB.build(model, calib, args.transfer_search, blocks=blocks, **level_kwargs(spec_t, units, space))
+        t_db = time.perf_counter() - t
+        budget_t = args.budget_min + max(0.0, out["leveldb"]["seconds"] - t_db) / 60
+        spec_t = spec_t.model_copy(update={"search": spec_t.search.model_copy(update={"time_budget_min": budget_t})})
+        out["transfer_search"] = {"pruner": args.transfer_search, "leveldb_s": t_db, "budget_min": budget_t}
+        print("transfer search", out["transfer_search"], flush=True)
     for seed in [int(s) for s in args.seeds.split(",")]:
         spec = spec0.model_copy(update={"seed": seed})
         t = time.perf_counter()
@@ -147,6 +161,16 @@ def cmd_quality(args) -> None:
         if args.transfer:
             run["transfer_ppl"], run["transfer_prune_s"] = prune_eval(model, dense, calib, texts, args.transfer,
                                                                       outcome.counts)
+        if args.transfer_search:
+            t = time.perf_counter()
+            other = run_search(model, calib, spec_t.model_copy(update={"seed": seed}), Hooks(), sensitivity=sens,
+                               db=db_t, blocks=blocks)
+            db_t.restore()
+            run["equal_time"] = {"search_s": time.perf_counter() - t, "generations": len(other.history) - 1,
+                                 "candidates": other.candidates_scored, "best_vector": other.best_vector}
+            run["equal_time"]["ppl"], run["equal_time"]["prune_s"] = prune_eval(model, dense, calib, texts,
+                                                                               args.pruner, other.counts)
+            print("  equal-time transfer", run["equal_time"], flush=True)
         out["runs"].append(run)
         print("seed", seed, {k: v for k, v in run.items() if k not in ("history", "best_vector")}, flush=True)
         (RAW / f"v2_{args.tag}.json").write_text(json.dumps(out, indent=1))
@@ -194,6 +218,13 @@ def cmd_report(args) -> None:
             rel = (f"{ms([x / uni['pydoc'] for x in pp])} | {ms([x / uni['licences'] for x in pl])}") \
                 if uni and same else "— | —"
             lines.append(f"| {label} ({len(pp)} seeds) | {ms(pp)} | {ms(pl)} | {rel} |")
+        et = [x["equal_time"] for x in r["runs"] if "equal_time" in x]
+        if et:
+            ts = r["transfer_search"]
+            pp, pl = [x["ppl"]["pydoc"] for x in et], [x["ppl"]["licences"] for x in et]
+            rel = f"{ms([x / uni['pydoc'] for x in pp])} | {ms([x / uni['licences'] for x in pl])}" if uni else "— | —"
+            lines.append(f"| search on {ts['pruner']} levels at equal job time ({ts['budget_min']:.1f} min), "
+                         f"pruned with {a['pruner']} ({len(pp)} seeds) | {ms(pp)} | {ms(pl)} | {rel} |")
         if uni and r["runs"]:
             fixed = {k: v["ppl"]["pydoc"] for k, v in r["baselines"].items() if k != "uniform"}
             if fixed:
@@ -203,6 +234,10 @@ def cmd_report(args) -> None:
                          for x in r["runs"]]
                 lines += ["", f"evolutionary / best fixed rule on pydoc ({best}): {ms(evo)}; "
                               f"(searched/uniform on licences) / (searched/uniform on pydoc): {ms(carry)}"]
+                if et:
+                    lines += ["", f"equal-time transfer / best fixed rule on pydoc: "
+                                  f"{ms([x['ppl']['pydoc'] / fixed[best] for x in et])}; native / equal-time "
+                                  f"transfer: {ms([x['ppl']['pydoc'] / x['equal_time']['ppl']['pydoc'] for x in r['runs'] if 'equal_time' in x])}"]
         reranked = [x for x in r["runs"] if "rerank" in x]
         if reranked:
             lines += ["", "Score what ships (`search.rerank`): the best candidates on validation (database levels on dense "
@@ -224,6 +259,10 @@ def cmd_report(args) -> None:
         for x in r["runs"]:
             lines.append(f"| {x['seed']} | {x['generations']} | {x['candidates']} | {x['search_s']:.0f} | "
                          f"{x['prune_s']:.0f} | {x['best_fitness']:.4f} | {x['best_val']:.4f} |")
+        if et:
+            lines += ["", f"Equal-time transfer: {r['transfer_search']['pruner']} level database "
+                          f"{r['transfer_search']['leveldb_s']:.0f} s; generations / candidates / search s per seed: "
+                          + "; ".join(f"{x['generations']} / {x['candidates']} / {x['search_s']:.0f}" for x in et)]
         if r["runs"]:
             h = r["runs"][0]["history"]
             step = max(1, len(h) // 8)
@@ -250,6 +289,8 @@ def main() -> None:
     q.add_argument("--pruner", default="wanda")
     q.add_argument("--search-pruner", default=None, help="level database pruner (default: --pruner)")
     q.add_argument("--transfer", default=None, help="also prune each found allocation with this pruner")
+    q.add_argument("--transfer-search", default=None,
+                   help="also search on this pruner's levels at equal whole-job time, prune with --pruner")
     q.add_argument("--sparsity", type=float, default=0.7)
     q.add_argument("--seeds", default="0,1,2")
     q.add_argument("--budget-min", type=float, default=3.0)
