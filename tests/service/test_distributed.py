@@ -178,10 +178,17 @@ def test_a_scorer_killed_mid_candidate_changes_nothing(scoring_env, model_root, 
         while time.monotonic() < deadline and not killed.is_set():
             for key in r.scan_iter(match="evosparse:score:tk:1:*:lease:*", count=1000):
                 holder = r.get(key)
-                if holder is not None and holder.decode().endswith(f":{victim.pid}"):
+                if holder is None or not holder.decode().endswith(f":{victim.pid}"):
+                    continue
+                # Freeze it first: an item takes milliseconds, so it may finish between the read above
+                # and the kill. Frozen with its lease still held and no result written, it is mid-item.
+                os.killpg(victim.pid, signal.SIGSTOP)
+                batch, _, item = key.decode().rpartition(":lease:")
+                if r.get(key) == holder and not r.hexists(f"{batch}:done", item):
                     os.killpg(victim.pid, signal.SIGKILL)  # mid-candidate: no ack, no result, no cleanup
                     killed.set()
                     return
+                os.killpg(victim.pid, signal.SIGCONT)
             time.sleep(0.0005)
 
     try:
