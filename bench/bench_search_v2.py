@@ -258,7 +258,8 @@ def cmd_report(args) -> None:
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for x in r["runs"]:
             lines.append(f"| {x['seed']} | {x['generations']} | {x['candidates']} | {x['search_s']:.0f} | "
-                         f"{x['prune_s']:.0f} | {x['best_fitness']:.4f} | {x['best_val']:.4f} |")
+                         f"{x['prune_s']:.0f} | {x['best_fitness']:.4f} | "
+                         + (f"{x['best_val']:.4f} |" if x['best_val'] is not None else "— |"))
         if et:
             lines += ["", f"Equal-time transfer: {r['transfer_search']['pruner']} level database "
                           f"{r['transfer_search']['leveldb_s']:.0f} s; generations / candidates / search s per seed: "
