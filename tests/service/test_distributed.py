@@ -25,7 +25,7 @@ from evosparse.pruning.layers import find_blocks
 from evosparse.pruning.loading import load_model
 from evosparse.pruning.snapshot import DenseWeights
 from evosparse.worker.leveldb_store import LevelStore
-from evosparse.worker.scoring import redis_from_url
+from evosparse.worker.scoring import _keys, redis_from_url
 from evosparse.worker.search_stage import run_search
 from evosparse.worker.tasks import scoring_for
 
@@ -184,7 +184,7 @@ def test_a_scorer_killed_mid_candidate_changes_nothing(scoring_env, model_root, 
                 # and the kill. Frozen with its lease still held and no result written, it is mid-item.
                 os.killpg(victim.pid, signal.SIGSTOP)
                 batch, _, item = key.decode().rpartition(":lease:")
-                if r.get(key) == holder and not r.hexists(f"{batch}:done", item):
+                if r.get(key) == holder and not r.hexists(_keys(batch)["done"], item):
                     os.killpg(victim.pid, signal.SIGKILL)  # mid-candidate: no ack, no result, no cleanup
                     killed.set()
                     return
