@@ -9,6 +9,8 @@ depth-ramp seeds, several seeds, and a second held-out text that is not Python d
            ``--transfer-search wanda``: per seed, also a search on Wanda levels given the same whole-job
            time as the native search (its budget grows by the level databases' build-time difference),
            its allocation pruned with ``--pruner``: transfer against native search at equal time.
+  anchors  the SparseGPT anchor levels of a job's grid: memory packed against dense float32, bytes
+           stored, and the cost of unpacking a level against copying a dense one.
   report   renders bench/results/search_v2.md from bench/results/raw/v2_*.json (and appends the
            hand-written bench/results/search_v2_notes.md).
 
@@ -178,6 +180,57 @@ def cmd_quality(args) -> None:
     (RAW / f"v2_{args.tag}.json").write_text(json.dumps(out, indent=1))
 
 
+def cmd_anchors(args) -> None:
+    """SparseGPT anchor levels of a job's grid: memory held packed against dense float32, the bytes
+    stored, and what unpacking a level costs against copying a dense one (what apply did before)."""
+    import tempfile
+
+    from common import setup
+    from evosparse.jobs.spec import JobSpec, SearchSettings
+    from evosparse.pruning.layers import find_blocks
+    from evosparse.pruning.leveldb import LevelDB, search_units
+    from evosparse.worker.search_stage import level_kwargs, search_space
+
+    model, _, calib, _ = setup(args)
+    blocks = find_blocks(model)
+    spec = JobSpec(model=args.model, sparsity=args.sparsity, pruner="sparsegpt", allocation="evolutionary",
+                   calib_windows=args.calib_windows, search=SearchSettings(anchor_every=args.anchor_every))
+    units = search_units(blocks, "layer")
+    t = time.perf_counter()
+    db = LevelDB.build(model, calib, "sparsegpt", blocks=blocks, **level_kwargs(spec, units, search_space(spec, units)))
+    build_s = time.perf_counter() - t
+    packed = [p for a in db.anchors.values() for p in a.values()]
+    packed_mb = sum(p.nbytes() for p in packed) / 2**20
+    dense_mb = sum(4 * db.sizes[n] * len(a) for n, a in db.anchors.items()) / 2**20
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        db.save_anchors(tmp)
+        save_s = time.perf_counter() - t
+        stored_mb = sum(f.stat().st_size for f in Path(tmp).iterdir()) / 2**20
+    # Per level, what apply writes into the weight: before, a dense anchor copied in; now, one unpacked.
+    before = after = 0.0
+    for a in db.anchors.values():
+        weight = torch.empty(next(iter(a.values())).shape)
+        dense_levels = [p.unpack() for p in a.values()]
+        t = time.perf_counter()
+        for w in dense_levels:
+            weight.copy_(w)
+        before += time.perf_counter() - t
+        t = time.perf_counter()
+        for p in a.values():
+            weight.copy_(p.unpack())
+        after += time.perf_counter() - t
+    copy_ms, unpack_ms = before * 1e3 / len(packed), after * 1e3 / len(packed)
+    out = {"levels": len(packed), "linears": len(db.anchors), "build_s": round(build_s, 1),
+           "anchor_s": round(db.anchor_seconds, 1), "dense_float32_mb": round(dense_mb), "packed_mb": round(packed_mb),
+           "packed/dense": round(packed_mb / dense_mb, 3), "stored_mb": round(stored_mb), "save_s": round(save_s, 1),
+           "database_mb": round(db.nbytes() / 2**20), "apply_unpacked_ms_per_level": round(unpack_ms, 3),
+           "apply_dense_ms_per_level": round(copy_ms, 3)}
+    print(json.dumps(out, indent=1))
+    RAW.mkdir(parents=True, exist_ok=True)
+    (RAW / "v2anchors_packed.json").write_text(json.dumps({"args": args.argv, **out}, indent=1))
+
+
 def ms(xs) -> str:
     xs = [x for x in xs if x is not None]
     if not xs:
@@ -305,6 +358,13 @@ def main() -> None:
     q.add_argument("--no-ramps", action="store_true")
     q.add_argument("--rerank", type=int, default=0)
     q.set_defaults(func=cmd_quality)
+    a = sub.add_parser("anchors")
+    a.add_argument("--model", default="smollm2-135m")
+    a.add_argument("--sparsity", type=float, default=0.7)
+    a.add_argument("--calib-windows", type=int, default=32)
+    a.add_argument("--eval-windows", type=int, default=16)
+    a.add_argument("--anchor-every", type=int, default=4)
+    a.set_defaults(func=cmd_anchors)
     r = sub.add_parser("report")
     r.set_defaults(func=cmd_report)
     args = ap.parse_args()

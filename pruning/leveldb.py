@@ -14,7 +14,8 @@ count do not depend on what the other layers chose: the search can mix levels fr
   column blocks for all its anchors (``pruners.sparsegpt_levels``); a count between two anchors
   is derived from the nearest anchor below it by pruning the extra weights of lowest saliency
   w² / [H⁻¹]ⱼⱼ² there (no further reconstruction): a cheap, deterministic level, exact at the
-  anchors. Without anchors each (linear, count) is computed on first use from the layer
+  anchors. Anchors are held packed (pruning/packed.py: one bit per weight plus the kept values,
+  about a third of dense float32 at 70 %) and unpacked when applied. Without anchors each (linear, count) is computed on first use from the layer
   Hessian. Anchors can be stored (``save_anchors``) and read back instead of built
   (``anchor_folder``): worker/leveldb_store.py keeps them beside the Hessians, so a later job
   on the same model and grid, and every scoring worker of a job, reads them. Either way computed
@@ -59,10 +60,12 @@ from pathlib import Path
 import torch
 from evosparse.pruning.errors import PruningConfigError
 from evosparse.pruning.layers import BlockInfo, find_blocks, weight_matrix
+from evosparse.pruning.packed import PackedSparse
 from evosparse.search.allocation import split_proportional
 from torch import nn
 
 FORMAT_VERSION = 2  # of the saved rankings / Hessians (part of the stored artifact's key)
+ANCHOR_FORMAT = 2  # of the saved SparseGPT anchors (2: packed bit mask + values), part of their key
 PRUNERS = ("magnitude", "wanda", "sparsegpt", "dass")
 
 
@@ -194,9 +197,8 @@ class LevelDB:
                 self.modules[name] = mod
                 self.block_of[name] = info.index
         self.sizes = {n: weight_matrix(m).numel() for n, m in self.modules.items()}
-        self.dim: dict[str, int] = {
-            n: score_dim(pruner, n, self.blocks[self.block_of[n]]) for n in self.modules
-        }
+        by_index = {info.index: info for info in self.blocks}  # (a database of some blocks only, too)
+        self.dim: dict[str, int] = {n: score_dim(pruner, n, by_index[self.block_of[n]]) for n in self.modules}
         self.current: dict[str, int] = {}  # pruned count each linear holds right now
         self.band_lo: dict[str, int] = {}  # ranks below are pruned at every count within bounds
         self.band_idx: dict[str, torch.Tensor] = {}  # [groups, hi - lo] positions of the band's ranks
@@ -209,7 +211,9 @@ class LevelDB:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.memory_limit = memory_limit_bytes
         self._level_bytes = 0
-        self.anchors: dict[str, dict[int, torch.Tensor]] = {}  # SparseGPT: count -> weights, built up front
+        # SparseGPT: count -> weights, built up front; packed (bit mask + kept values, pruning/packed.py):
+        # seven levels of every linear as dense float32 were 3.7 GB on SmolLM2-135M.
+        self.anchors: dict[str, dict[int, PackedSparse]] = {}
         self.hinv_diag: dict[str, torch.Tensor] = {}  # SparseGPT: diag of the H⁻¹ factor, per input column
         self.anchor_seconds = 0.0  # time building (or reading) the anchors took
         self.anchors_loaded = False  # read from a stored folder rather than built here
@@ -224,9 +228,9 @@ class LevelDB:
                 if nm_m is not None:
                     raise PruningConfigError("SparseGPT anchor levels are unstructured; N:M levels are built on use")
                 if anchor_folder is not None:
-                    self._load_anchors(anchor_folder, anchors)
+                    self.load_anchors(anchor_folder, anchors)
                 else:
-                    self._build_anchors(anchors, progress)
+                    self.build_anchors(anchors, progress)
         else:
             if orders is None:
                 raise PruningConfigError(f"{pruner} levels need the score rankings")
@@ -401,8 +405,10 @@ class LevelDB:
             return None
         return (self.nm_m - self.pruned_per_group(name, count), self.nm_m)
 
-    def _build_anchors(self, anchors: Mapping[str, Sequence[int]], progress: Callable[[int, int], None] | None) -> None:
-        """Every anchor level of every linear: one factorisation and one column pass per linear."""
+    def build_anchors(self, anchors: Mapping[str, Sequence[int]],
+                      progress: Callable[[int, int], None] | None = None) -> None:
+        """The anchor levels of the linears in ``anchors`` (added to those held): one factorisation and
+        one column pass per linear."""
         from evosparse.pruning.pruners import sparsegpt_levels
 
         t0 = time.perf_counter()
@@ -411,32 +417,42 @@ class LevelDB:
             counts = sorted(set(anchors[name]))
             hessian = self.hessian[name]
             levels, diag = sparsegpt_levels(self.dense[name].to(hessian.device), hessian, counts)
-            self.anchors[name] = dict(zip(counts, levels, strict=True))
+            self.anchors[name] = {c: PackedSparse.pack(w) for c, w in zip(counts, levels, strict=True)}
             self.hinv_diag[name] = diag
             if progress is not None:
                 progress(i + 1, len(names))
-        self.anchor_seconds = time.perf_counter() - t0
+        self.anchor_seconds += time.perf_counter() - t0
 
     def anchor_levels(self) -> int:
         """How many (linear, count) levels were built up front."""
         return sum(len(a) for a in self.anchors.values())
 
-    def save_anchors(self, folder: str | Path) -> None:
+    def save_anchors(self, folder: str | Path, names: Sequence[str] | None = None) -> None:
         """The anchor levels (and each linear's H⁻¹ diagonal) one safetensors file per block, then
         ``meta.json`` with the counts last: a later job or a scoring worker reads them instead of
-        running the OBS passes again."""
+        running the OBS passes again. ``names``: only these linears' (one block's, say)."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        keep = set(self.anchors if names is None else names)
         for info in self.blocks:
-            tensors = {f"{n}@{c}": w.contiguous().cpu() for n in info.linears for c, w in self.anchors.get(n, {}).items()}
-            tensors.update({f"{n}@diag": self.hinv_diag[n].contiguous().cpu() for n in info.linears if n in self.hinv_diag})
+            if not keep.intersection(info.linears):
+                continue
+            tensors = {}
+            for n in (n for n in info.linears if n in keep):
+                for c, packed in self.anchors.get(n, {}).items():
+                    tensors[f"{n}@{c}@bits"] = packed.bits.contiguous().cpu()
+                    tensors[f"{n}@{c}@values"] = packed.values.contiguous().cpu()
+            tensors.update({f"{n}@diag": self.hinv_diag[n].contiguous().cpu() for n in info.linears
+                            if n in keep and n in self.hinv_diag})
             save_file(tensors, str(_block_file(folder, info.index)))
-        meta = {"format": FORMAT_VERSION, "anchors": {n: sorted(a) for n, a in self.anchors.items()}}
+        meta = {"format": FORMAT_VERSION, "anchor_format": ANCHOR_FORMAT,
+                "anchors": {n: sorted(a) for n, a in self.anchors.items() if n in keep}}
         (folder / "meta.json").write_text(json.dumps(meta))
 
-    def _load_anchors(self, folder: str | Path, anchors: Mapping[str, Sequence[int]]) -> None:
+    def load_anchors(self, folder: str | Path, anchors: Mapping[str, Sequence[int]]) -> None:
+        """Read the anchor levels ``save_anchors`` stored for exactly ``anchors`` (added to those held)."""
         from safetensors import safe_open
 
         t0 = time.perf_counter()
@@ -450,10 +466,12 @@ class LevelDB:
             device = self.hessian[names[0]].device
             with safe_open(str(_block_file(folder, info.index)), framework="pt", device=str(device)) as f:
                 for n in names:
-                    self.anchors[n] = {c: f.get_tensor(f"{n}@{c}") for c in sorted(set(anchors[n]))}
+                    shape = tuple(self.dense[n].shape)
+                    self.anchors[n] = {c: PackedSparse(shape, f.get_tensor(f"{n}@{c}@bits"), f.get_tensor(f"{n}@{c}@values"))
+                                       for c in sorted(set(anchors[n]))}
                     self.hinv_diag[n] = f.get_tensor(f"{n}@diag")
-        self.anchor_seconds = time.perf_counter() - t0
-        self.anchors_loaded = True
+        self.anchor_seconds += time.perf_counter() - t0
+        self.anchors_loaded = not self.anchors.keys() - anchors.keys()  # every anchor held was read
 
     def _derived_level(self, name: str, count: int) -> torch.Tensor | None:
         """A count off the anchor grid: the nearest anchor below it, with the extra weights of lowest
@@ -462,21 +480,20 @@ class LevelDB:
         if not table:
             return None
         if count in table:
-            return table[count]
+            return table[count].unpack()
         below = [c for c in table if c < count]
         if not below:
             return None
-        base = table[max(below)]
+        w = table[max(below)].unpack()  # a new tensor: the anchor itself stays as built
         extra = count - max(below)
-        score = (base**2 / self.hinv_diag[name].unsqueeze(0) ** 2).flatten()
-        score = score.masked_fill(base.flatten() == 0, float("inf"))  # pruned already: not again
-        w = base.clone()
+        score = (w**2 / self.hinv_diag[name].unsqueeze(0) ** 2).flatten()
+        score = score.masked_fill(w.flatten() == 0, float("inf"))  # pruned already: not again
         w.view(-1)[torch.topk(score, extra, largest=False).indices] = 0.0
         return w
 
     def _sparsegpt_level(self, name: str, count: int) -> torch.Tensor:
         if name in self.anchors and count in self.anchors[name]:
-            return self.anchors[name][count]
+            return self.anchors[name][count].unpack()
         key = (name, count)
         if key in self.levels:
             self.levels.move_to_end(key)
@@ -561,8 +578,9 @@ class LevelDB:
     def nbytes(self) -> int:
         """Memory held by the database (rank bands and their values, Hessians, dense copies, levels)."""
         tensors = [*self.band_idx.values(), *self.band_val.values(), *self.hessian.values(), *self.dense.values(),
-                   *self.nm_rank.values(), *(t for a in self.anchors.values() for t in a.values())]
-        return sum(t.numel() * t.element_size() for t in tensors) + self._level_bytes
+                   *self.nm_rank.values()]
+        anchors = sum(p.nbytes() for a in self.anchors.values() for p in a.values())
+        return sum(t.numel() * t.element_size() for t in tensors) + anchors + self._level_bytes
 
 
 # ---------------------------------------------------------------------- the stored form
@@ -597,7 +615,7 @@ def save_levels(
 def anchor_grid_digest(anchors: Mapping[str, Sequence[int]]) -> str:
     """A short name of a set of SparseGPT anchor counts (part of where they are stored)."""
     grid = {n: sorted(set(c)) for n, c in anchors.items()}
-    return hashlib.sha256(json.dumps(grid, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([ANCHOR_FORMAT, grid], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def stored_anchors_match(folder: str | Path, anchors: Mapping[str, Sequence[int]]) -> bool:
@@ -607,7 +625,8 @@ def stored_anchors_match(folder: str | Path, anchors: Mapping[str, Sequence[int]
         return False
     meta = json.loads(meta_path.read_text())
     want = {n: sorted(set(c)) for n, c in anchors.items()}
-    return meta.get("format") == FORMAT_VERSION and meta.get("anchors") == want
+    return (meta.get("format") == FORMAT_VERSION and meta.get("anchor_format") == ANCHOR_FORMAT
+            and meta.get("anchors") == want)
 
 
 def check_levels(folder: str | Path, pruner: str, blocks: Sequence[BlockInfo]) -> None:

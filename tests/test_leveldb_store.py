@@ -57,3 +57,20 @@ def test_sparsegpt_anchor_levels_are_stored_once_and_read_back_bit_for_bit(tiny_
     third = LevelStore(store, tmp_path / "scratch-other")
     assert not third.load(tiny_llama, tiny_tokens, "sparsegpt", anchors=other).anchors_loaded
     assert store.is_complete(third.prefix(third.anchor_key(third.last_key, other)))
+
+
+def test_anchor_folders_of_another_layout_are_not_read(tiny_llama, tiny_tokens, tmp_path):
+    """Anchors stored before they were packed (no ``anchor_format``) are rebuilt, not misread."""
+    import json
+
+    from evosparse.pruning.layers import find_blocks
+    from evosparse.pruning.leveldb import LevelDB, stored_anchors_match
+
+    anchors = {n: [weight_matrix(m).numel() // 2] for b in find_blocks(tiny_llama) for n, m in b.linears.items()}
+    db = LevelDB.build(tiny_llama, tiny_tokens, "sparsegpt", anchors=anchors)
+    db.save_anchors(tmp_path / "a")
+    assert stored_anchors_match(tmp_path / "a", anchors)
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    del meta["anchor_format"]
+    (tmp_path / "a" / "meta.json").write_text(json.dumps(meta))
+    assert not stored_anchors_match(tmp_path / "a", anchors)

@@ -46,7 +46,12 @@ def test_anchor_database_builds_up_front_and_derives_the_levels_between(tiny_lla
 
     monkeypatch.setattr(pruners, "sparsegpt_prune", no_lazy_levels)
     anchor = db.pruned_weight(name, size // 4)
-    torch.testing.assert_close(anchor, db.anchors[name][size // 4])
+    assert torch.equal(anchor, db.anchors[name][size // 4].unpack())
+    built, _ = pruners.sparsegpt_levels(db.dense[name], db.hessian[name], [size // 4])
+    assert torch.equal(anchor, built[0])  # held packed, applied with the very values the OBS pass gave
+    # Each anchor costs a bit per weight plus 4 bytes per kept weight: the zeros cost a bit, not 4 bytes.
+    packed_bytes = sum(p.nbytes() for a in db.anchors.values() for p in a.values())
+    assert packed_bytes == sum(-(-db.sizes[n] // 8) + 4 * (db.sizes[n] - c) for n, a in db.anchors.items() for c in a)
     count = size // 4 + 37
     derived = db.pruned_weight(name, count)
     assert int((derived == 0).sum()) == count
