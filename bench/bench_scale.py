@@ -12,6 +12,7 @@ Subcommands (each writes JSON under bench/results/raw/ and prints a table):
   reuse       set-up time (seed, dense reference, level database) of a first job on a model
               and of a second job on the same model content, which loads the stored database.
   exchange    Redis CPU for trace-sized values with the broker's append-only file and without it.
+  anchors     SparseGPT anchor levels built by the coordinator alone, then with a scoring worker beside it.
   ceiling     the machine's own limit: forwards of one SmolLM2-shaped block by one 1-thread
               process, then by two at once (no Redis, no search): the most 2 workers could give.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -162,7 +164,7 @@ def run_one(model_path: str, sparsity: float, workers: int, generations: int, of
     from evosparse.worker.leveldb_store import LevelStore
     from evosparse.worker.scoring import redis_from_url
     from evosparse.worker.search_stage import run_search
-    from evosparse.worker.tasks import scoring_for
+    from evosparse.worker.tasks import anchor_fanout_for, scoring_for
 
     torch.set_num_threads(1)
     settings = get_settings()
@@ -176,6 +178,7 @@ def run_one(model_path: str, sparsity: float, workers: int, generations: int, of
     calib = get_windows("pydoc", tok, spec.calib_windows, spec.seq_len, "calib", seed=0)
     load_s = time.perf_counter() - t0
     levels = LevelStore(store_from_settings(settings), settings.resolved_work_dir / "leveldb")
+    levels.anchor_fanout = anchor_fanout_for(namespace, spec, settings)  # as the job task sets it
     made: list = []
 
     def scoring(local):  # noqa: ANN001, ANN202
@@ -207,6 +210,9 @@ def run_one(model_path: str, sparsity: float, workers: int, generations: int, of
         "leveldb": out.leveldb, "load_seconds": round(load_s, 2),
         # SparseGPT: anchor levels, and whether this job read them from the store or built and stored them.
         "anchor_levels": out.anchor_levels, "anchors": {"read": levels.anchors_read, "stored": levels.anchors_stored},
+        "anchor_seconds": round(out.anchor_seconds, 2),
+        "anchor_blocks": {"here": getattr(levels.anchor_fanout, "local_blocks", None),
+                          "scorers": getattr(levels.anchor_fanout, "remote_blocks", None)},
         "model_param_mb": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1),
     }
 
@@ -434,9 +440,37 @@ def cmd_exchange(args: argparse.Namespace) -> dict:
     return {"bench": "exchange", "sets": args.sets, **out}
 
 
+def cmd_anchors(args: argparse.Namespace) -> dict:
+    """SparseGPT anchor levels built by the coordinator alone, then with one scoring worker beside it
+    (every process at 1 thread), from an empty store each time; the same levels either way."""
+    from evosparse.jobs.settings import get_settings
+    from evosparse.jobs.store import store_from_settings
+
+    with tempfile.TemporaryDirectory() as tmp:
+        svc = Service(Path(tmp), scorers=1)
+        try:
+            alone = run_one(args.model, args.sparsity, 1, 1, args.offspring, args.selection, "a1", pruner="sparsegpt")
+            store_from_settings(get_settings()).delete_prefix("leveldb/")  # the second job builds everything again
+            shutil.rmtree(get_settings().resolved_work_dir / "leveldb", ignore_errors=True)
+            with svc.cpu_seconds() as cpu2:
+                two = run_one(args.model, args.sparsity, 2, 1, args.offspring, args.selection, "a2", pruner="sparsegpt")
+            two["cpu_seconds"] = cpu2
+        finally:
+            svc.stop()
+    result = {"bench": "anchors", "model": args.model, "sparsity": args.sparsity, "alone": alone, "two": two,
+              "anchor_speedup": round(alone["anchor_seconds"] / two["anchor_seconds"], 3),
+              "same_best_vector": alone["best_levels"] == two["best_levels"],
+              "same_best_fitness": alone["best_fitness"] == two["best_fitness"]}
+    print(f"anchor levels {alone['anchor_levels']}: alone {alone['anchor_seconds']} s; with one scorer "
+          f"{two['anchor_seconds']} s (blocks {two['anchor_blocks']}) -> {result['anchor_speedup']}x; level database "
+          f"{alone['setup_seconds'].get('leveldb')} s vs {two['setup_seconds'].get('leveldb')} s; same best vector "
+          f"{result['same_best_vector']}, same best fitness {result['same_best_fitness']}; CPU s {cpu2}")
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=("throughput", "memory", "reuse", "ceiling", "exchange"))
+    p.add_argument("command", choices=("throughput", "memory", "reuse", "ceiling", "exchange", "anchors"))
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--synthetic", choices=sorted(SYNTHETIC), help="memory: a synthetic Llama instead of --model")
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "evosparse-bench-models"))
@@ -453,7 +487,7 @@ def main() -> None:
     args = p.parse_args()
     result = {"cmd": " ".join(sys.argv), **{"throughput": cmd_throughput, "memory": cmd_memory,
                                              "reuse": cmd_reuse, "ceiling": cmd_ceiling,
-                                             "exchange": cmd_exchange}[args.command](args)}
+                                             "exchange": cmd_exchange, "anchors": cmd_anchors}[args.command](args)}
     RAW.mkdir(parents=True, exist_ok=True)
     suffix = ("_on_broker" if args.scoring_on_broker else "") + (f"_{args.pruner}" if args.pruner != "wanda" else "")
     name = f"scale_{args.command}_{args.synthetic or Path(args.model).name}{suffix}.json"

@@ -59,6 +59,9 @@ class LevelStore(LevelSource):
         self.anchors_read = 0  # SparseGPT anchor sets read from the store / built here and stored
         self.anchors_stored = 0
         self._keys: dict[tuple[int, int, str], str] = {}
+        # Set by the job task when the job has scoring workers: SparseGPT anchors are then built by
+        # them too (worker/anchor_build.py's AnchorFanout), called as (store, key, db, anchors, progress).
+        self.anchor_fanout: Any = None
 
     def key_for(self, model: nn.Module, calib: torch.Tensor, pruner: str, dense: Any = None) -> str:
         """The database key of this model content, pruner and calibration data (hashed once per job)."""
@@ -127,9 +130,20 @@ class LevelStore(LevelSource):
             return None
         self.last_key = key
         self.loaded += 1
-        db = LevelDB.load(folder, model, pruner, **self._with_stored_anchors(key, kwargs))
+        kwargs, fanned = self._fanned_anchors(self._with_stored_anchors(key, kwargs))
+        db = LevelDB.load(folder, model, pruner, **kwargs)
+        if fanned is not None:
+            self.anchor_fanout(self, key, db, *fanned)
         self._store_anchors(key, db)
         return db
+
+    def _fanned_anchors(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], tuple[Any, Any] | None]:
+        """With scorers to share the work, anchors not stored are left out of the database's own build
+        and handed to ``anchor_fanout`` (with the progress callback) once the Hessians are stored."""
+        if self.anchor_fanout is None or not kwargs.get("anchors") or "anchor_folder" in kwargs:
+            return kwargs, None
+        rest = {k: v for k, v in kwargs.items() if k not in ("anchors", "progress")}
+        return rest, (kwargs["anchors"], kwargs.get("progress"))
 
     # SparseGPT anchor levels depend on the level grid too, so they are a separate artifact per
     # (database key, grid): ``leveldb/<key>-anchors-<grid digest>/``, published like the database.
@@ -163,6 +177,34 @@ class LevelStore(LevelSource):
         self.anchors_stored += 1
         log.info("SparseGPT anchor levels of %s stored (%d levels)", key, db.anchor_levels())
 
+    # Anchor parts: one block's anchors, built by a scorer while the coordinator builds others
+    # (worker/anchor_build.py), stored by the same rule as a whole set, under that block's grid.
+    def stored_anchor_part(self, key: str, grid: dict[str, list[int]]) -> Path | None:
+        """A local copy of the stored anchors of exactly ``grid`` (one block's), or None."""
+        folder = self._local(self.anchor_key(key, grid))
+        return folder if folder is not None and stored_anchors_match(folder, grid) else None
+
+    def store_anchor_part(self, key: str, part: LevelDB) -> None:
+        """Publish the anchors ``part`` holds (a database of one block) as their own stored set."""
+        akey = self.anchor_key(key, {n: list(a) for n, a in part.anchors.items()})
+        tmp = self.scratch / f".{akey}.{uuid.uuid4().hex[:8]}"
+        try:
+            part.save_anchors(tmp)
+            self._publish(tmp, akey)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def drop_anchor_parts(self, key: str, grids: list[dict[str, list[int]]]) -> None:
+        """Delete the parts once the whole set is assembled (store and this machine's copies)."""
+        for grid in grids:
+            akey = self.anchor_key(key, grid)
+            self.store.delete_prefix(self.prefix(akey))
+            shutil.rmtree(self.scratch / akey, ignore_errors=True)
+
+    def local_copy(self, key: str) -> Path | None:
+        """This machine's copy of the stored database ``key`` (downloaded on first use), or None."""
+        return self._local(key)
+
     def _publish(self, tmp: Path, key: str) -> Path:
         """Put the folder written at ``tmp`` in the store under ``key`` (unless another process already
         has) and keep it as this machine's local copy, the least recently used copies trimmed."""
@@ -180,14 +222,17 @@ class LevelStore(LevelSource):
 
     def build(self, model: nn.Module, calib: torch.Tensor, pruner: str, **kwargs: Any) -> LevelDB:
         key = self.key_for(model, calib, pruner, kwargs.get("dense"))
+        kwargs, fanned = self._fanned_anchors(self._with_stored_anchors(key, kwargs))
         tmp = self.scratch / f".{key}.{uuid.uuid4().hex[:8]}"
         try:
-            db = LevelDB.build(model, calib, pruner, save_to=tmp, **self._with_stored_anchors(key, kwargs))
+            db = LevelDB.build(model, calib, pruner, save_to=tmp, **kwargs)
             self._publish(tmp, key)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self.last_key = key
         self.built += 1
         log.info("level database %s built and stored", key)
+        if fanned is not None:  # the Hessians the scorers read are stored now
+            self.anchor_fanout(self, key, db, *fanned)
         self._store_anchors(key, db)
         return db

@@ -102,6 +102,90 @@ class _Lease(threading.Thread):
         self.r.delete(self.key)
 
 
+def post_batch(r: Any, batch: str, items: Sequence[str], order: Sequence[int], meta: dict[str, Any],
+               alive_key: str) -> None:
+    """Write a batch: its work items (JSON text, by index), the order they are taken in, its meta."""
+    k = _keys(batch)
+    pipe = r.pipeline()
+    pipe.hset(k["items"], mapping={str(j): item for j, item in enumerate(items)})
+    pipe.set(k["meta"], json.dumps(meta))
+    pipe.rpush(k["todo"], *order)
+    for key in k.values():
+        pipe.expire(key, int(BATCH_TTL_S))
+    pipe.set(alive_key, "1", px=int(ALIVE_TTL_S * 1000))
+    pipe.execute()
+
+
+def drain_batch(r: Any, batch: str, n_items: int, holder: str, lease_s: float, poll_s: float,
+                work_here: Callable[[int], None], collect: Callable[[int, dict[str, Any]], None]) -> int:
+    """The coordinator's side of a batch: work its items here (``work_here(j)``) until its list is
+    empty, then ``collect(j, result)`` what the others wrote, putting back an item whose holder's
+    lease expired without a result. Returns how many items were put back."""
+    k = _keys(batch)
+    done: set[int] = set()
+    missing_since: dict[int, float] = {}
+    requeued = 0
+    while len(done) < n_items:
+        item = r.lpop(k["todo"])
+        if item is not None:  # work one ourselves, under a lease like everyone else
+            j = int(item)
+            if j not in done:
+                lease = _Lease(r, _keys(batch, j)["lease"], holder, lease_s)
+                lease.start()
+                try:
+                    work_here(j)
+                finally:
+                    lease.release()
+                done.add(j)
+            continue
+        for key, raw in r.hgetall(k["done"]).items():
+            j = int(key)
+            if j not in done:
+                collect(j, json.loads(raw))
+                done.add(j)
+        pending = [j for j in range(n_items) if j not in done]
+        if not pending:
+            break
+        leases = r.mget([_keys(batch, j)["lease"] for j in pending])
+        now = time.monotonic()
+        for j, held in zip(pending, leases, strict=True):
+            if held is not None:
+                missing_since.pop(j, None)
+                continue
+            # Off the list, no lease, no result: its holder died (or is between LPOP and lease).
+            if now - missing_since.setdefault(j, now) > min(2.0, lease_s):
+                if not r.hexists(k["done"], str(j)):
+                    r.rpush(k["todo"], j)
+                    requeued += 1
+                    log.warning("item %d of %s lost its worker; doing it again", j, batch)
+                missing_since.pop(j, None)
+        time.sleep(poll_s)
+    return requeued
+
+
+def serve_batch(r: Any, batch: str, holder: str, lease_s: float,
+                work: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
+    """A scorer's side of a batch: take items until its list is empty, each under a lease, and write
+    each one's result (``work(item)``, JSON) before letting the lease go. Returns how many it did."""
+    k = _keys(batch)
+    count = 0
+    while (item := r.lpop(k["todo"])) is not None:
+        j = int(item)
+        lease = _Lease(r, _keys(batch, j)["lease"], holder, lease_s)
+        lease.start()
+        try:
+            raw = r.hget(k["items"], str(j))
+            if raw is None:
+                break  # the batch was cleaned up meanwhile
+            result = work(json.loads(raw))
+            r.hset(k["done"], str(j), json.dumps(result))
+            r.expire(k["done"], int(BATCH_TTL_S))  # the coordinator may have deleted the batch meanwhile
+            count += 1
+        finally:
+            lease.release()
+    return count
+
+
 class TraceExchange:
     """Parent traces through Redis: publish the ones this process holds, fetch the ones it lacks.
 
@@ -218,20 +302,13 @@ class DistributedFitness:
         items = [(i, rng) for i, v in enumerate(vectors) for rng in self.local.pending_ranges(v, tokens, chunk)]
         if len(items) > 1:
             batch = f"{self.ns}:b{self.batches}"
-            k = _keys(batch)
-            pipe = self.r.pipeline()
-            pipe.hset(k["items"], mapping={str(j): json.dumps({"v": vectors[i], "r": list(rng)})
-                                           for j, (i, rng) in enumerate(items)})
-            pipe.set(k["meta"], json.dumps({"tokens": tokens, "chunk": chunk, "parent": self.parent,
-                                            "final": final, "serial": self.batches}))
             # Most expensive first (longest-processing-time order): the stage's last, lone item is a
             # cheap one, so the processes reach the barrier together. Order never changes a score.
             costs = [self.local.range_cost(vectors[i], rng) for i, rng in items]
-            pipe.rpush(k["todo"], *sorted(range(len(items)), key=lambda j: -costs[j]))
-            for key in k.values():
-                pipe.expire(key, int(BATCH_TTL_S))
-            pipe.set(f"{self.ns}:alive", "1", px=int(ALIVE_TTL_S * 1000))
-            pipe.execute()
+            post_batch(self.r, batch, [json.dumps({"v": vectors[i], "r": list(rng)}) for i, rng in items],
+                       sorted(range(len(items)), key=lambda j: -costs[j]),
+                       {"tokens": tokens, "chunk": chunk, "parent": self.parent, "final": final,
+                        "serial": self.batches}, f"{self.ns}:alive")
             for _ in range(min(self.workers - 1, len(items) - 1)):
                 self.send(self.context, batch)
             try:
@@ -252,46 +329,14 @@ class DistributedFitness:
     def _gather(self, batch: str, vectors: list[tuple[int, ...]], items: list[tuple[int, tuple[int, int]]],
                 final: bool) -> None:
         """Score items of ``batch`` here until its list is empty, then collect the others' results."""
-        k = _keys(batch)
-        done: set[int] = set()
-        missing_since: dict[int, float] = {}
-        while len(done) < len(items):
-            item = self.r.lpop(k["todo"])
-            if item is not None:  # score one ourselves, under a lease like everyone else
-                j = int(item)
-                if j not in done:
-                    i, rng = items[j]
-                    lease = _Lease(self.r, _keys(batch, j)["lease"], self.holder, self.lease_s)
-                    lease.start()
-                    try:
-                        self._score_here(vectors[i], rng, final)
-                    finally:
-                        lease.release()
-                    done.add(j)
-                continue
-            for key, raw in self.r.hgetall(k["done"]).items():
-                j = int(key)
-                if j not in done:
-                    self.local.add_known_windows(vectors[items[j][0]], json.loads(raw)["w"])
-                    done.add(j)
-                    self.remote_scored += 1
-            pending = [j for j in range(len(items)) if j not in done]
-            if not pending:
-                break
-            leases = self.r.mget([_keys(batch, j)["lease"] for j in pending])
-            now = time.monotonic()
-            for j, held in zip(pending, leases, strict=True):
-                if held is not None:
-                    missing_since.pop(j, None)
-                    continue
-                # Off the list, no lease, no result: its scorer died (or is between LPOP and lease).
-                if now - missing_since.setdefault(j, now) > min(2.0, self.lease_s):
-                    if not self.r.hexists(k["done"], str(j)):
-                        self.r.rpush(k["todo"], j)
-                        self.requeued += 1
-                        log.warning("item %d of %s lost its scorer; scoring it again", j, batch)
-                    missing_since.pop(j, None)
-            time.sleep(self.poll_s)
+        def here(j: int) -> None:
+            self._score_here(vectors[items[j][0]], items[j][1], final)
+
+        def collect(j: int, result: dict[str, Any]) -> None:
+            self.local.add_known_windows(vectors[items[j][0]], result["w"])
+            self.remote_scored += 1
+
+        self.requeued += drain_batch(self.r, batch, len(items), self.holder, self.lease_s, self.poll_s, here, collect)
 
     def close(self) -> None:
         """The job's search is over: scorers drop its model at their next janitor pass."""
@@ -382,6 +427,10 @@ def score_batch(context: dict[str, Any], batch: str, r: Any, levels: Any, lease_
                 janitor_s: float = 2.0) -> int:
     """Score work items of ``batch`` until its list is empty; returns how many this process scored."""
     global _state, _janitor
+    if context.get("kind") == "anchors":  # SparseGPT anchor levels of a level database, not a stage
+        from evosparse.worker.anchor_build import serve_anchor_batch
+
+        return serve_anchor_batch(context, batch, r, levels, lease_s)
     k = _keys(batch)
     if batch and not r.exists(k["meta"]):
         return 0  # the stage is over (the coordinator finished it alone)
@@ -414,23 +463,11 @@ def score_batch(context: dict[str, Any], batch: str, r: Any, levels: Any, lease_
         if final:  # traces of this stage's candidates this process computed in earlier stages
             items = r.hvals(k["items"])
             state.traces.publish([json.loads(raw)["v"] for raw in items], meta["serial"])
-        scored = 0
-        while (item := r.lpop(k["todo"])) is not None:
-            j = int(item)
-            lease = _Lease(r, _keys(batch, j)["lease"], holder, lease_s)
-            lease.start()
-            try:
-                raw = r.hget(k["items"], str(j))
-                if raw is None:
-                    break  # the batch was cleaned up meanwhile
-                got = json.loads(raw)
-                v = tuple(got["v"])
-                windows = state.fitness.score_range(v, tuple(got["r"]))
-                if final:  # before the score: once the stage is decided, the winner's trace is there
-                    state.traces.publish([v], meta["serial"])
-                r.hset(k["done"], str(j), json.dumps({"w": windows}))
-                r.expire(k["done"], int(BATCH_TTL_S))  # the coordinator may have deleted the batch meanwhile
-                scored += 1
-            finally:
-                lease.release()
-        return scored
+        def work(item: dict[str, Any]) -> dict[str, Any]:
+            v = tuple(item["v"])
+            windows = state.fitness.score_range(v, tuple(item["r"]))
+            if final:  # before the score: once the stage is decided, the winner's trace is there
+                state.traces.publish([v], meta["serial"])
+            return {"w": windows}
+
+        return serve_batch(r, batch, holder, lease_s, work)

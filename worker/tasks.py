@@ -228,11 +228,11 @@ def execute(claim: repo.Claim, settings: Settings) -> str:
             log.info("job %s attempt %d resumes after generation %s", claim.job_id, claim.attempt,
                      claim.resume_generation)
         levels = level_store(settings)
+        namespace = f"evosparse:score:{claim.job_id}:{claim.attempt}"
+        levels.anchor_fanout = anchor_fanout_for(namespace, spec, settings)
         report = run_job(spec, work / "out", TrackingHooks(hooks, tracker) if tracker else hooks,
                          resume_state=resume_state(claim.resume_state, store),
-                         levels=levels,
-                         scoring=scoring_for(f"evosparse:score:{claim.job_id}:{claim.attempt}", spec, settings,
-                                             levels))
+                         levels=levels, scoring=scoring_for(namespace, spec, settings, levels))
         if hooks.lost:
             return "lost"
         if tracker:
@@ -318,6 +318,24 @@ def scoring_for(namespace: str, spec: JobSpec, settings: Settings, levels):  # n
                                   share_traces=settings.scoring_share_traces)
 
     return make
+
+
+def anchor_fanout_for(namespace: str, spec: JobSpec, settings: Settings):  # noqa: ANN201
+    """SparseGPT anchors built by the job's scoring workers too (worker/anchor_build.py), or None."""
+    if spec.allocation != "evolutionary" or spec.search.workers <= 1 or spec.pruner != "sparsegpt":
+        return None
+    from evosparse.worker.anchor_build import AnchorFanout
+    from evosparse.worker.scoring import redis_from_url
+
+    connection = app.connection_for_write(settings.broker_url)
+
+    def send(context: dict, batch: str) -> None:  # a wake-up nobody took soon is stale, as for stages
+        app.send_task("evosparse.score", args=[context, batch], queue=settings.score_queue,
+                      connection=connection, expires=max(60.0, 30 * settings.scoring_lease_s))
+
+    return AnchorFanout(redis_from_url(settings.resolved_scoring_redis_url), namespace,
+                        {"namespace": namespace, "spec": spec.model_dump(mode="json")}, spec.search.workers, send,
+                        settings.scoring_lease_s, on_close=connection.release)
 
 
 @app.task(name="evosparse.score", acks_late=False, ignore_result=True)

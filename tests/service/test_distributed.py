@@ -6,6 +6,7 @@ store); the scorers are real Celery workers started from `evosparse serve`'s own
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -27,7 +28,7 @@ from evosparse.pruning.snapshot import DenseWeights
 from evosparse.worker.leveldb_store import LevelStore
 from evosparse.worker.scoring import _keys, redis_from_url
 from evosparse.worker.search_stage import run_search
-from evosparse.worker.tasks import scoring_for
+from evosparse.worker.tasks import anchor_fanout_for, scoring_for
 
 from tests.service.servers import stop_process, wait_until
 
@@ -83,8 +84,8 @@ class Scorers:
             log.close()
 
 
-def _spec(model_root: Path, workers: int, generations: int = 6, **search) -> JobSpec:  # noqa: ANN003
-    return JobSpec(model=str(model_root / "tiny"), sparsity=0.6, pruner="wanda", allocation="evolutionary",
+def _spec(model_root: Path, workers: int, generations: int = 6, pruner: str = "wanda", **search) -> JobSpec:  # noqa: ANN003
+    return JobSpec(model=str(model_root / "tiny"), sparsity=0.6, pruner=pruner, allocation="evolutionary",
                    calib_windows=8, seq_len=32, seed=3,
                    search={"generations": generations, "offspring": 8, "selection": "64:3,256:1",
                            "seed_from": "uniform", "granularity": "module", "workers": workers,
@@ -98,6 +99,7 @@ def _coordinate(spec: JobSpec, settings: Settings, namespace: str, killer=None):
     blocks = find_blocks(model)
     calib = get_windows(spec.calib, tok, spec.calib_windows, spec.seq_len, "calib", spec.seed)
     levels = LevelStore(store_from_settings(settings), settings.resolved_work_dir / "leveldb")
+    levels.anchor_fanout = anchor_fanout_for(namespace, spec, settings)
     made = []
 
     def scoring(local):  # noqa: ANN001, ANN202
@@ -204,3 +206,80 @@ def test_a_scorer_killed_mid_candidate_changes_nothing(scoring_env, model_root, 
     finally:
         killed.set()
         scorers.stop()
+
+
+def test_sparsegpt_anchor_levels_are_built_by_the_scorers_too_and_the_search_is_unchanged(
+        scoring_env, model_root, monkeypatch, tmp_path):
+    """The coordinator stores the Hessians, the scorers build blocks' anchor levels beside it, and
+    the search that follows is exactly the one a single process runs with levels it built alone."""
+    from evosparse.pruning.leveldb import LevelDB
+
+    root, env = scoring_env
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    settings = Settings()
+    scorers = Scorers(root, env, 2)
+    try:
+        spec = _spec(model_root, workers=3, pruner="sparsegpt", anchor_every=2)
+        with monkeypatch.context() as m:
+            # Slow the coordinator's own blocks (this process only): the scorers, still loading the
+            # model when the build starts, must get some of the tiny model's four blocks.
+            build = LevelDB.build_anchors
+
+            def slow_build(self, anchors, progress=None):  # noqa: ANN001, ANN202
+                time.sleep(1.5)
+                return build(self, anchors, progress)
+
+            m.setattr(LevelDB, "build_anchors", slow_build)
+            fanned, levels, _ = _coordinate(spec, settings, "evosparse:score:ta:1")
+        fanout = levels.anchor_fanout
+        assert fanned.leveldb == "built"
+        assert fanout.remote_blocks > 0, "the scorers built no anchor levels"
+        assert fanout.local_blocks + fanout.remote_blocks == 4
+        # The assembled set is stored whole (what the search's scorers read); the parts are gone.
+        stored = [p for p in (root / "store" / "leveldb").iterdir() if "-anchors-" in p.name]
+        assert len(stored) == 1, stored
+        assert len(json.loads((stored[0] / "meta.json").read_text())["anchors"]) == 4 * 7  # every linear
+        # The same search on one process, with a store of its own: every level built here.
+        alone_settings = Settings(store_url=f"file://{tmp_path / 'alone-store'}", work_dir=str(tmp_path / "work"))
+        alone, alone_levels, _ = _coordinate(_spec(model_root, workers=1, pruner="sparsegpt", anchor_every=2),
+                                             alone_settings, "evosparse:score:ta1:1")
+        assert alone.leveldb == "built" and alone_levels.anchor_fanout is None
+        _same(fanned, alone)
+    finally:
+        scorers.stop()
+
+
+def test_anchor_parts_an_earlier_attempt_stored_are_read_not_built_again(scoring_env, tiny_llama, tiny_tokens,
+                                                                         tmp_path):
+    """A coordinator that died after scorers stored some blocks: the next attempt reads those parts,
+    builds only the rest, and assembles the same levels a one-process build gives; parts are dropped."""
+    from evosparse.jobs.store import LocalStore
+    from evosparse.pruning.leveldb import LevelDB
+    from evosparse.worker.anchor_build import AnchorFanout, block_grids
+
+    _, env = scoring_env
+    torch.set_num_threads(1)
+    blocks = find_blocks(tiny_llama)
+    anchors = {n: [m.weight.numel() // 4, m.weight.numel() // 2] for b in blocks for n, m in b.linears.items()}
+    reference = LevelDB.build(tiny_llama, tiny_tokens, "sparsegpt", anchors=anchors)
+    levels = LevelStore(LocalStore(tmp_path / "store"), tmp_path / "scratch")
+    sent: list[str] = []
+    levels.anchor_fanout = AnchorFanout(redis_from_url(env["EVOSPARSE_SCORING_REDIS_URL"]), "evosparse:score:tp:1",
+                                        {}, 3, lambda context, batch: sent.append(batch))
+    key = levels.key_for(tiny_llama, tiny_tokens, "sparsegpt")
+    grids = block_grids(reference, anchors)
+    for index, grid in grids[:2]:  # what scorers of the earlier attempt stored
+        part = LevelDB(tiny_llama, "sparsegpt", hessians={n: reference.hessian[n] for n in grid},
+                       blocks=[b for b in blocks if b.index == index])
+        part.build_anchors(grid)
+        levels.store_anchor_part(key, part)
+    assert levels.stored_anchor_part(key, grids[0][1]) is not None
+    db = levels.build(tiny_llama, tiny_tokens, "sparsegpt", anchors=anchors)
+    fanout = levels.anchor_fanout
+    assert (fanout.local_blocks, fanout.remote_blocks) == (2, 0) and len(sent) == 1  # 2 blocks left: 1 wake-up
+    for name, counts in anchors.items():
+        for c in counts:
+            assert torch.equal(db.pruned_weight(name, c), reference.pruned_weight(name, c))
+    assert all(levels.stored_anchor_part(key, g) is None for _, g in grids)  # parts dropped once assembled
+    assert levels.anchors_stored == 1  # the whole set, stored for the search's scorers
