@@ -39,6 +39,10 @@ scores are the same either way. Traces are kept for two last stages, then delete
 (``TRACE_TTL_S`` is the safety net). By default only CPU jobs share traces: on a GPU one forward
 costs less than moving the bytes.
 
+The batch machinery (``post_batch`` / ``drain_batch`` on the coordinator, ``serve_batch`` on a
+scorer: items under leases, put back when a holder dies) also carries the build of a SparseGPT
+job's anchor levels, one block per item (worker/anchor_build.py).
+
 Cancel is checked by the coordinator between generations; a cancelled job sends no further
 batch, and its scorers free their memory at the next janitor pass.
 """
