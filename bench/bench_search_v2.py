@@ -240,6 +240,13 @@ def ms(xs) -> str:
     return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}"
 
 
+def seeds_row(label: str, ppls: list[dict], uni: dict | None) -> str:
+    """One table row over search seeds: perplexities, and their ratios to uniform when it applies."""
+    pp, pl = [x["pydoc"] for x in ppls], [x["licences"] for x in ppls]
+    rel = f"{ms([x / uni['pydoc'] for x in pp])} | {ms([x / uni['licences'] for x in pl])}" if uni else "— | —"
+    return f"| {label} ({len(pp)} seeds) | {ms(pp)} | {ms(pl)} | {rel} |"
+
+
 def cmd_report(args) -> None:
     runs = {p.stem[3:]: json.loads(p.read_text()) for p in sorted(RAW.glob("v2_*.json"))}
     lines = ["# Search v2 benchmark (SmolLM2-135M, pydoc calibration)", "",
@@ -264,20 +271,14 @@ def cmd_report(args) -> None:
         for key, label in (("ppl", "evolutionary"), ("transfer_ppl", f"transfer → {a.get('transfer')}")):
             if not r["runs"] or key not in r["runs"][0]:
                 continue
-            pp = [x[key]["pydoc"] for x in r["runs"]]
-            pl = [x[key]["licences"] for x in r["runs"]]
             # A transferred model is pruned by another pruner: this run's uniform is not its baseline.
             same = key == "ppl" or a.get("transfer") == a["pruner"]
-            rel = (f"{ms([x / uni['pydoc'] for x in pp])} | {ms([x / uni['licences'] for x in pl])}") \
-                if uni and same else "— | —"
-            lines.append(f"| {label} ({len(pp)} seeds) | {ms(pp)} | {ms(pl)} | {rel} |")
+            lines.append(seeds_row(label, [x[key] for x in r["runs"]], uni if same else None))
         et = [x["equal_time"] for x in r["runs"] if "equal_time" in x]
         if et:
             ts = r["transfer_search"]
-            pp, pl = [x["ppl"]["pydoc"] for x in et], [x["ppl"]["licences"] for x in et]
-            rel = f"{ms([x / uni['pydoc'] for x in pp])} | {ms([x / uni['licences'] for x in pl])}" if uni else "— | —"
-            lines.append(f"| search on {ts['pruner']} levels at equal job time ({ts['budget_min']:.1f} min), "
-                         f"pruned with {a['pruner']} ({len(pp)} seeds) | {ms(pp)} | {ms(pl)} | {rel} |")
+            lines.append(seeds_row(f"search on {ts['pruner']} levels at equal job time ({ts['budget_min']:.1f} min), "
+                                   f"pruned with {a['pruner']}", [x["ppl"] for x in et], uni))
         if uni and r["runs"]:
             fixed = {k: v["ppl"]["pydoc"] for k, v in r["baselines"].items() if k != "uniform"}
             if fixed:
