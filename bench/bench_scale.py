@@ -217,6 +217,11 @@ def run_one(model_path: str, sparsity: float, workers: int, generations: int, of
     }
 
 
+def same_search(a: dict, b: dict) -> dict:
+    """Whether two runs of one search (on one process and on several) found the same answer."""
+    return {"same_best_vector": a["best_levels"] == b["best_levels"], "same_best_fitness": a["best_fitness"] == b["best_fitness"]}
+
+
 def cmd_throughput(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         svc = Service(Path(tmp), scorers=1, scoring_on_broker=args.scoring_on_broker)
@@ -231,9 +236,7 @@ def cmd_throughput(args: argparse.Namespace) -> dict:
         finally:
             svc.stop()
     result = {"bench": "throughput", "model": args.model, "sparsity": args.sparsity, "one": one, "two": two,
-              "speedup": round(two["candidates_per_minute"] / one["candidates_per_minute"], 3),
-              "same_best_vector": one["best_levels"] == two["best_levels"],
-              "same_best_fitness": one["best_fitness"] == two["best_fitness"]}
+              "speedup": round(two["candidates_per_minute"] / one["candidates_per_minute"], 3), **same_search(one, two)}
     print(f"| workers | candidates | search s | candidates/min |\n|---|---|---|---|\n"
           f"| 1 | {one['candidates_scored']} | {one['search_seconds']} | {one['candidates_per_minute']} |\n"
           f"| 2 | {two['candidates_scored']} | {two['search_seconds']} | {two['candidates_per_minute']} |\n"
@@ -458,9 +461,7 @@ def cmd_anchors(args: argparse.Namespace) -> dict:
         finally:
             svc.stop()
     result = {"bench": "anchors", "model": args.model, "sparsity": args.sparsity, "alone": alone, "two": two,
-              "anchor_speedup": round(alone["anchor_seconds"] / two["anchor_seconds"], 3),
-              "same_best_vector": alone["best_levels"] == two["best_levels"],
-              "same_best_fitness": alone["best_fitness"] == two["best_fitness"]}
+              "anchor_speedup": round(alone["anchor_seconds"] / two["anchor_seconds"], 3), **same_search(alone, two)}
     print(f"anchor levels {alone['anchor_levels']}: alone {alone['anchor_seconds']} s; with one scorer "
           f"{two['anchor_seconds']} s (blocks {two['anchor_blocks']}) -> {result['anchor_speedup']}x; level database "
           f"{alone['setup_seconds'].get('leveldb')} s vs {two['setup_seconds'].get('leveldb')} s; same best vector "

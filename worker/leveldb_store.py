@@ -165,17 +165,22 @@ class LevelStore(LevelSource):
         """Publish the anchors this process just built (a later job, every scorer, reads them)."""
         if not db.anchors or db.anchors_loaded:
             return
+        if self._put_anchors(key, db):
+            self.anchors_stored += 1
+            log.info("SparseGPT anchor levels of %s stored (%d levels)", key, db.anchor_levels())
+
+    def _put_anchors(self, key: str, db: LevelDB) -> bool:
+        """Store the anchors ``db`` holds under their grid's name, unless the store has them already."""
         akey = self.anchor_key(key, {n: list(a) for n, a in db.anchors.items()})
         if self.store.is_complete(self.prefix(akey)):
-            return
+            return False
         tmp = self.scratch / f".{akey}.{uuid.uuid4().hex[:8]}"
         try:
             db.save_anchors(tmp)
             self._publish(tmp, akey)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        self.anchors_stored += 1
-        log.info("SparseGPT anchor levels of %s stored (%d levels)", key, db.anchor_levels())
+        return True
 
     # Anchor parts: one block's anchors, built by a scorer while the coordinator builds others
     # (worker/anchor_build.py), stored by the same rule as a whole set, under that block's grid.
@@ -186,13 +191,7 @@ class LevelStore(LevelSource):
 
     def store_anchor_part(self, key: str, part: LevelDB) -> None:
         """Publish the anchors ``part`` holds (a database of one block) as their own stored set."""
-        akey = self.anchor_key(key, {n: list(a) for n, a in part.anchors.items()})
-        tmp = self.scratch / f".{akey}.{uuid.uuid4().hex[:8]}"
-        try:
-            part.save_anchors(tmp)
-            self._publish(tmp, akey)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        self._put_anchors(key, part)
 
     def drop_anchor_parts(self, key: str, grids: list[dict[str, list[int]]]) -> None:
         """Delete the parts once the whole set is assembled (store and this machine's copies)."""

@@ -84,6 +84,14 @@ class Scorers:
             log.close()
 
 
+def _job_env(scoring_env, monkeypatch) -> tuple[Path, dict[str, str], Settings]:  # noqa: ANN001
+    """The test's process configured as a job worker of the scoring environment."""
+    root, env = scoring_env
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return root, env, Settings()
+
+
 def _spec(model_root: Path, workers: int, generations: int = 6, pruner: str = "wanda", **search) -> JobSpec:  # noqa: ANN003
     return JobSpec(model=str(model_root / "tiny"), sparsity=0.6, pruner=pruner, allocation="evolutionary",
                    calib_windows=8, seq_len=32, seed=3,
@@ -129,10 +137,7 @@ def _same(a, b) -> None:  # noqa: ANN001
 
 def test_two_scoring_workers_give_exactly_the_one_process_search_and_reuse_the_stored_levels(
         scoring_env, model_root, monkeypatch):
-    root, env = scoring_env
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    settings = Settings()
+    root, env, settings = _job_env(scoring_env, monkeypatch)
     scorers = Scorers(root, env, 2)
     try:
         alone, levels1, _ = _coordinate(_spec(model_root, workers=1), settings, "evosparse:score:t1:1")
@@ -166,10 +171,7 @@ def test_two_scoring_workers_give_exactly_the_one_process_search_and_reuse_the_s
 
 
 def test_a_scorer_killed_mid_candidate_changes_nothing(scoring_env, model_root, monkeypatch):
-    root, env = scoring_env
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    settings = Settings()
+    root, env, settings = _job_env(scoring_env, monkeypatch)
     r = redis_from_url(env["EVOSPARSE_SCORING_REDIS_URL"])
     scorers = Scorers(root, env, 2)
     victim = scorers.procs[0]
@@ -214,10 +216,7 @@ def test_sparsegpt_anchor_levels_are_built_by_the_scorers_too_and_the_search_is_
     the search that follows is exactly the one a single process runs with levels it built alone."""
     from evosparse.pruning.leveldb import LevelDB
 
-    root, env = scoring_env
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    settings = Settings()
+    root, env, settings = _job_env(scoring_env, monkeypatch)
     scorers = Scorers(root, env, 2)
     try:
         spec = _spec(model_root, workers=3, pruner="sparsegpt", anchor_every=2)
