@@ -427,28 +427,24 @@ class LevelDB:
         """How many (linear, count) levels were built up front."""
         return sum(len(a) for a in self.anchors.values())
 
-    def save_anchors(self, folder: str | Path, names: Sequence[str] | None = None) -> None:
+    def save_anchors(self, folder: str | Path) -> None:
         """The anchor levels (and each linear's H⁻¹ diagonal) one safetensors file per block, then
         ``meta.json`` with the counts last: a later job or a scoring worker reads them instead of
-        running the OBS passes again. ``names``: only these linears' (one block's, say)."""
+        running the OBS passes again."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        keep = set(self.anchors if names is None else names)
         for info in self.blocks:
-            if not keep.intersection(info.linears):
-                continue
             tensors = {}
-            for n in (n for n in info.linears if n in keep):
+            for n in info.linears:
                 for c, packed in self.anchors.get(n, {}).items():
                     tensors[f"{n}@{c}@bits"] = packed.bits.contiguous().cpu()
                     tensors[f"{n}@{c}@values"] = packed.values.contiguous().cpu()
-            tensors.update({f"{n}@diag": self.hinv_diag[n].contiguous().cpu() for n in info.linears
-                            if n in keep and n in self.hinv_diag})
+            tensors.update({f"{n}@diag": self.hinv_diag[n].contiguous().cpu() for n in info.linears if n in self.hinv_diag})
             save_file(tensors, str(_block_file(folder, info.index)))
         meta = {"format": FORMAT_VERSION, "anchor_format": ANCHOR_FORMAT,
-                "anchors": {n: sorted(a) for n, a in self.anchors.items() if n in keep}}
+                "anchors": {n: sorted(a) for n, a in self.anchors.items()}}
         (folder / "meta.json").write_text(json.dumps(meta))
 
     def load_anchors(self, folder: str | Path, anchors: Mapping[str, Sequence[int]]) -> None:

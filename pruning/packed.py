@@ -11,6 +11,7 @@ Lossless for every value a matmul can tell apart: a stored zero (+0.0 or -0.0) u
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -37,11 +38,8 @@ class PackedSparse:
 
     def mask(self) -> torch.Tensor:
         """The nonzero pattern as a bool tensor of ``shape``."""
-        numel = 1
-        for d in self.shape:
-            numel *= d
         unpacked = (self.bits.unsqueeze(1) & _BIT.to(self.bits.device)) != 0
-        return unpacked.reshape(-1)[:numel].reshape(self.shape)
+        return unpacked.reshape(-1)[: math.prod(self.shape)].reshape(self.shape)
 
     def unpack(self) -> torch.Tensor:
         """The dense matrix (a new tensor, ``values``' dtype and device)."""

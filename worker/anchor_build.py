@@ -36,14 +36,14 @@ from evosparse.worker.scoring import _keys, drain_batch, post_batch, serve_batch
 log = logging.getLogger("evosparse.anchors")
 
 
+def block_grid(info: Any, anchors: dict[str, list[int]]) -> dict[str, list[int]]:
+    """One block's share of a job's anchor grid: the counts of its linears that have any."""
+    return {n: list(anchors[n]) for n in info.linears if n in anchors}
+
+
 def block_grids(db: Any, anchors: dict[str, list[int]]) -> list[tuple[int, dict[str, list[int]]]]:
-    """Per block (by index) the anchor counts of its linears, for the blocks that have any."""
-    out = []
-    for info in db.blocks:
-        grid = {n: list(anchors[n]) for n in info.linears if n in anchors}
-        if grid:
-            out.append((info.index, grid))
-    return out
+    """Per block (by index) its share of the grid, for the blocks that have any."""
+    return [(info.index, grid) for info in db.blocks if (grid := block_grid(info, anchors))]
 
 
 @dataclass
@@ -145,7 +145,7 @@ def serve_anchor_batch(context: dict[str, Any], batch: str, r: Any, levels: Any,
 
     def work(item: dict[str, Any]) -> dict[str, Any]:
         info = by_index[item["block"]]
-        grid = {n: anchors[n] for n in info.linears if n in anchors}
+        grid = block_grid(info, anchors)
         hessians = load_levels(folder, "sparsegpt", [info], device=device, checked=True)
         part = LevelDB(model, "sparsegpt", hessians=hessians, blocks=[info])
         part.build_anchors(grid)

@@ -293,6 +293,18 @@ def level_store(settings: Settings):  # noqa: ANN201 - worker.leveldb_store.Leve
                       scratch_bytes=int(settings.leveldb_scratch_gb * 2**30))
 
 
+def _score_sender(settings: Settings):  # noqa: ANN202 - (send(context, batch), its broker connection)
+    """Wake-ups for the scoring queue over one broker connection (the caller releases it when done)."""
+    connection = app.connection_for_write(settings.broker_url)
+
+    def send(context: dict, batch: str) -> None:
+        # A wake-up nobody took within the lease's reach is stale: the coordinator did that work alone.
+        app.send_task("evosparse.score", args=[context, batch], queue=settings.score_queue,
+                      connection=connection, expires=max(60.0, 30 * settings.scoring_lease_s))
+
+    return send, connection
+
+
 def scoring_for(namespace: str, spec: JobSpec, settings: Settings, levels):  # noqa: ANN001, ANN201
     """A factory that fans the job's search out to scoring workers, or None for in-process scoring.
 
@@ -305,13 +317,7 @@ def scoring_for(namespace: str, spec: JobSpec, settings: Settings, levels):  # n
     def make(local):  # noqa: ANN001, ANN202
         if levels.last_key is None:  # nothing stored for scorers to load: score here
             return local
-        connection = app.connection_for_write(settings.broker_url)
-
-        def send(context: dict, batch: str) -> None:
-            # A wake-up nobody took within the lease's reach is stale: the coordinator scored that stage.
-            app.send_task("evosparse.score", args=[context, batch], queue=settings.score_queue,
-                          connection=connection, expires=max(60.0, 30 * settings.scoring_lease_s))
-
+        send, connection = _score_sender(settings)
         context = {"namespace": namespace, "spec": spec.model_dump(mode="json"), "leveldb_key": levels.last_key}
         return DistributedFitness(local, redis_from_url(settings.resolved_scoring_redis_url), namespace, context,
                                   spec.search.workers, send, settings.scoring_lease_s, on_close=connection.release,
@@ -327,12 +333,7 @@ def anchor_fanout_for(namespace: str, spec: JobSpec, settings: Settings):  # noq
     from evosparse.worker.anchor_build import AnchorFanout
     from evosparse.worker.scoring import redis_from_url
 
-    connection = app.connection_for_write(settings.broker_url)
-
-    def send(context: dict, batch: str) -> None:  # a wake-up nobody took soon is stale, as for stages
-        app.send_task("evosparse.score", args=[context, batch], queue=settings.score_queue,
-                      connection=connection, expires=max(60.0, 30 * settings.scoring_lease_s))
-
+    send, connection = _score_sender(settings)
     return AnchorFanout(redis_from_url(settings.resolved_scoring_redis_url), namespace,
                         {"namespace": namespace, "spec": spec.model_dump(mode="json")}, spec.search.workers, send,
                         settings.scoring_lease_s, on_close=connection.release)
