@@ -86,10 +86,17 @@ def cmd_quality(args) -> None:
     from evosparse.jobs.spec import JobSpec, SearchSettings
     from evosparse.pruning.data import get_windows
     from evosparse.pruning.layers import find_blocks
-    from evosparse.pruning.leveldb import LevelDB, search_units
+    from evosparse.pruning.leveldb import LevelDB, search_units, split_counts
+    from evosparse.pruning.prune import pruned_input_stats
     from evosparse.pruning.sensitivity import allocation_counts
     from evosparse.pruning.snapshot import DenseWeights
-    from evosparse.worker.search_stage import level_kwargs, ramp_allocation, run_search, search_space
+    from evosparse.worker.search_stage import (
+        level_kwargs,
+        ramp_allocation,
+        run_search,
+        search_space,
+        seed_counts,
+    )
 
     RAW.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
@@ -121,13 +128,18 @@ def cmd_quality(args) -> None:
     settings = dict(generations=10_000, seed_from="fisher", granularity=args.granularity,
                     time_budget_min=args.budget_min, validation_windows=args.validation_windows,
                     fresh_windows=not args.fixed_windows, ramp_seeds=not args.no_ramps, anchor_every=args.anchor_every,
-                    rerank=args.rerank)
+                    rerank=args.rerank, level_inputs=args.level_inputs)
     spec0 = JobSpec(model=args.model, sparsity=args.sparsity, pruner=args.search_pruner or args.pruner,
                     allocation="evolutionary", calib_windows=args.calib_windows, search=SearchSettings(**settings))
     units = search_units(blocks, args.granularity)
     space = search_space(spec0, units)
     t = time.perf_counter()
-    db = LevelDB.build(model, calib, spec0.pruner, blocks=blocks, **level_kwargs(spec0, units, space))
+    stats = None
+    if args.level_inputs == "pruned":  # as run_search does: a block-by-block prune at the first seed
+        first = space.from_counts(seed_counts(model, calib, spec0, units, sens, lambda m: None, blocks)[0])
+        stats = pruned_input_stats(model, calib, spec0.pruner, split_counts(units, space.counts(first)), blocks=blocks)
+        print(f"pruned-input calibration {time.perf_counter() - t:.1f} s", flush=True)
+    db = LevelDB.build(model, calib, spec0.pruner, blocks=blocks, stats=stats, **level_kwargs(spec0, units, space))
     out["leveldb"] = {"seconds": time.perf_counter() - t, "anchor_seconds": db.anchor_seconds,
                       "anchor_levels": db.anchor_levels(), "linears": len(db.modules), "mb": db.nbytes() / 2**20}
     print("level db", out["leveldb"], flush=True)
@@ -358,6 +370,7 @@ def main() -> None:
     q.add_argument("--fixed-windows", action="store_true")
     q.add_argument("--no-ramps", action="store_true")
     q.add_argument("--rerank", type=int, default=0)
+    q.add_argument("--level-inputs", default="dense", choices=("dense", "pruned"))
     q.set_defaults(func=cmd_quality)
     a = sub.add_parser("anchors")
     a.add_argument("--model", default="smollm2-135m")

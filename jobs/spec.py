@@ -170,6 +170,10 @@ class SearchSettings(BaseModel):
     rerank: int = Field(0, ge=0, le=64, description=(
         "with validation windows: re-prune this many of the best candidates on validation block by block, as "
         "the job ships them, and answer the one whose shipped model is best on validation (0: off)"))
+    level_inputs: Literal["dense", "pruned"] = Field("dense", description=(
+        "what the level database's layers are calibrated on: dense: the dense model's layer inputs (levels "
+        "independent of each other); pruned: the inputs a block-by-block prune at the seed allocation gives "
+        "them, as the shipped model's layers are calibrated (wanda, sparsegpt, dass; unstructured sparsity)"))
     anchor_every: int = Field(4, ge=1, le=1000, description=(
         "SparseGPT: levels built up front every this many level steps (and at the ends); levels between "
         "are derived from the nearest one below (1: every level exact)"))
@@ -381,6 +385,14 @@ class JobSpec(BaseModel):
         if self.allocation == "evolutionary" and self.search.validation_windows >= self.calib_windows:
             raise ValueError(f"search.validation_windows ({self.search.validation_windows}) must leave calibration "
                              f"windows for the selection (calib_windows is {self.calib_windows})")
+        if self.allocation == "evolutionary" and self.search.level_inputs == "pruned":
+            if self.pruner not in ("wanda", "sparsegpt", "dass"):
+                raise ValueError(f"search.level_inputs 'pruned' calibrates levels on pruned inputs: pruner "
+                                 f"{self.pruner!r} reads no inputs (use wanda, sparsegpt or dass)")
+            if self.pattern != "unstructured":
+                raise ValueError(f"search.level_inputs 'pruned' is for unstructured sparsity, not pattern {self.pattern!r}")
+            if self.bits_per_weight is not None:
+                raise ValueError("search.level_inputs 'pruned' is not built for bits_per_weight searches")
         return self
 
     @model_validator(mode="after")

@@ -131,24 +131,28 @@ def prune_block(
     quant: Quant = None,
     scale_dtype: torch.dtype = torch.float32,
     quantized: dict[str, QuantizedWeight] | None = None,
+    keep_stats: dict[str, LinearStats] | None = None,
 ) -> torch.Tensor:
     """Prune (and quantize) one block given its inputs; returns the block's outputs (next block's inputs).
 
-    Quantized codes are added to ``quantized`` by linear name.
+    Quantized codes are added to ``quantized`` by linear name. With ``keep_stats`` the input
+    statistics of every linear of the block (pruned or not) are added to it by name.
     """
     # Quantization touches every linear, also those left dense (e.g. '2:4+dense').
     targets = {n: m for n, m in block.linears.items() if counts.get(n, 0) > 0 or quant_of(quant, n) is not None}
-    if not targets:
+    if not targets and keep_stats is None:
         return run_block(block.module, hidden, kwargs, batch_size=batch_size)
     stats: dict[str, LinearStats] = {}
     if pruner != "magnitude" or needs_hessian(pruner, quant):
         # DaSS needs the down projection's input norms even when only gate/up are pruned.
-        hooked = dict(targets)
+        hooked = dict(block.linears) if keep_stats is not None else dict(targets)
         if pruner == "dass" and block.glu is not None:
             hooked[block.glu[2]] = block.linears[block.glu[2]]
         stats, _ = collect_block_stats(
             block.module, hooked, hidden, kwargs, hessian=needs_hessian(pruner, quant), batch_size=batch_size
         )
+        if keep_stats is not None:
+            keep_stats.update(stats)
     roles = glu_roles(block)
     for name, module in targets.items():
         channel = None
@@ -225,3 +229,42 @@ def prune_model(
         if progress is not None:
             progress(i + 1, len(blocks))
     return quantized
+
+
+@torch.no_grad()
+def pruned_input_stats(
+    model: nn.Module,
+    calib_tokens: torch.Tensor,
+    pruner: str,
+    counts: dict[str, int],
+    progress: Progress | None = None,
+    batch_size: int = 8,
+    blocks: Sequence[BlockInfo] | None = None,
+) -> dict[str, LinearStats]:
+    """Every linear's input statistics as a block-sequential prune at ``counts`` sees them; the model
+    is left dense.
+
+    ``prune_model`` collects block i's statistics on the outputs of the blocks before it *pruned*,
+    so what it ships depends on upstream errors that statistics of the dense model never show. A
+    level database built from these statistics (pruned at a reference allocation near where the
+    search will end, e.g. its seed) scores candidates with layers calibrated the way the shipped
+    model's are. Each block is pruned to produce the next block's inputs, then given its dense
+    weights back.
+    """
+    if pruner not in ("wanda", "sparsegpt", "dass"):
+        raise PruningConfigError(f"pruner {pruner!r} reads no calibration inputs: nothing to collect")
+    blocks = list(blocks) if blocks is not None else find_blocks(model)
+    validate_counts(model, counts, blocks=blocks)
+    inputs = capture_block_inputs(model, calib_tokens)
+    hidden = inputs.hidden
+    out: dict[str, LinearStats] = {}
+    for i, block in enumerate(blocks):
+        saved = {n: weight_matrix(m).detach().clone() for n, m in block.linears.items()}
+        try:
+            hidden = prune_block(block, hidden, inputs.kwargs, pruner, counts, batch_size=batch_size, keep_stats=out)
+        finally:
+            for n, m in block.linears.items():
+                weight_matrix(m).copy_(saved[n])
+        if progress is not None:
+            progress(i + 1, len(blocks))
+    return out

@@ -224,3 +224,73 @@ def test_rerank_scores_the_shipped_models_and_leaves_the_model_dense(tiny_llama,
     assert out.best_levels == shipped["levels"][shipped["chosen"]] and "rerank" in out.timings
     assert shipped["shipped"] != shipped["database"]  # block-sequential re-pruning is not the database's levels
     assert all(torch.equal(m.weight, before[n]) for b in blocks for n, m in b.linears.items())
+
+
+def test_pruned_input_stats_are_what_the_block_sequential_prune_calibrates_on(tiny_llama, tiny_tokens):
+    from evosparse.pruning.prune import prune_model, pruned_input_stats
+    from evosparse.pruning.sensitivity import dense_input_stats
+
+    blocks = find_blocks(tiny_llama)
+    before = {n: m.weight.detach().clone() for b in blocks for n, m in b.linears.items()}
+    counts = {n: w.numel() * 6 // 10 for n, w in before.items()}
+    stats = pruned_input_stats(tiny_llama, tiny_tokens, "sparsegpt", counts, blocks=blocks)
+    assert all(torch.equal(m.weight, before[n]) for b in blocks for n, m in b.linears.items())  # dense again
+    assert set(stats) == set(before)
+    dense = dense_input_stats(tiny_llama, tiny_tokens, hessian=True, blocks=blocks)
+    first, last = next(iter(blocks[0].linears)), next(iter(blocks[-1].linears))
+    def gap(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    assert gap(stats[first].hessian, dense[first].hessian) < 1e-5  # nothing pruned upstream of block 0
+    assert gap(stats[last].hessian, dense[last].hessian) > 1e-2
+    # The last block's SparseGPT reconstruction from these Hessians is exactly what prune_model ships.
+    prune_model(tiny_llama, tiny_tokens, "sparsegpt", counts, blocks=blocks)
+    for name, module in blocks[-1].linears.items():
+        assert torch.equal(module.weight, pruners.sparsegpt_prune(before[name], stats[name].hessian, counts[name]))
+
+
+def test_level_inputs_pruned_builds_its_own_stored_database_calibrated_at_the_seed(tiny_llama, tiny_tokens, tmp_path):
+    from evosparse.jobs.store import LocalStore
+    from evosparse.pruning.leveldb import search_units, split_counts
+    from evosparse.pruning.prune import pruned_input_stats
+    from evosparse.pruning.snapshot import DenseWeights
+    from evosparse.worker.leveldb_store import LevelStore
+    from evosparse.worker.search_stage import level_inputs_key, search_space, seed_counts
+
+    blocks = find_blocks(tiny_llama)
+    search = SearchSettings(generations=2, offspring=4, selection="32:2,64:1", seed_from="fisher", step_fraction=0.05,
+                            max_level_delta=0.3, ramp_seeds=False, level_inputs="pruned")
+    spec = JobSpec(model="tiny", sparsity=0.6, pruner="wanda", allocation="evolutionary", seed=1, calib_windows=8,
+                   seq_len=32, search=search)
+    levels = LevelStore(LocalStore(tmp_path / "store"), tmp_path / "scratch")
+    out = run_search(tiny_llama, tiny_tokens, spec, None, blocks=blocks, dense=DenseWeights(blocks), levels=levels)
+    assert out.leveldb == "built"
+    pruned_key = levels.last_key
+    dense_spec = spec.model_copy(update={"search": search.model_copy(update={"level_inputs": "dense"})})
+    run_search(tiny_llama, tiny_tokens, dense_spec, None, blocks=blocks, dense=DenseWeights(blocks), levels=levels)
+    assert levels.last_key != pruned_key  # dense-input levels are another database
+    again = run_search(tiny_llama, tiny_tokens, spec, None, blocks=blocks, dense=DenseWeights(blocks), levels=levels)
+    assert again.leveldb == "loaded" and levels.last_key == pruned_key
+    # What was stored ranks each layer on the inputs of a block-by-block prune at the first (Fisher) seed.
+    units = search_units(blocks, "layer")
+    space = search_space(spec, units)
+    first = space.from_counts(seed_counts(tiny_llama, tiny_tokens, spec, units, None, None, blocks)[0])
+    at = split_counts(units, space.counts(first))
+    expected = LevelDB.build(tiny_llama, tiny_tokens, "wanda", blocks=blocks,
+                             stats=pruned_input_stats(tiny_llama, tiny_tokens, "wanda", at, blocks=blocks))
+    stored = levels.load(tiny_llama, tiny_tokens, "wanda", inputs=level_inputs_key(at))
+    assert levels.last_key == pruned_key
+    name = next(iter(blocks[-1].linears))
+    count = expected.sizes[name] * 6 // 10
+    assert stored is not None and torch.equal(stored.pruned_weight(name, count), expected.pruned_weight(name, count))
+
+
+@pytest.mark.parametrize("update, message", [
+    ({"pruner": "magnitude"}, "reads no inputs"),
+    ({"pattern": "mixed:8"}, "unstructured"),
+])
+def test_level_inputs_pruned_is_refused_where_it_means_nothing(update, message):
+    base = {"model": "tiny", "sparsity": 0.6, "pruner": "sparsegpt", "allocation": "evolutionary",
+            "search": {"level_inputs": "pruned"}}
+    with pytest.raises(ValueError, match=message):
+        JobSpec(**(base | update))

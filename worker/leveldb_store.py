@@ -5,8 +5,10 @@ the model's weights, the pruner and the calibration windows, and on nothing else
 target sparsity or the level grid (a job's grid only selects the rank band it keeps in memory).
 So the key is sha256 of (format version, model content fingerprint, pruner, calibration-token
 fingerprint, device type) and a job on the same model content reuses what an earlier job built,
-whatever its sparsity. Stored under ``leveldb/<key>/`` in the object store (local folder or
-S3), published with the store's completion marker, so a half-written database is never read.
+whatever its sparsity. A database calibrated on pruned inputs (``search.level_inputs``) also
+depends on the allocation that prune ran at: its digest is part of the key. Stored under
+``leveldb/<key>/`` in the object store (local folder or S3), published with the store's
+completion marker, so a half-written database is never read.
 
 SparseGPT's anchor levels (built up front for a job's level grid) are stored beside it as
 ``leveldb/<key>-anchors-<grid digest>/``: a later job with the same grid and every scoring worker
@@ -38,9 +40,11 @@ from torch import nn
 log = logging.getLogger("evosparse.leveldb")
 
 
-def leveldb_key(model_hash: str, pruner: str, calib_hash: str, device_type: str) -> str:
+def leveldb_key(model_hash: str, pruner: str, calib_hash: str, device_type: str, inputs: str = "dense") -> str:
     parts = {"format": FORMAT_VERSION, "model": model_hash, "pruner": pruner, "calib": calib_hash,
              "device": device_type}
+    if inputs != "dense":  # (absent for dense inputs: the keys stored before pruned inputs existed stay valid)
+        parts["inputs"] = inputs
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:40]
 
 
@@ -63,12 +67,15 @@ class LevelStore(LevelSource):
         # them too (worker/anchor_build.py's AnchorFanout), called as (store, key, db, anchors, progress).
         self.anchor_fanout: Any = None
 
-    def key_for(self, model: nn.Module, calib: torch.Tensor, pruner: str, dense: Any = None) -> str:
-        """The database key of this model content, pruner and calibration data (hashed once per job)."""
-        memo = (id(model), id(calib), pruner)
+    def key_for(self, model: nn.Module, calib: torch.Tensor, pruner: str, dense: Any = None,
+                inputs: str = "dense") -> str:
+        """The database key of this model content, pruner, calibration data and calibration inputs
+        (hashed once per job)."""
+        memo = (id(model), id(calib), pruner, inputs)
         if memo not in self._keys:
             device = next(model.parameters()).device.type
-            self._keys[memo] = leveldb_key(model_fingerprint(model, dense), pruner, tokens_fingerprint(calib), device)
+            self._keys[memo] = leveldb_key(model_fingerprint(model, dense), pruner, tokens_fingerprint(calib), device,
+                                           inputs)
         return self._keys[memo]
 
     @staticmethod
@@ -216,11 +223,14 @@ class LevelStore(LevelSource):
         self.trim(keep=folder)
         return folder
 
-    def load(self, model: nn.Module, calib: torch.Tensor, pruner: str, **kwargs: Any) -> LevelDB | None:
-        return self.load_key(self.key_for(model, calib, pruner, kwargs.get("dense")), model, pruner, **kwargs)
+    def load(self, model: nn.Module, calib: torch.Tensor, pruner: str, inputs: str = "dense",
+             **kwargs: Any) -> LevelDB | None:
+        key = self.key_for(model, calib, pruner, kwargs.get("dense"), inputs)
+        return self.load_key(key, model, pruner, **kwargs)
 
-    def build(self, model: nn.Module, calib: torch.Tensor, pruner: str, **kwargs: Any) -> LevelDB:
-        key = self.key_for(model, calib, pruner, kwargs.get("dense"))
+    def build(self, model: nn.Module, calib: torch.Tensor, pruner: str, inputs: str = "dense",
+              **kwargs: Any) -> LevelDB:
+        key = self.key_for(model, calib, pruner, kwargs.get("dense"), inputs)
         kwargs, fanned = self._fanned_anchors(self._with_stored_anchors(key, kwargs))
         tmp = self.scratch / f".{key}.{uuid.uuid4().hex[:8]}"
         try:

@@ -21,6 +21,8 @@ anchor levels from ``level_kwargs`` (the coordinator and every scorer build the 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ from evosparse.pruning.errors import CancelledError, PruningConfigError
 from evosparse.pruning.fitness import DenseReference, ProxyFitness
 from evosparse.pruning.layers import BlockInfo, find_blocks
 from evosparse.pruning.leveldb import LevelDB, Unit, search_units, split_counts
+from evosparse.pruning.prune import pruned_input_stats
 from evosparse.pruning.snapshot import DenseWeights
 from evosparse.search import allocation as alloc
 from evosparse.search.bitbudget import ChoiceSpace
@@ -295,11 +298,24 @@ class LevelSource:
     """Where a search gets its level database: built here (this class), or kept between jobs
     (worker/leveldb_store.py keys them by model content, pruner and calibration data)."""
 
-    def load(self, model: nn.Module, calib: torch.Tensor, pruner: str, **kwargs: Any) -> LevelDB | None:  # noqa: ARG002
+    # ``inputs`` names what the layers were calibrated on ("dense", or level_inputs_key's digest of
+    # the allocation a block-by-block prune calibrated them at): databases of other inputs differ.
+    def load(self, model: nn.Module, calib: torch.Tensor, pruner: str,  # noqa: ARG002
+             inputs: str = "dense", **kwargs: Any) -> LevelDB | None:  # noqa: ARG002
         return None
 
-    def build(self, model: nn.Module, calib: torch.Tensor, pruner: str, **kwargs: Any) -> LevelDB:
+    def build(self, model: nn.Module, calib: torch.Tensor, pruner: str,
+              inputs: str = "dense", **kwargs: Any) -> LevelDB:  # noqa: ARG002
         return LevelDB.build(model, calib, pruner, **kwargs)
+
+
+def level_inputs_key(counts: Mapping[str, int] | None) -> str:
+    """The name of a level database's calibration inputs: "dense", or "pruned-" and a digest of the
+    allocation the block-by-block prune that calibrated its layers ran at."""
+    if counts is None:
+        return "dense"
+    text = json.dumps(sorted(counts.items()), separators=(",", ":"))
+    return "pruned-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def run_search(
@@ -378,12 +394,19 @@ def run_search(
                                   "bounds": linear_bounds(units, space) if banded else None}
         if "anchors" in kwargs:
             kwargs["progress"] = lambda i, n: setup(f"SparseGPT levels: linear {i}/{n}")
+        # Calibrated on pruned inputs: at the first seed (e.g. the Fisher spread), near where the search goes.
+        calibrated_at = split_counts(units, space.counts(seeds[0])) if spec.search.level_inputs == "pruned" else None
+        inputs = level_inputs_key(calibrated_at)
         source = levels or LevelSource()
-        db = source.load(model, calib_tokens, spec.pruner, **kwargs)
+        db = source.load(model, calib_tokens, spec.pruner, inputs=inputs, **kwargs)
         how = "loaded"
         if db is None:
+            if calibrated_at is not None:
+                setup("calibrating the level database: a block-by-block prune at the seed allocation")
+                stats = pruned_input_stats(model, calib_tokens, spec.pruner, calibrated_at, blocks=blocks,
+                                           progress=lambda i, n: setup(f"pruned-input calibration: block {i}/{n}"))
             setup(f"building the level database ({spec.pruner})")
-            db = source.build(model, calib_tokens, spec.pruner, stats=stats, **kwargs)
+            db = source.build(model, calib_tokens, spec.pruner, stats=stats, inputs=inputs, **kwargs)
             how = "built"
     if budget:  # levels are (count, bits): RTN on top of the pruned level
         from evosparse.pruning.quantlevels import QuantLevelDB
