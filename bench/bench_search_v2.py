@@ -134,13 +134,15 @@ def cmd_quality(args) -> None:
     units = search_units(blocks, args.granularity)
     space = search_space(spec0, units)
     t = time.perf_counter()
-    stats = None
+    stats, calibration_s = None, 0.0
     if args.level_inputs == "pruned":  # as run_search does: a block-by-block prune at the first seed
         first = space.from_counts(seed_counts(model, calib, spec0, units, sens, lambda m: None, blocks)[0])
         stats = pruned_input_stats(model, calib, spec0.pruner, split_counts(units, space.counts(first)), blocks=blocks)
-        print(f"pruned-input calibration {time.perf_counter() - t:.1f} s", flush=True)
+        calibration_s = time.perf_counter() - t
+        print(f"pruned-input calibration {calibration_s:.1f} s", flush=True)
     db = LevelDB.build(model, calib, spec0.pruner, blocks=blocks, stats=stats, **level_kwargs(spec0, units, space))
-    out["leveldb"] = {"seconds": time.perf_counter() - t, "anchor_seconds": db.anchor_seconds,
+    out["leveldb"] = {"seconds": time.perf_counter() - t, "calibration_s": calibration_s,
+                      "anchor_seconds": db.anchor_seconds,
                       "anchor_levels": db.anchor_levels(), "linears": len(db.modules), "mb": db.nbytes() / 2**20}
     print("level db", out["leveldb"], flush=True)
     if args.transfer_search:
@@ -269,7 +271,8 @@ def cmd_report(args) -> None:
     for tag, r in runs.items():
         a = r["args"]
         lines += [f"## {tag}: {a['pruner']} at {a['sparsity']}, search on {a.get('search_pruner') or a['pruner']} "
-                  f"levels, {a['granularity']}, {a['budget_min']} min", "",
+                  f"levels, {a['granularity']}, {a['budget_min']} min"
+                  + (", levels calibrated on pruned inputs" if a.get("level_inputs") == "pruned" else ""), "",
                   f"Command: `python bench/bench_search_v2.py quality {' '.join(a.get('argv', []))}`", "",
                   "| allocation | pydoc ppl | licences ppl | / uniform (pydoc) | / uniform (licences) |",
                   "| --- | --- | --- | --- | --- |"]
@@ -317,7 +320,8 @@ def cmd_report(args) -> None:
                              f"{', '.join(f'{v:.4f}' for v in rr['shipped'])} | #{rr['chosen']} | "
                              f"{x['ppl']['pydoc']:.2f} | {other:.2f} |")
         db = r.get("leveldb", {})
-        lines += ["", f"Level database: {db.get('seconds', 0):.0f} s ({db.get('anchor_levels', 0)} SparseGPT levels "
+        calibrated = f", {db['calibration_s']:.0f} s of it the pruned-input calibration" if db.get("calibration_s") else ""
+        lines += ["", f"Level database: {db.get('seconds', 0):.0f} s{calibrated} ({db.get('anchor_levels', 0)} SparseGPT levels "
                       f"built up front in {db.get('anchor_seconds', 0):.0f} s, {db.get('mb', 0):.0f} MB). "
                       f"Baselines: " + ", ".join(f"{k} prune {v['prune_s']:.0f} s" for k, v in r["baselines"].items()),
                   "", "| seed | generations | candidates | search s | prune s | final calib KL | final val KL |",

@@ -2,7 +2,11 @@
 
 Built once from the DENSE model's layer inputs (one block-wise pass over the calibration
 tokens, dense block outputs feeding the next block), so a layer's pruned weights at a given
-count do not depend on what the other layers chose: the search can mix levels freely.
+count do not depend on what the other layers chose: the search can mix levels freely. ``build``
+also takes statistics collected otherwise: ``pruning.prune.pruned_input_stats`` calibrates every
+layer on the inputs a block-by-block prune at one reference allocation gives it, as the shipped
+model's layers are (the levels still do not depend on the other layers' *chosen* levels, only on
+that fixed reference).
 
 - magnitude / Wanda / DaSS: the masks of all counts are nested, so one stable ascending
   ranking per comparison group (row, or column for DaSS gate/up) serves every level. Applying
