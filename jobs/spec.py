@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 Pruner = Literal["magnitude", "wanda", "sparsegpt", "dass", "goa"]
 # Pruners that remove whole attention heads and MLP channels (pattern "structured").
 STRUCTURED_PRUNERS = ("goa", "magnitude")
+# The pruners that read calibration inputs: pruning.pruners.INPUT_PRUNERS (this module stays torch-free).
+INPUT_PRUNERS = ("wanda", "sparsegpt", "dass")
 Allocation = Literal["uniform", "owl", "fisher", "hessian", "ramp", "evolutionary"]
 SeedSource = Literal["fisher", "hessian", "owl", "uniform"]
 PRUNERS: tuple[str, ...] = get_args(Pruner)
@@ -386,9 +388,9 @@ class JobSpec(BaseModel):
             raise ValueError(f"search.validation_windows ({self.search.validation_windows}) must leave calibration "
                              f"windows for the selection (calib_windows is {self.calib_windows})")
         if self.allocation == "evolutionary" and self.search.level_inputs == "pruned":
-            if self.pruner not in ("wanda", "sparsegpt", "dass"):
+            if self.pruner not in INPUT_PRUNERS:
                 raise ValueError(f"search.level_inputs 'pruned' calibrates levels on pruned inputs: pruner "
-                                 f"{self.pruner!r} reads no inputs (use wanda, sparsegpt or dass)")
+                                 f"{self.pruner!r} reads no inputs (use {', '.join(INPUT_PRUNERS)})")
             if self.pattern != "unstructured":
                 raise ValueError(f"search.level_inputs 'pruned' is for unstructured sparsity, not pattern {self.pattern!r}")
             if self.bits_per_weight is not None:

@@ -16,6 +16,7 @@ from evosparse.pruning.calibration import LinearStats, collect_block_stats
 from evosparse.pruning.errors import CancelledError, PruningConfigError
 from evosparse.pruning.layers import BlockInfo, find_blocks, prunable_linears, weight_matrix
 from evosparse.pruning.pruners import (
+    INPUT_PRUNERS,
     PRUNER_NAMES,
     apply_mask,
     dass_scores,
@@ -251,7 +252,7 @@ def pruned_input_stats(
     model's are. Each block is pruned to produce the next block's inputs, then given its dense
     weights back.
     """
-    if pruner not in ("wanda", "sparsegpt", "dass"):
+    if pruner not in INPUT_PRUNERS:
         raise PruningConfigError(f"pruner {pruner!r} reads no calibration inputs: nothing to collect")
     blocks = list(blocks) if blocks is not None else find_blocks(model)
     validate_counts(model, counts, blocks=blocks)

@@ -23,6 +23,7 @@ from evosparse.pruning.quantize import QuantConfig, QuantizedWeight, group_param
 from evosparse.search.allocation import split_proportional
 
 PRUNER_NAMES = ("magnitude", "wanda", "sparsegpt", "dass")
+INPUT_PRUNERS = ("wanda", "sparsegpt", "dass")  # those that read calibration inputs (activations)
 
 
 def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:

@@ -290,6 +290,10 @@ def test_level_inputs_pruned_builds_its_own_stored_database_calibrated_at_the_se
     ({"pattern": "mixed:8"}, "unstructured"),
 ])
 def test_level_inputs_pruned_is_refused_where_it_means_nothing(update, message):
+    from evosparse.jobs import spec as job_spec
+    from evosparse.pruning.pruners import INPUT_PRUNERS
+
+    assert job_spec.INPUT_PRUNERS == INPUT_PRUNERS  # the torch-free spec's copy of the pruning rule
     base = {"model": "tiny", "sparsity": 0.6, "pruner": "sparsegpt", "allocation": "evolutionary",
             "search": {"level_inputs": "pruned"}}
     with pytest.raises(ValueError, match=message):
