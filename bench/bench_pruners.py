@@ -23,9 +23,10 @@ from evosparse.pruning.evaluate import perplexity
 from evosparse.pruning.layers import prunable_linears
 from evosparse.pruning.loading import load_model
 from evosparse.pruning.prune import prune_model
+from evosparse.pruning.pruners import PRUNER_NAMES
 from evosparse.pruning.sensitivity import allocation_counts, dense_input_stats, fisher_traces, owl_ratios
 
-PRUNERS = ("magnitude", "wanda", "sparsegpt", "dass")
+PRUNERS = PRUNER_NAMES
 SPARSITIES = (0.5, 0.6, 0.7)
 ALLOCATIONS = ("uniform", "fisher", "owl")
 

@@ -16,7 +16,8 @@ from evosparse.search import defaults as search_defaults
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Pruner = Literal["magnitude", "wanda", "sparsegpt", "dass", "goa"]
-# Pruners that remove whole attention heads and MLP channels (pattern "structured").
+# Pruners that remove whole attention heads and MLP channels (pattern "structured"): pruning.structured's rule,
+# copied because this module stays torch-free (a test ties the two).
 STRUCTURED_PRUNERS = ("goa", "magnitude")
 # The pruners that read calibration inputs: pruning.pruners.INPUT_PRUNERS (this module stays torch-free).
 INPUT_PRUNERS = ("wanda", "sparsegpt", "dass")

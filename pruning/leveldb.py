@@ -65,12 +65,12 @@ import torch
 from evosparse.pruning.errors import PruningConfigError
 from evosparse.pruning.layers import BlockInfo, find_blocks, weight_matrix
 from evosparse.pruning.packed import PackedSparse
+from evosparse.pruning.pruners import PRUNER_NAMES
 from evosparse.search.allocation import split_proportional
 from torch import nn
 
 FORMAT_VERSION = 2  # of the saved rankings / Hessians (part of the stored artifact's key)
 ANCHOR_FORMAT = 2  # of the saved SparseGPT anchors (2: packed bit mask + values), part of their key
-PRUNERS = ("magnitude", "wanda", "sparsegpt", "dass")
 
 
 @dataclass
@@ -187,7 +187,7 @@ class LevelDB:
         (the same bits; refused unless stored for exactly these counts).
         The model must hold its dense weights when the database is made.
         """
-        if pruner not in PRUNERS:
+        if pruner not in PRUNER_NAMES:
             raise PruningConfigError(f"unknown pruner {pruner!r}")
         self.nm_m = nm_m
         self.nm_rank: dict[str, torch.Tensor] = {}  # N:M mode: rank of each weight inside its group of M
@@ -268,7 +268,7 @@ class LevelDB:
         """
         from evosparse.pruning.sensitivity import dense_input_stats
 
-        if pruner not in PRUNERS:
+        if pruner not in PRUNER_NAMES:
             raise PruningConfigError(f"unknown pruner {pruner!r}")
         blocks = list(blocks) if blocks is not None else find_blocks(model)
         if stats is None and pruner != "magnitude":

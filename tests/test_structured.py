@@ -203,6 +203,10 @@ def test_proxy_fitness_scores_structured_levels(tiny_tokens):
 
 
 def test_spec_rejects_bad_structured_input():
+    from evosparse.jobs import spec as job_spec
+    from evosparse.pruning import structured
+
+    assert job_spec.STRUCTURED_PRUNERS == structured.STRUCTURED_PRUNERS  # the torch-free spec's copy of the rule
     with pytest.raises(ValidationError, match="needs pattern 'structured'"):
         JobSpec(sparsity=0.5, pruner="goa", pattern="2:4")
     with pytest.raises(ValidationError, match="needs pruner 'goa' or 'magnitude'"):
