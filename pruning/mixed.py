@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from evosparse.pruning.errors import PruningConfigError
 from evosparse.pruning.layers import find_blocks, weight_matrix
+from evosparse.search.defaults import MAX_LEVEL_DELTA
 from evosparse.search.levels import LevelSpace, mixed_space
 from torch import nn
 
@@ -41,7 +42,7 @@ def block_sizes(model: nn.Module) -> tuple[list[str], list[int]]:
 
 
 def block_space(
-    model: nn.Module, target: float, m: int, choices: Sequence[int], max_level_delta: float = 0.25
+    model: nn.Module, target: float, m: int, choices: Sequence[int], max_level_delta: float = MAX_LEVEL_DELTA
 ) -> LevelSpace:
     """The exact-budget level space over the model's blocks; a clear error if the target is unreachable."""
     check_nm_shapes(model, m)

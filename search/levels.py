@@ -115,7 +115,8 @@ class LevelSpace:
 
 
 def mixed_space(
-    sizes: Sequence[int], target: float, m: int, choices: Sequence[int], max_level_delta: float = 0.25
+    sizes: Sequence[int], target: float, m: int, choices: Sequence[int],
+    max_level_delta: float = defaults.MAX_LEVEL_DELTA,
 ) -> LevelSpace:
     """The level space of a per-unit N:M choice (``mixed:M``, ``2:4+dense``), budget exact.
 
