@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from evosparse.search.defaults import MAX_LEVEL_DELTA
 
 ROOT = Path(__file__).resolve().parent
 RAW = ROOT / "results" / "raw"
@@ -128,7 +129,7 @@ def cmd_quality(args) -> None:
     settings = dict(generations=10_000, seed_from="fisher", granularity=args.granularity,
                     time_budget_min=args.budget_min, validation_windows=args.validation_windows,
                     fresh_windows=not args.fixed_windows, ramp_seeds=not args.no_ramps, anchor_every=args.anchor_every,
-                    rerank=args.rerank, level_inputs=args.level_inputs)
+                    rerank=args.rerank, level_inputs=args.level_inputs, max_level_delta=args.max_level_delta)
     spec0 = JobSpec(model=args.model, sparsity=args.sparsity, pruner=args.search_pruner or args.pruner,
                     allocation="evolutionary", calib_windows=args.calib_windows, search=SearchSettings(**settings))
     units = search_units(blocks, args.granularity)
@@ -272,7 +273,9 @@ def cmd_report(args) -> None:
         a = r["args"]
         lines += [f"## {tag}: {a['pruner']} at {a['sparsity']}, search on {a.get('search_pruner') or a['pruner']} "
                   f"levels, {a['granularity']}, {a['budget_min']} min"
-                  + (", levels calibrated on pruned inputs" if a.get("level_inputs") == "pruned" else ""), "",
+                  + (", levels calibrated on pruned inputs" if a.get("level_inputs") == "pruned" else "")
+                  + (f", levels within ±{a['max_level_delta']}" if a.get("max_level_delta", MAX_LEVEL_DELTA) != MAX_LEVEL_DELTA
+                     else ""), "",
                   f"Command: `python bench/bench_search_v2.py quality {' '.join(a.get('argv', []))}`", "",
                   "| allocation | pydoc ppl | licences ppl | / uniform (pydoc) | / uniform (licences) |",
                   "| --- | --- | --- | --- | --- |"]
@@ -375,6 +378,8 @@ def main() -> None:
     q.add_argument("--no-ramps", action="store_true")
     q.add_argument("--rerank", type=int, default=0)
     q.add_argument("--level-inputs", default="dense", choices=("dense", "pruned"))
+    q.add_argument("--max-level-delta", type=float, default=MAX_LEVEL_DELTA,
+                   help="every layer's sparsity stays within target ± this (the search's default unless given)")
     q.set_defaults(func=cmd_quality)
     a = sub.add_parser("anchors")
     a.add_argument("--model", default="smollm2-135m")
