@@ -129,7 +129,8 @@ def cmd_quality(args) -> None:
     settings = dict(generations=10_000, seed_from="fisher", granularity=args.granularity,
                     time_budget_min=args.budget_min, validation_windows=args.validation_windows,
                     fresh_windows=not args.fixed_windows, ramp_seeds=not args.no_ramps, anchor_every=args.anchor_every,
-                    rerank=args.rerank, level_inputs=args.level_inputs, max_level_delta=args.max_level_delta)
+                    rerank=args.rerank, level_inputs=args.level_inputs, max_level_delta=args.max_level_delta,
+                    fitness=args.fitness)
     spec0 = JobSpec(model=args.model, sparsity=args.sparsity, pruner=args.search_pruner or args.pruner,
                     allocation="evolutionary", calib_windows=args.calib_windows, search=SearchSettings(**settings))
     units = search_units(blocks, args.granularity)
@@ -275,7 +276,8 @@ def cmd_report(args) -> None:
                   f"levels, {a['granularity']}, {a['budget_min']} min"
                   + (", levels calibrated on pruned inputs" if a.get("level_inputs") == "pruned" else "")
                   + (f", levels within ±{a['max_level_delta']}" if a.get("max_level_delta", MAX_LEVEL_DELTA) != MAX_LEVEL_DELTA
-                     else ""), "",
+                     else "")
+                  + (", perplexity as the search's proxy" if a.get("fitness", "kl") == "ppl" else ""), "",
                   f"Command: `python bench/bench_search_v2.py quality {' '.join(a.get('argv', []))}`", "",
                   "| allocation | pydoc ppl | licences ppl | / uniform (pydoc) | / uniform (licences) |",
                   "| --- | --- | --- | --- | --- |"]
@@ -323,11 +325,12 @@ def cmd_report(args) -> None:
                              f"{', '.join(f'{v:.4f}' for v in rr['shipped'])} | #{rr['chosen']} | "
                              f"{x['ppl']['pydoc']:.2f} | {other:.2f} |")
         db = r.get("leveldb", {})
+        proxy = "ppl" if a.get("fitness", "kl") == "ppl" else "KL"  # what best / val hold: the search's own proxy
         calibrated = f", {db['calibration_s']:.0f} s of it the pruned-input calibration" if db.get("calibration_s") else ""
         lines += ["", f"Level database: {db.get('seconds', 0):.0f} s{calibrated} ({db.get('anchor_levels', 0)} SparseGPT levels "
                       f"built up front in {db.get('anchor_seconds', 0):.0f} s, {db.get('mb', 0):.0f} MB). "
                       f"Baselines: " + ", ".join(f"{k} prune {v['prune_s']:.0f} s" for k, v in r["baselines"].items()),
-                  "", "| seed | generations | candidates | search s | prune s | final calib KL | final val KL |",
+                  "", f"| seed | generations | candidates | search s | prune s | final calib {proxy} | final val {proxy} |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for x in r["runs"]:
             lines.append(f"| {x['seed']} | {x['generations']} | {x['candidates']} | {x['search_s']:.0f} | "
@@ -340,7 +343,7 @@ def cmd_report(args) -> None:
         if r["runs"]:
             h = r["runs"][0]["history"]
             step = max(1, len(h) // 8)
-            lines += ["", f"Calibration vs validation KL of the parent, seed {r['runs'][0]['seed']} (calibration: "
+            lines += ["", f"Calibration vs validation {proxy} of the parent, seed {r['runs'][0]['seed']} (calibration: "
                           "that generation's chunk):", "", "| generation | chunk | calibration | validation |",
                       "| --- | --- | --- | --- |"]
             for rec in h[::step] + ([h[-1]] if (len(h) - 1) % step else []):
@@ -378,6 +381,8 @@ def main() -> None:
     q.add_argument("--no-ramps", action="store_true")
     q.add_argument("--rerank", type=int, default=0)
     q.add_argument("--level-inputs", default="dense", choices=("dense", "pruned"))
+    q.add_argument("--fitness", default="kl", choices=("kl", "ppl"),
+                   help="the search's proxy: KL from the dense model (default) or perplexity on the windows")
     q.add_argument("--max-level-delta", type=float, default=MAX_LEVEL_DELTA,
                    help="every layer's sparsity stays within target ± this (the search's default unless given)")
     q.set_defaults(func=cmd_quality)
