@@ -24,13 +24,17 @@ import json
 import statistics
 import sys
 import time
+import typing
 from pathlib import Path
 
 import torch
+from evosparse.jobs.spec import SearchSettings
 from evosparse.search.defaults import MAX_LEVEL_DELTA
 
 ROOT = Path(__file__).resolve().parent
 RAW = ROOT / "results" / "raw"
+# The search's proxy: its choices and default are the job spec's (a run without --fitness is a default job).
+FITNESS = SearchSettings.model_fields["fitness"]
 sys.path.insert(0, str(ROOT))
 LICENCES = Path("/usr/share/common-licenses")
 
@@ -84,7 +88,7 @@ class Hooks:
 def cmd_quality(args) -> None:
     from bench_search import sensitivity
     from common import setup
-    from evosparse.jobs.spec import JobSpec, SearchSettings
+    from evosparse.jobs.spec import JobSpec
     from evosparse.pruning.data import get_windows
     from evosparse.pruning.layers import find_blocks
     from evosparse.pruning.leveldb import LevelDB, search_units, split_counts
@@ -202,7 +206,7 @@ def cmd_anchors(args) -> None:
     import tempfile
 
     from common import setup
-    from evosparse.jobs.spec import JobSpec, SearchSettings
+    from evosparse.jobs.spec import JobSpec
     from evosparse.pruning.layers import find_blocks
     from evosparse.pruning.leveldb import LevelDB, search_units
     from evosparse.worker.search_stage import level_kwargs, search_space
@@ -272,12 +276,14 @@ def cmd_report(args) -> None:
              "Cells with ± are mean ± sample standard deviation over the search seeds.", ""]
     for tag, r in runs.items():
         a = r["args"]
+        ppl_proxy = a.get("fitness", FITNESS.default) == "ppl"
+        proxy = "ppl" if ppl_proxy else "KL"  # what best / val hold: the search's own proxy
         lines += [f"## {tag}: {a['pruner']} at {a['sparsity']}, search on {a.get('search_pruner') or a['pruner']} "
                   f"levels, {a['granularity']}, {a['budget_min']} min"
                   + (", levels calibrated on pruned inputs" if a.get("level_inputs") == "pruned" else "")
                   + (f", levels within ±{a['max_level_delta']}" if a.get("max_level_delta", MAX_LEVEL_DELTA) != MAX_LEVEL_DELTA
                      else "")
-                  + (", perplexity as the search's proxy" if a.get("fitness", "kl") == "ppl" else ""), "",
+                  + (", perplexity as the search's proxy" if ppl_proxy else ""), "",
                   f"Command: `python bench/bench_search_v2.py quality {' '.join(a.get('argv', []))}`", "",
                   "| allocation | pydoc ppl | licences ppl | / uniform (pydoc) | / uniform (licences) |",
                   "| --- | --- | --- | --- | --- |"]
@@ -325,7 +331,6 @@ def cmd_report(args) -> None:
                              f"{', '.join(f'{v:.4f}' for v in rr['shipped'])} | #{rr['chosen']} | "
                              f"{x['ppl']['pydoc']:.2f} | {other:.2f} |")
         db = r.get("leveldb", {})
-        proxy = "ppl" if a.get("fitness", "kl") == "ppl" else "KL"  # what best / val hold: the search's own proxy
         calibrated = f", {db['calibration_s']:.0f} s of it the pruned-input calibration" if db.get("calibration_s") else ""
         lines += ["", f"Level database: {db.get('seconds', 0):.0f} s{calibrated} ({db.get('anchor_levels', 0)} SparseGPT levels "
                       f"built up front in {db.get('anchor_seconds', 0):.0f} s, {db.get('mb', 0):.0f} MB). "
@@ -381,7 +386,7 @@ def main() -> None:
     q.add_argument("--no-ramps", action="store_true")
     q.add_argument("--rerank", type=int, default=0)
     q.add_argument("--level-inputs", default="dense", choices=("dense", "pruned"))
-    q.add_argument("--fitness", default="kl", choices=("kl", "ppl"),
+    q.add_argument("--fitness", default=FITNESS.default, choices=typing.get_args(FITNESS.annotation),
                    help="the search's proxy: KL from the dense model (default) or perplexity on the windows")
     q.add_argument("--max-level-delta", type=float, default=MAX_LEVEL_DELTA,
                    help="every layer's sparsity stays within target ± this (the search's default unless given)")
